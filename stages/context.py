@@ -1,0 +1,44 @@
+"""What a stage kind receives: its resolved spec (from the generated params.yaml), an Accelerator, a tracker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from stages import data
+from stages.tracking import StageRun
+
+
+@dataclass
+class StageContext:
+    pipeline: str
+    stage: str
+    seed: int
+    params: Any  # the kind's StageParams subclass
+    inputs: dict[str, dict[str, Any]]  # input name -> {path, split, subset, columns}
+    outputs: dict[str, Path]  # output name -> path
+    output_dir: Path
+    model: str | None  # pipeline/stage default model (HF id or path), used when no model input is wired
+    accelerator: Accelerator
+    tracker: StageRun
+
+    def has(self, name: str) -> bool:
+        return name in self.inputs
+
+    def path(self, name: str) -> str:
+        return self.inputs[name]["path"]
+
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        return data.load_rows(self.inputs[name])
+
+    def model_path(self, name: str) -> str:
+        """The model input `name` if wired, else the pipeline's default `model`."""
+        if name in self.inputs:
+            return self.inputs[name]["path"]
+        if self.model is None:
+            raise ValueError(f"{self.pipeline}/{self.stage}: no input '{name}' and no default model")
+        return self.model
+

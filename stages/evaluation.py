@@ -1,0 +1,55 @@
+"""Held-out evaluation of a policy, by evaluator name (`eval_with` in pipelines.yaml).
+
+An evaluator maps (eval rows, sampled completions) to metrics; every policy-producing stage runs the same one so
+stages are comparable in MLflow and metrics.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages import instruct_task
+from stages.text import encode_text, pad, position_ids, sample
+
+Evaluator = Callable[[list[dict[str, Any]], list[str]], dict[str, float]]
+
+
+def instruct_gold(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """Mean hidden gold score of the embedded instruction task, and mean response length in words."""
+    scores = [instruct_task.gold_score(r["prompt"], c) for r, c in zip(rows, completions)]
+    return {"gold_score": sum(scores) / len(scores),
+            "mean_response_length": sum(len(c.split()) for c in completions) / len(completions)}
+
+
+EVALUATORS: dict[str, Evaluator] = {"instruct_gold": instruct_gold}
+
+
+def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
+                    evaluator: str, max_new_tokens: int, samples_per_prompt: int = 2,
+                    temperature: float = 1.0) -> dict[str, float]:
+    """Sample `samples_per_prompt` completions per held-out prompt and score them with the named evaluator."""
+    repeated = [r for r in rows for _ in range(samples_per_prompt)]
+    samples = sample(model, tokenizer, [r["prompt"] for r in repeated], max_new_tokens, temperature)
+    return EVALUATORS[evaluator](repeated, samples.completions)
+
+
+@torch.no_grad()
+def lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+            batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy over plain texts (see `encode_text`; no chat template)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        ids, mask = pad([encode_text(tokenizer, t) for t in texts[start:start + batch_size]],
+                        tokenizer.pad_token_id, "left")
+        ids, mask = ids.to(device), mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        target_mask = mask[:, 1:].bool()
+        loss = torch.nn.functional.cross_entropy(out[target_mask], ids[:, 1:][target_mask], reduction="sum")
+        total, count = total + loss.item(), count + int(target_mask.sum())
+    model.train()
+    return total / max(count, 1)

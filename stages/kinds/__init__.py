@@ -1,0 +1,53 @@
+"""Stage kinds: each module declares its `Params`, the `INPUTS` it reads, the `OUTPUTS` it writes, and `run(ctx)`.
+
+`run` returns the stage's final held-out metrics (written to metrics.json); everything it writes goes under
+`ctx.output_dir`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base of every kind's params: unknown keys are errors (a misspelt param must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input a kind reads: a model directory or a dataset (whose rows must carry `columns`)."""
+
+    doc: str
+    required: bool = True
+    columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    params: type[StageParams]
+    inputs: dict[str, Input]
+    outputs: dict[str, str]  # output name -> path relative to the stage's artifact directory
+    run: Callable
+
+
+KIND_MODULES = {
+    "synthetic_instructions": "stages.kinds.synthetic_instructions",
+    "pretrain": "stages.kinds.pretrain",
+    "sft": "stages.kinds.sft",
+    "label_preferences": "stages.kinds.label_preferences",
+    "reward_model": "stages.kinds.reward_model",
+    "ppo": "stages.kinds.ppo",
+}
+
+
+def get_kind(name: str) -> StageKind:
+    module: ModuleType = importlib.import_module(KIND_MODULES[name])
+    return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run)

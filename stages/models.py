@@ -1,0 +1,124 @@
+"""Models and tokenizers: the embedded tiny default and the `from_pretrained` path real models take.
+
+Every model a stage reads or writes is a `save_pretrained` directory, so the tiny default and `Qwen/Qwen2.5-0.5B`
+go through the same loading code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
+ROLE_TOKENS = ("<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% else %}<|assistant|> {{ m['content'] }} <eos> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+REWARD_BIAS_KEY = "reward_normalization_bias"
+
+
+def build_word_tokenizer(texts: list[str], out_dir: Path | str | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace word-level HF tokenizer over `texts`, with a chat template; saved to `out_dir` if given."""
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *ROLE_TOKENS, *words])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        additional_special_tokens=list(ROLE_TOKENS),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_tiny_llama(vocab_size: int, hidden_size: int, layers: int, heads: int, max_positions: int,
+                     pad_token_id: int, bos_token_id: int, eos_token_id: int) -> LlamaForCausalLM:
+    """A small Llama-architecture causal LM built from a config (no download)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(path: str) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_scalar_head_model(path: str, pad_token_id: int) -> PreTrainedModel:
+    """A causal LM checkpoint (or a saved reward model) with a scalar head: reward and value models."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def reward_bias(path: str | Path) -> float:
+    """The normalization bias stored with a reward model (0 if none was stored)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return float(config.get(REWARD_BIAS_KEY, 0.0))
+
+
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head applied at every position of a sequence-classification model: [B, T] (rewards / values)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      bias: float = 0.0) -> torch.Tensor:
+    """Scalar score of each sequence's last non-pad token, plus the stored normalization bias: [B].
+
+    Works for left- and right-padded batches.
+    """
+    values = token_values(model, input_ids, attention_mask)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return values.gather(1, last[:, None]).squeeze(1) + bias
