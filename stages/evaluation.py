@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages import instruct_task
+from stages import instruct_task, rewards
 from stages.text import encode_text, pad, position_ids, sample
 
 Evaluator = Callable[[list[dict[str, Any]], list[str]], dict[str, float]]
@@ -24,7 +24,20 @@ def instruct_gold(rows: list[dict[str, Any]], completions: list[str]) -> dict[st
             "mean_response_length": sum(len(c.split()) for c in completions) / len(completions)}
 
 
-EVALUATORS: dict[str, Evaluator] = {"instruct_gold": instruct_gold}
+def reasoning(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """DeepSeek-R1 metrics on held-out problems (rows with `answer` and `language`): accuracy of the final answer,
+    share following the `<think>…</think> <answer>…</answer>` template, language consistency of the chain of thought,
+    and mean response length in words."""
+    columns = {"answer": [r["answer"] for r in rows], "language": [r.get("language") for r in rows],
+               "prompt": [r["prompt"] for r in rows]}
+    metrics = {"accuracy": rewards.accuracy_reward(completions, **columns),
+               "format_rate": rewards.format_reward(completions),
+               "language_consistency": rewards.language_consistency_reward(completions, **columns),
+               "mean_response_length": [len(c.split()) for c in completions]}
+    return {name: sum(values) / len(values) for name, values in metrics.items()}
+
+
+EVALUATORS: dict[str, Evaluator] = {"instruct_gold": instruct_gold, "reasoning": reasoning}
 
 
 def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from stages import instruct_task
+from stages import instruct_task, reasoning_task
 
 Labeler = Callable[[str, list[str]], list[int]]
 
-LABELERS: dict[str, Labeler] = {"instruct_gold": instruct_task.rank_by_gold}
+LABELERS: dict[str, Labeler] = {"instruct_gold": instruct_task.rank_by_gold,
+                                "reasoning_general": reasoning_task.rank_general}

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -68,6 +70,8 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         launch_distributed(pipeline, stage, spec, params_file)
         return json.loads((output_dir / METRICS_FILE).read_text())
 
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(spec["seed"])
     kind = get_kind(spec["kind"])

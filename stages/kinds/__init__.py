@@ -45,6 +45,11 @@ KIND_MODULES = {
     "label_preferences": "stages.kinds.label_preferences",
     "reward_model": "stages.kinds.reward_model",
     "ppo": "stages.kinds.ppo",
+    "dpo": "stages.kinds.dpo",
+    "synthetic_reasoning": "stages.kinds.synthetic_reasoning",
+    "grpo": "stages.kinds.grpo",
+    "rejection_sampling": "stages.kinds.rejection_sampling",
+    "distill": "stages.kinds.distill",
 }
 
 

@@ -1,0 +1,147 @@
+"""The `rl4llm` command: validate, sync, run, list, compare (flow side) and stage (what DVC runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from flows.config import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _resolved(args) -> tuple[Path, dict]:
+    from flows.config import resolve
+
+    path = Path(args.config)
+    resolved = resolve(path)
+    return path.resolve().parent, resolved
+
+
+def _pipeline(args, resolved: dict) -> dict:
+    from flows.config import nearest
+
+    if args.pipeline not in resolved:
+        raise ConfigError(args.config, f"no pipeline '{args.pipeline}'; {nearest(args.pipeline, resolved)}")
+    return resolved[args.pipeline]
+
+
+def cmd_validate(args) -> None:
+    _, resolved = _resolved(args)
+    n_stages = sum(len(s) for s in resolved.values())
+    print(f"{args.config}: ok ({len(resolved)} pipelines, {n_stages} stages)")
+
+
+def cmd_sync(args) -> None:
+    from flows import dvc
+
+    root, resolved = _resolved(args)
+    changed = dvc.sync(root, resolved)
+    print("dvc.yaml and params.yaml " + ("updated" if changed else "already in sync"))
+
+
+def cmd_run(args) -> None:
+    from flows import dvc
+    from flows.config import config_hash
+
+    root, resolved = _resolved(args)
+    specs = _pipeline(args, resolved)
+    if args.stage and args.stage not in specs:
+        from flows.config import nearest
+
+        raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
+    from flows.flow import input_graph, pipeline_flow, select_stages, tracking_uri_default
+
+    os.chdir(root)
+    dvc.ensure_repo(root)
+    dvc.sync(root, resolved)
+    tracking_uri_default(root)
+    order = list(specs)
+    chosen = select_stages(order, input_graph(specs), args.stage, args.downstream)
+    outcome = pipeline_flow(str(root), args.pipeline, specs, chosen, args.force, config_hash(specs))
+    ran = [s for s, o in outcome.items() if o == "ran"]
+    print(f"{args.pipeline}: " + (f"ran {', '.join(ran)}; " if ran else "nothing ran; ")
+          + f"up to date: {', '.join(s for s in outcome if s not in ran) or 'none'}")
+
+
+def cmd_list(args) -> None:
+    from flows import dvc
+
+    root, resolved = _resolved(args)
+    dvc.ensure_repo(root)
+    dvc.sync(root, resolved)
+    names = [args.pipeline] if args.pipeline else list(resolved)
+    for pipeline in names:
+        specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
+        print(pipeline)
+        for stage, state in dvc.status(root, pipeline, list(specs)).items():
+            print(f"  {stage:<24} {specs[stage]['kind']:<24} {state}")
+
+
+def cmd_compare(args) -> None:
+    from flows import tracking
+    from flows.flow import tracking_uri_default
+
+    root, resolved = _resolved(args)
+    for name in args.pipelines:
+        _pipeline(argparse.Namespace(**{**vars(args), "pipeline": name}), resolved)
+    tracking_uri_default(root)
+    rows = tracking.stage_metrics(args.pipelines, args.last)
+    if not rows:
+        print("no runs recorded yet for " + ", ".join(args.pipelines))
+        return
+    metrics = args.metrics.split(",") if args.metrics else sorted({m for r in rows for m in r["metrics"]})
+    print(tracking.format_table(rows, metrics))
+    out = Path(args.out)
+    tracking.plot(rows, metrics, out)
+    print(f"chart: {out}")
+
+
+def cmd_stage(args) -> None:
+    from stages.runner import run_stage
+
+    run_stage(args.pipeline, args.stage, args.params_file)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rl4llm", description="Declarative LLM post-training pipelines.")
+    top.add_argument("-c", "--config", default="pipelines.yaml", help="pipelines file (default: pipelines.yaml)")
+    sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", help="check pipelines.yaml without running anything").set_defaults(fn=cmd_validate)
+    sub.add_parser("sync", help="regenerate dvc.yaml and params.yaml from pipelines.yaml").set_defaults(fn=cmd_sync)
+    run = sub.add_parser("run", help="run a pipeline (stages DVC finds up to date are skipped)")
+    run.add_argument("pipeline")
+    run.add_argument("--stage", help="run only this stage")
+    run.add_argument("--downstream", action="store_true", help="with --stage: also the stages that depend on it")
+    run.add_argument("--force", action="store_true", help="rerun even if up to date")
+    run.set_defaults(fn=cmd_run)
+    listing = sub.add_parser("list", help="pipelines, stages and their status")
+    listing.add_argument("pipeline", nargs="?")
+    listing.set_defaults(fn=cmd_list)
+    compare = sub.add_parser("compare", help="stage metrics across the last runs, as a table and a PNG chart")
+    compare.add_argument("pipelines", nargs="+")
+    compare.add_argument("--last", type=int, default=3, help="runs per pipeline (default 3)")
+    compare.add_argument("--metrics", help="comma-separated metric names (default: all)")
+    compare.add_argument("--out", default="compare.png")
+    compare.set_defaults(fn=cmd_compare)
+    stage = sub.add_parser("stage", help="run one stage from params.yaml (the command DVC runs)")
+    stage.add_argument("pipeline")
+    stage.add_argument("stage")
+    stage.add_argument("--params-file", default="params.yaml")
+    stage.set_defaults(fn=cmd_stage)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    main()

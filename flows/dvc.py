@@ -1,0 +1,116 @@
+"""DVC: dvc.yaml and params.yaml derived from pipelines.yaml, and the calls that reproduce and inspect stages.
+
+DVC alone decides staleness. Each generated DVC stage `<pipeline>.<stage>` runs `rl4llm stage <pipeline> <stage>`
+and depends on: its resolved spec (params.yaml key `<pipeline>.<stage>`), its inputs' files, its accelerate config
+and its code (the shared `stages/*.py` and its own kind module, when the package lives in the project).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import stages
+from stages.runner import METRICS_FILE, PARAMS_FILE
+
+HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"
+
+
+def dvc_name(pipeline: str, stage: str) -> str:
+    return f"{pipeline}.{stage}"
+
+
+def code_deps(root: Path, kind: str) -> list[str]:
+    """The stage's code files, relative to the project root (none when the package is installed elsewhere)."""
+    package = Path(stages.__file__).resolve().parent
+    if not package.is_relative_to(root.resolve()):
+        return []
+    files = sorted(package.glob("*.py")) + [package / "kinds" / "__init__.py", package / "kinds" / f"{kind}.py"]
+    return [str(f.relative_to(root.resolve())) for f in files]
+
+
+def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pipeline, specs in resolved.items():
+        for stage, spec in specs.items():
+            data_deps = [i["path"] for i in spec["inputs"].values() if (root / i["path"]).exists()
+                         or i["path"].startswith("artifacts/")]
+            out[dvc_name(pipeline, stage)] = {
+                "cmd": f"rl4llm stage {pipeline} {stage}",
+                "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec["kind"]),
+                "params": [{PARAMS_FILE: [f"{pipeline}.{stage}"]}],
+                "outs": list(spec["outputs"].values()),
+                "metrics": [{f"{spec['output_dir']}/{METRICS_FILE}": {"cache": False}}],
+            }
+    return {"stages": out}
+
+
+def render(root: Path, resolved: dict) -> tuple[str, str]:
+    """(dvc.yaml text, params.yaml text) for a resolved config."""
+    dvc_yaml = HEADER + yaml.safe_dump(dvc_stages(root, resolved), sort_keys=False, width=120)
+    params_yaml = HEADER + yaml.safe_dump(resolved, sort_keys=False, width=120)
+    return dvc_yaml, params_yaml
+
+
+def sync(root: Path, resolved: dict) -> bool:
+    """Write dvc.yaml and params.yaml if they differ from pipelines.yaml's rendering. True if anything changed."""
+    changed = False
+    for name, text in zip(("dvc.yaml", PARAMS_FILE), render(root, resolved)):
+        path = root / name
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            changed = True
+    return changed
+
+
+def dvc(root: Path, *args: str, capture: bool = False, env: dict[str, str] | None = None):
+    return subprocess.run(["dvc", *args], cwd=root, check=True, text=True, capture_output=capture,
+                          env={**os.environ, **(env or {})})
+
+
+def ensure_repo(root: Path) -> None:
+    """`dvc init` if needed (`--no-scm` outside git)."""
+    if (root / ".dvc").exists():
+        return
+    in_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True).returncode
+    dvc(root, "init", "-q", *([] if in_git == 0 else ["--no-scm"]))
+    (root / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
+
+
+def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str]) -> None:
+    dvc(root, "repro", "--single-item", *(["--force"] if force else []), dvc_name(pipeline, stage), env=env)
+
+
+def status(root: Path, pipeline: str, stage_names: list[str]) -> dict[str, str]:
+    """Per stage: 'up to date', 'stale' (and what changed) or 'never run'."""
+    names = [dvc_name(pipeline, s) for s in stage_names]
+    report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}")
+    lock_path = root / "dvc.lock"
+    locked = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
+    out = {}
+    for stage, name in zip(stage_names, names):
+        if name not in locked:
+            out[stage] = "never run"
+        elif name in report:
+            out[stage] = "stale (" + describe_changes(report[name]) + ")"
+        else:
+            out[stage] = "up to date"
+    return out
+
+
+def describe_changes(entries: list) -> str:
+    parts = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            for what, detail in entry.items():
+                parts.append(f"{what}: {', '.join(detail) if isinstance(detail, dict) else detail}")
+        else:
+            parts.append(str(entry))
+    return "; ".join(parts)

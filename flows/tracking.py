@@ -1,0 +1,104 @@
+"""MLflow on the flow side: one parent run per pipeline run, skipped-stage child runs, and `rl4llm compare`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from stages.runner import METRICS_FILE, tree_hash
+from stages.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, configure_mlflow, flatten
+
+
+def git_commit(root: Path) -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def start_parent_run(root: Path, pipeline: str, config_hash: str) -> str:
+    configure_mlflow()
+    tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true"}
+    commit = git_commit(root)
+    if commit:
+        tags["git_commit"] = commit
+    run = mlflow.start_run(run_name=pipeline, tags=tags)
+    return run.info.run_id
+
+
+def end_parent_run(status: str = "FINISHED") -> None:
+    mlflow.end_run(status=status)
+
+
+def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any]) -> None:
+    """A child run for a stage DVC found up to date: its params and last metrics, tagged `skipped`."""
+    client = MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": stage, "pipeline": pipeline, "stage": stage,
+            "stage_kind": spec["kind"], "skipped": "true",
+            "output_hash": tree_hash([root / p for p in spec["outputs"].values()])}
+    run = client.create_run(experiment, run_name=stage, tags=tags)
+    for key, value in flatten(spec["params"]).items():
+        client.log_param(run.info.run_id, key, value)
+    metrics_file = root / spec["output_dir"] / METRICS_FILE
+    for key, value in json.loads(metrics_file.read_text()).items():
+        client.log_metric(run.info.run_id, f"final/{key}", float(value))
+    client.set_terminated(run.info.run_id)
+
+
+def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
+    """For the `last` parent runs of each pipeline: one row per stage with its final metrics."""
+    configure_mlflow()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return []
+    rows = []
+    for pipeline in pipelines:
+        parents = client.search_runs([experiment.experiment_id],
+                                     f"tags.pipeline = '{pipeline}' and tags.`rl4llm.parent` = 'true'",
+                                     order_by=["attributes.start_time DESC"], max_results=last)
+        for parent in parents:
+            children = client.search_runs([experiment.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                          order_by=["attributes.start_time ASC"])
+            for child in children:
+                finals = {k.removeprefix("final/"): v for k, v in child.data.metrics.items() if k.startswith("final/")}
+                rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8],
+                             "started": parent.info.start_time, "stage": child.data.tags.get("stage", ""),
+                             "skipped": child.data.tags.get("skipped") == "true", "metrics": finals})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], metric_names: list[str]) -> str:
+    header = ["pipeline", "run", "stage", "skipped", *metric_names]
+    lines = [header]
+    for row in rows:
+        values = [f"{row['metrics'][m]:.4g}" if m in row["metrics"] else "" for m in metric_names]
+        lines.append([row["pipeline"], row["run"], row["stage"], "yes" if row["skipped"] else "", *values])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def plot(rows: list[dict[str, Any]], metric_names: list[str], path: Path) -> None:
+    """One bar panel per metric; bars are (pipeline, run, stage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metric_names), 1, figsize=(max(6, 0.5 * len(rows) + 2), 2.4 * len(metric_names)),
+                             squeeze=False)
+    for ax, metric in zip(axes[:, 0], metric_names):
+        shown = [r for r in rows if metric in r["metrics"]]
+        labels = [f"{r['pipeline']}/{r['stage']}\n{r['run']}" for r in shown]
+        ax.bar(range(len(shown)), [r["metrics"][metric] for r in shown], color="tab:blue")
+        ax.set_xticks(range(len(shown)), labels, fontsize=7, rotation=30, ha="right")
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

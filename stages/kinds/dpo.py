@@ -1,0 +1,264 @@
+"""Offline preference optimisation against a frozen reference: DPO, IPO, cDPO and KTO, readable top to bottom.
+
+  * DPO (Rafailov et al. 2023): -log σ(β h), h = log π(y_w)/π_ref(y_w) - log π(y_l)/π_ref(y_l).
+  * cDPO (Mitchell 2023, "A note on DPO with noisy preferences"): DPO with labels flipped with probability ε.
+  * IPO (Azar et al. 2023, "A general theoretical paradigm to understand learning from human preferences"):
+    (h - 1/(2τ))², τ = `beta`.
+  * KTO (Ethayarajh et al. 2024, "KTO: model alignment as prospect theoretic optimization"): unpaired desirable /
+    undesirable completions, each compared with the reference point z0 = max(0, KL(π‖π_ref)).
+
+The losses live in `stages.algorithms` (`preference_loss`, `kto_loss`); this stage feeds them:
+  1. data: each K-ranked comparison becomes all its non-tied (better, worse) pairs (InstructGPT's RM data); KTO
+     unpairs them (better → desirable, worse → undesirable) or reads `{prompt, completion, label}` rows as they are;
+  2. reference: π_ref is the initial policy, so Σ_t log π_ref(y_t | x, y_<t) of every completion is computed once,
+     before the first update, and written to `reference_logps/{train,eval}.jsonl`; no reference model is held while
+     training;
+  3. KTO's z0: the paper's estimator — each example's prompt is paired with another example's completion (a fixed
+     derangement, so its reference log-prob is precomputed too), and z0 = max(0, mean over the global batch of
+     log π(y'|x) - log π_ref(y'|x)) on those mismatched pairs, detached;
+  4. train: epochs over shuffled batches (chosen and rejected — for KTO, completion and mismatched completion — in
+     one forward pass);
+  5. evaluate on held-out pairs (the same metrics for every loss): implicit-reward accuracy and margin,
+     r = β log π/π_ref; KL(π‖π_ref) on held-out prompts (reference reloaded for this only); the evaluator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch.utils.data import DataLoader
+
+from stages.algorithms import kto_loss, kwise_pairs, masked_sum, preference_loss
+from stages.context import StageContext
+from stages.data import write_jsonl
+from stages.kinds import Input
+from stages.kinds.reward_model import as_ranked
+from stages.models import load_policy, load_tokenizer
+from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
+from stages.training import PolicyEvalParams, evaluate, kl_to_reference, save_model
+
+Row = dict[str, Any]
+
+
+class Params(PolicyEvalParams):
+    loss: Literal["sigmoid", "ipo", "cdpo", "kto"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)  # β of DPO / cDPO / KTO; τ of IPO
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO's label-noise rate ε
+    desirable_weight: float = Field(1.0, gt=0)  # KTO λ_D
+    undesirable_weight: float = Field(1.0, gt=0)  # KTO λ_U
+    epochs: int = 3
+    batch_size: int = 16  # pairs (KTO: examples) per step, global across processes
+    lr: float = 1e-4
+    max_new_tokens: int = 12  # sampled response length for the final KL
+    eval_fraction: float = Field(0.1, ge=0, lt=1)  # held-out share of the comparisons' prompts (no eval_comparisons)
+
+    @model_validator(mode="after")
+    def smoothing_only_for_cdpo(self) -> "Params":
+        if (self.loss == "cdpo") != (self.label_smoothing > 0):
+            raise ValueError("loss 'cdpo' needs 0 < label_smoothing < 0.5, and only 'cdpo' takes label_smoothing")
+        return self
+
+
+INPUTS = {
+    "policy": Input("initial policy, also the frozen reference π_ref (the SFT model)"),
+    "comparisons": Input("preferences: {prompt, responses, ranks}, {prompt, chosen, rejected} or "
+                         "{prompt, completion, label} (label true = desirable)", columns=("prompt",)),
+    "eval_comparisons": Input("held-out preferences, same formats (default: `eval_fraction` of the comparisons' "
+                              "prompts)", required=False, columns=("prompt",)),
+    "eval": Input("held-out prompts for the evaluator and the KL (default for the KL: the held-out comparisons' "
+                  "prompts)", required=False, columns=("prompt",)),
+    "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
+}
+OUTPUTS = {"model": "model", "reference_logps": "reference_logps"}
+
+
+def group_labelled(rows: list[Row]) -> list[Row]:
+    """Rows {prompt, completion, label} grouped by prompt into ranked rows (desirable rank 0, undesirable rank 1)."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row["prompt"]].append(row)
+    return [{"prompt": prompt, "responses": [r["completion"] for r in group],
+             "ranks": [0 if r["label"] else 1 for r in group]} for prompt, group in groups.items()]
+
+
+def preference_pairs(rows: list[Row]) -> list[Row]:
+    """{prompt, chosen, rejected} for every non-tied pair of every comparison: the C(K, 2) pairs of a K-ranked row
+    minus its ties; labelled rows pair each desirable completion with each undesirable one of the same prompt."""
+    if rows and "completion" in rows[0]:
+        rows = group_labelled(rows)
+    pairs = []
+    for prompt, responses, ranks in map(as_ranked, rows):
+        for i, j in kwise_pairs(len(responses)).tolist():
+            if ranks[i] != ranks[j]:
+                better, worse = (i, j) if ranks[i] < ranks[j] else (j, i)
+                pairs.append({"prompt": prompt, "chosen": responses[better], "rejected": responses[worse]})
+    return pairs
+
+
+def kto_examples(rows: list[Row], rng: random.Random) -> list[Row]:
+    """{prompt, completion, desirable, kl_completion}: labelled rows as they are, else each pair's chosen completion
+    as desirable and its rejected one as undesirable. `kl_completion` is another example's completion (a shuffled
+    cycle), the mismatched sample KTO's reference point z0 is estimated on."""
+    if rows and "completion" in rows[0]:
+        examples = [{"prompt": r["prompt"], "completion": r["completion"], "desirable": bool(r["label"])}
+                    for r in rows]
+    else:
+        examples = [{"prompt": pair["prompt"], "completion": pair[side], "desirable": side == "chosen"}
+                    for pair in preference_pairs(rows) for side in ("chosen", "rejected")]
+    order = rng.sample(range(len(examples)), len(examples))
+    for i, j in zip(order, order[1:] + order[:1]):
+        examples[i]["kl_completion"] = examples[j]["completion"]
+    return examples
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str]) -> PairBatch:
+    return pair_batch([encode_prompt(tokenizer, p) for p in prompts],
+                      [encode_response(tokenizer, c) for c in completions], tokenizer.pad_token_id)
+
+
+def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response: [B]."""
+    return masked_sum(response_logprobs(model, batch), batch.response_mask, dim=1)
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
+    """Sequence log-probs of many (prompt, completion) rows, in batches: [N] on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([torch.zeros(0)] + [
+        sequence_logps(model, encode(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size])
+                       .to(device)).cpu()
+        for s in range(0, len(prompts), batch_size)])
+
+
+def add_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], batch_size: int) -> None:
+    """Store `ref_<column>_logps` in each row, for both completion columns."""
+    for column in columns:
+        logps = score(model, tokenizer, [r["prompt"] for r in rows], [r[column] for r in rows], batch_size)
+        for row, logp in zip(rows, logps.tolist()):
+            row[f"ref_{column}_logps"] = logp
+
+
+def collate(tokenizer, columns: tuple[str, str], rows: list[Row]) -> dict[str, Any]:
+    """Both completion columns in one batch: sequences [2B] (first column, then second), their reference log-probs
+    [2B], and `desirable` [B] (KTO)."""
+    first, second = columns
+    return {"sequences": encode(tokenizer, [r["prompt"] for r in rows] * 2,
+                                [r[first] for r in rows] + [r[second] for r in rows]),
+            "ref_logps": torch.tensor([r[f"ref_{first}_logps"] for r in rows] +
+                                      [r[f"ref_{second}_logps"] for r in rows]),
+            "desirable": torch.tensor([r.get("desirable", True) for r in rows])}
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, float]:
+    """Implicit-reward accuracy and margin of pairs, and the policy's mean log-probs of each side."""
+    return {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "chosen_logps": chosen_logps.mean().item(), "rejected_logps": rejected_logps.mean().item()}
+
+
+def pairwise_step(p: Params, logps: torch.Tensor, ref_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO / cDPO / IPO on a batch of pairs; logps, ref_logps: [2B], chosen then rejected."""
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    losses, chosen_rewards, rejected_rewards = preference_loss(chosen, rejected, ref_chosen, ref_rejected, p.beta,
+                                                               p.loss, p.label_smoothing)
+    return losses.mean(), pair_metrics(chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
+
+
+def kto_step(p: Params, logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             acc) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO on a batch of examples; logps, ref_logps: [2B], the examples then their mismatched (KL) completions.
+
+    accuracy: share of examples on the right side of the reference point (desirable: β r > β z0).
+    """
+    logps, kl_logps = logps.chunk(2)
+    ref_logps, ref_kl_logps = ref_logps.chunk(2)
+    kl = acc.reduce((kl_logps - ref_kl_logps).mean().detach(), "mean")
+    losses, rewards = kto_loss(logps, ref_logps, desirable, kl, p.beta, p.desirable_weight, p.undesirable_weight)
+    metrics = {"kl_estimate": kl.item(),
+               "accuracy": ((rewards > p.beta * kl.clamp(min=0)) == desirable).float().mean().item()}
+    for side, mask in (("chosen", desirable), ("rejected", ~desirable)):
+        if mask.any():
+            metrics[f"{side}_rewards"] = rewards[mask].mean().item()
+            metrics[f"{side}_logps"] = logps[mask].detach().mean().item()
+    return losses.mean(), metrics
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    p: Params = ctx.params
+    acc = ctx.accelerator
+    rng = random.Random(ctx.seed)
+    tokenizer = load_tokenizer(ctx.path("policy"))
+    policy = load_policy(ctx.path("policy")).to(acc.device)
+
+    # 1. data: held-out prompts are a seeded `eval_fraction` of the comparisons' prompts (no prompt in both splits)
+    rows = ctx.rows("comparisons")
+    if ctx.has("eval_comparisons"):
+        held_out_rows = ctx.rows("eval_comparisons")
+    else:
+        prompts = sorted({r["prompt"] for r in rows})
+        rng.shuffle(prompts)
+        held_out = set(prompts[:int(len(prompts) * p.eval_fraction)])
+        held_out_rows = [r for r in rows if r["prompt"] in held_out]
+        rows = [r for r in rows if r["prompt"] not in held_out]
+    columns = ("completion", "kl_completion") if p.loss == "kto" else ("chosen", "rejected")
+    train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
+    eval_pairs = preference_pairs(held_out_rows)
+
+    # 2. reference log-probs, once: π_ref = the policy before its first update
+    add_reference_logps(policy, tokenizer, train, columns, p.batch_size)
+    add_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p.batch_size)
+    if acc.is_main_process:
+        write_jsonl(train, ctx.outputs["reference_logps"] / "train.jsonl")
+        if eval_pairs:
+            write_jsonl(eval_pairs, ctx.outputs["reference_logps"] / "eval.jsonl")
+
+    # 3-4. train
+    loader = DataLoader(train, batch_size=p.batch_size // acc.num_processes, shuffle=True,
+                        collate_fn=partial(collate, tokenizer, columns),
+                        generator=torch.Generator().manual_seed(ctx.seed))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr)
+    policy, optimizer, loader = acc.prepare(policy, optimizer, loader)
+    total, step = p.epochs * len(loader), 0
+    for _ in range(p.epochs):
+        for batch in loader:
+            logps = sequence_logps(policy, batch["sequences"])
+            if p.loss == "kto":
+                loss, metrics = kto_step(p, logps, batch["ref_logps"], batch["desirable"], acc)
+            else:
+                loss, metrics = pairwise_step(p, logps, batch["ref_logps"])
+            acc.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            ctx.tracker.log(step, {"loss": loss.item(), **metrics}, total)
+
+    # 5. evaluate
+    save_model(ctx, policy, tokenizer)
+    final: dict[str, float] = {}
+    if acc.is_main_process:
+        policy = acc.unwrap_model(policy)
+        if eval_pairs:
+            prompts = [r["prompt"] for r in eval_pairs]
+            chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p.batch_size)
+            rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p.batch_size)
+            ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in eval_pairs])
+            ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in eval_pairs])
+            held = pair_metrics(p.beta * (chosen - ref_chosen), p.beta * (rejected - ref_rejected), chosen, rejected)
+            final.update(eval_accuracy=held["accuracy"], eval_margin=held["margin"],
+                         chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
+        kl_prompts = [r["prompt"] for r in ctx.rows("eval")] if ctx.has("eval") else \
+            sorted({r["prompt"] for r in eval_pairs})
+        if kl_prompts:
+            reference = load_policy(ctx.path("policy")).to(acc.device).requires_grad_(False)
+            final["kl"] = kl_to_reference(policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
+            del reference
+        final.update(evaluate(ctx, policy, tokenizer))
+    return final
