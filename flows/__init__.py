@@ -1,0 +1,1 @@
+"""Pipeline side: config schema, CLI, Prefect flow, DVC calls, MLflow parent runs. Never trains."""

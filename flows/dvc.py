@@ -7,6 +7,7 @@ and its code (the shared `stages/*.py` and its own kind module, when the package
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 import stages
+from stages.kinds import KIND_MODULES
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
 HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"
@@ -25,13 +27,33 @@ def dvc_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}.{stage}"
 
 
+def stage_modules(kind_module: str) -> list[Path]:
+    """Files of the `stages` modules a kind's module imports, transitively (its code, for DVC)."""
+    package = Path(stages.__file__).resolve().parent
+    seen: set[Path] = set()
+    todo = [kind_module]
+    while todo:
+        parts = todo.pop().split(".")
+        file = package.joinpath(*parts[1:]).with_suffix(".py")
+        if not file.exists():
+            file = package.joinpath(*parts[1:], "__init__.py")
+        if file in seen or not file.exists():
+            continue
+        seen.add(file)
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "stages":
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] == "stages"]
+    return sorted(seen)
+
+
 def code_deps(root: Path, kind: str) -> list[str]:
     """The stage's code files, relative to the project root (none when the package is installed elsewhere)."""
-    package = Path(stages.__file__).resolve().parent
-    if not package.is_relative_to(root.resolve()):
+    root = root.resolve()
+    if not Path(stages.__file__).resolve().is_relative_to(root):
         return []
-    files = sorted(package.glob("*.py")) + [package / "kinds" / "__init__.py", package / "kinds" / f"{kind}.py"]
-    return [str(f.relative_to(root.resolve())) for f in files]
+    return [str(f.relative_to(root)) for f in stage_modules(KIND_MODULES[kind])]
 
 
 def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Stage entry points, models, and the pure algorithm and reward modules. Never imports Prefect."""
