@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,21 +29,21 @@ def _pipeline(args, resolved: dict) -> dict:
     return resolved[args.pipeline]
 
 
-def cmd_validate(args) -> None:
+def cmd_validate(args) -> str:
     _, resolved = _resolved(args)
     n_stages = sum(len(s) for s in resolved.values())
-    print(f"{args.config}: ok ({len(resolved)} pipelines, {n_stages} stages)")
+    return f"{args.config}: ok ({len(resolved)} pipelines, {n_stages} stages)"
 
 
-def cmd_sync(args) -> None:
+def cmd_sync(args) -> str:
     from flows import dvc
 
     root, resolved = _resolved(args)
     changed = dvc.sync(root, resolved)
-    print("dvc.yaml and params.yaml " + ("updated" if changed else "already in sync"))
+    return "dvc.yaml and params.yaml " + ("updated" if changed else "already in sync")
 
 
-def cmd_run(args) -> None:
+def cmd_run(args) -> str:
     from flows import dvc
     from flows.config import config_hash
 
@@ -62,25 +63,31 @@ def cmd_run(args) -> None:
     chosen = select_stages(order, input_graph(specs), args.stage, args.downstream)
     outcome = pipeline_flow(str(root), args.pipeline, specs, chosen, args.force, config_hash(specs))
     ran = [s for s, o in outcome.items() if o == "ran"]
-    print(f"{args.pipeline}: " + (f"ran {', '.join(ran)}; " if ran else "nothing ran; ")
-          + f"up to date: {', '.join(s for s in outcome if s not in ran) or 'none'}")
+    return (f"{args.pipeline}: " + (f"ran {', '.join(ran)}; " if ran else "nothing ran; ")
+            + f"up to date: {', '.join(s for s in outcome if s not in ran) or 'none'}")
 
 
-def cmd_list(args) -> None:
+def cmd_list(args) -> str:
     from flows import dvc
+    from flows.flow import input_graph
 
     root, resolved = _resolved(args)
     dvc.ensure_repo(root)
     dvc.sync(root, resolved)
-    names = [args.pipeline] if args.pipeline else list(resolved)
-    for pipeline in names:
+    lines = []
+    for pipeline in [args.pipeline] if args.pipeline else list(resolved):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
-        print(pipeline)
-        for stage, state in dvc.status(root, pipeline, list(specs)).items():
-            print(f"  {stage:<24} {specs[stage]['kind']:<24} {state}")
+        lines.append(pipeline)
+        states = dvc.status(root, pipeline, list(specs))
+        for stage, upstream in input_graph(specs).items():
+            stale = sorted(u for u in upstream if states[u] != "up to date")
+            if stale and states[stage] == "up to date":
+                states[stage] = f"stale (upstream: {', '.join(stale)})"
+            lines.append(f"  {stage:<24} {specs[stage]['kind']:<24} {states[stage]}")
+    return "\n".join(lines)
 
 
-def cmd_compare(args) -> None:
+def cmd_compare(args) -> str:
     from flows import tracking
     from flows.flow import tracking_uri_default
 
@@ -90,19 +97,17 @@ def cmd_compare(args) -> None:
     tracking_uri_default(root)
     rows = tracking.stage_metrics(args.pipelines, args.last)
     if not rows:
-        print("no runs recorded yet for " + ", ".join(args.pipelines))
-        return
+        return "no runs recorded yet for " + ", ".join(args.pipelines)
     metrics = args.metrics.split(",") if args.metrics else sorted({m for r in rows for m in r["metrics"]})
-    print(tracking.format_table(rows, metrics))
-    out = Path(args.out)
-    tracking.plot(rows, metrics, out)
-    print(f"chart: {out}")
+    tracking.plot(rows, metrics, Path(args.out))
+    return f"{tracking.format_table(rows, metrics)}\nchart: {args.out}"
 
 
-def cmd_stage(args) -> None:
+def cmd_stage(args) -> str:
     from stages.runner import run_stage
 
-    run_stage(args.pipeline, args.stage, args.params_file)
+    metrics = run_stage(args.pipeline, args.stage, args.params_file)
+    return json.dumps(metrics, sort_keys=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,10 +139,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: list[str] | None = None) -> None:
+def execute(argv: list[str] | None = None) -> str:
+    """Run one command; returns what it reports (`main` prints it)."""
     args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        args.fn(args)
+        print(execute(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

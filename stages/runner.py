@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage")
     parser.add_argument("--params-file", default=PARAMS_FILE)
     args = parser.parse_args(argv)
-    metrics = run_stage(args.pipeline, args.stage, args.params_file)
-    print(json.dumps(metrics, sort_keys=True), file=sys.stderr)
+    print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
 
 
 if __name__ == "__main__":

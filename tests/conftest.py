@@ -1,0 +1,63 @@
+"""Shared fixtures: a scratch project directory, a tiny locally built model, one Prefect test server."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded, and results do not depend on the core count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_project(root: Path, pipelines_file: Path | None = None) -> Path:
+    """A project directory with infra/ (accelerate configs) and, if given, a pipelines.yaml. Returns its config."""
+    shutil.copytree(REPO / "infra", root / "infra")
+    config = root / "pipelines.yaml"
+    if pipelines_file is not None:
+        shutil.copy(pipelines_file, config)
+    return config
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    """An empty project in tmp_path (cwd), with MLflow pointed at its own database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    make_project(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama + word tokenizer saved with save_pretrained (loaded back through from_pretrained)."""
+    from stages import instruct_task
+    from stages.models import build_tiny_llama, build_word_tokenizer, save
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    words = [*instruct_task.ALL_WORDS, *instruct_task.TOPICS, *instruct_task.COUNTS, "name"]
+    tokenizer = build_word_tokenizer([" ".join(words)])
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tokenizer), 32, 1, 2, 64, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                             tokenizer.eos_token_id)
+    save(model, tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (starting one costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -1,0 +1,126 @@
+"""pipelines.yaml: every shipped config resolves, generated files agree, and broken configs fail fast and clearly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import dvc
+from flows.config import ConfigError, resolve
+from tests.conftest import REPO, make_project
+
+BASE = {
+    "pipelines": {
+        "demo": {
+            "defaults": {"seed": 1},
+            "datasets": {"demos": {"path": "demos.jsonl", "columns": {"prompt": "question", "response": "answer"}}},
+            "stages": [
+                {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"}, "params": {"lr": 0.01}},
+                {"name": "rm", "kind": "reward_model",
+                 "inputs": {"base": "sft.model", "comparisons": "datasets.demos", "demos": "datasets.demos"}},
+            ],
+        }
+    }
+}
+
+
+def write(project: Path, config: dict) -> Path:
+    (project / "demos.jsonl").write_text(json.dumps({"question": "name two animals", "answer": "cat dog"}) + "\n")
+    path = project / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def broken(project: Path, edit) -> ConfigError:
+    config = copy.deepcopy(BASE)
+    edit(config["pipelines"]["demo"])
+    with pytest.raises(ConfigError) as raised:
+        resolve(write(project, config))
+    return raised.value
+
+
+def test_the_project_config_resolves():
+    assert resolve(REPO / "pipelines.yaml")
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "tests" / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_test_config_resolves(config, tmp_path):
+    assert resolve(make_project(tmp_path, config))
+
+
+def test_generated_dvc_yaml_and_params_agree_with_pipelines_yaml():
+    dvc_yaml, params_yaml = dvc.render(REPO, resolve(REPO / "pipelines.yaml"))
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml, "dvc.yaml is stale: run `rl4llm sync`"
+    assert (REPO / "params.yaml").read_text() == params_yaml, "params.yaml is stale: run `rl4llm sync`"
+
+
+def test_resolution_fills_defaults_and_maps_columns(project):
+    spec = resolve(write(project, BASE))["demo"]
+    assert spec["sft"]["seed"] == 1
+    assert spec["sft"]["params"]["lr"] == 0.01 and spec["sft"]["params"]["epochs"] == 3
+    assert spec["sft"]["inputs"]["data"]["columns"] == {"prompt": "question", "response": "answer"}
+    assert spec["rm"]["inputs"]["base"]["path"] == "artifacts/demo/sft/model"
+    assert spec["rm"]["outputs"] == {"model": "artifacts/demo/rm/model"}
+
+
+def test_unknown_stage_kind_names_nearest(project):
+    error = broken(project, lambda p: p["stages"][0].update(kind="sftt"))
+    assert (error.pipeline, error.stage, error.key) == ("demo", "sft", "kind")
+    assert "did you mean 'sft'" in str(error) and "pipelines.yaml" in str(error)
+
+
+def test_input_naming_a_later_stage_is_rejected(project):
+    error = broken(project, lambda p: p["stages"][0]["inputs"].update(base="rm.model"))
+    assert (error.stage, error.key) == ("sft", "inputs.base")
+    assert "names no earlier stage's output" in str(error)
+
+
+def test_input_naming_a_missing_output_suggests_one(project):
+    error = broken(project, lambda p: p["stages"][1]["inputs"].update(base="sft.modle"))
+    assert error.key == "inputs.base" and "did you mean 'model'" in str(error)
+
+
+def test_missing_required_input(project):
+    error = broken(project, lambda p: p["stages"][1]["inputs"].pop("demos"))
+    assert (error.stage, error.key) == ("rm", "inputs.demos")
+
+
+def test_misspelt_param_names_nearest(project):
+    error = broken(project, lambda p: p["stages"][0]["params"].update(lrr=0.1))
+    assert error.key == "params.lrr" and "did you mean 'lr'" in str(error)
+
+
+def test_mistyped_param(project):
+    error = broken(project, lambda p: p["stages"][0]["params"].update(epochs="many"))
+    assert error.key == "params.epochs" and "'many'" in str(error)
+
+
+def test_missing_dataset_file(project):
+    error = broken(project, lambda p: p["datasets"]["demos"].update(path="nope.jsonl"))
+    assert error.key == "inputs.data" and "not found: nope.jsonl" in str(error)
+
+
+def test_missing_dataset_column(project):
+    error = broken(project, lambda p: p["datasets"]["demos"]["columns"].update(response="reply"))
+    assert error.key == "inputs.data" and "column 'reply' (mapped to 'response') not in demos.jsonl" in str(error)
+
+
+def test_unknown_top_level_key(project):
+    error = broken(project, lambda p: p["stages"][0].update(parms={}))
+    assert (error.stage, error.key) == ("sft", "parms") and "unknown key" in str(error)
+
+
+def test_cli_exits_2_and_writes_nothing(project):
+    config = copy.deepcopy(BASE)
+    config["pipelines"]["demo"]["stages"][0]["kind"] = "sftt"
+    write(project, config)
+    before = sorted(p.name for p in project.iterdir())
+    result = subprocess.run(["rl4llm", "run", "demo"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "stage 'sft'" in result.stderr and "unknown stage kind 'sftt'" in result.stderr
+    assert sorted(p.name for p in project.iterdir()) == before
