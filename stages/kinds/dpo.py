@@ -130,10 +130,9 @@ def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
 def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
     """Sequence log-probs of many (prompt, completion) rows, in batches: [N] on the CPU."""
     device = next(model.parameters()).device
-    return torch.cat([torch.zeros(0)] + [
-        sequence_logps(model, encode(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size])
-                       .to(device)).cpu()
-        for s in range(0, len(prompts), batch_size)])
+    logps = [sequence_logps(model, encode(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size])
+                            .to(device)).cpu() for s in range(0, len(prompts), batch_size)]
+    return torch.cat(logps) if logps else torch.zeros(0)
 
 
 def add_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], batch_size: int) -> None:
@@ -254,8 +253,10 @@ def run(ctx: StageContext) -> dict[str, float]:
             held = pair_metrics(p.beta * (chosen - ref_chosen), p.beta * (rejected - ref_rejected), chosen, rejected)
             final.update(eval_accuracy=held["accuracy"], eval_margin=held["margin"],
                          chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
-        kl_prompts = [r["prompt"] for r in ctx.rows("eval")] if ctx.has("eval") else \
-            sorted({r["prompt"] for r in eval_pairs})
+        if ctx.has("eval"):
+            kl_prompts = [r["prompt"] for r in ctx.rows("eval")]
+        else:
+            kl_prompts = sorted({r["prompt"] for r in eval_pairs})
         if kl_prompts:
             reference = load_policy(ctx.path("policy")).to(acc.device).requires_grad_(False)
             final["kl"] = kl_to_reference(policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
