@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def cmd_run(args) -> str:
         from flows.config import nearest
 
         raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
     from flows.flow import input_graph, pipeline_flow, select_stages, tracking_uri_default
 
     os.chdir(root)
@@ -78,7 +80,7 @@ def cmd_list(args) -> str:
     for pipeline in [args.pipeline] if args.pipeline else list(resolved):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
         lines.append(pipeline)
-        states = dvc.status(root, pipeline, list(specs))
+        states = dvc.status(root, pipeline, specs)
         for stage, upstream in input_graph(specs).items():
             stale = sorted(u for u in upstream if states[u] != "up to date")
             if stale and states[stage] == "up to date":
@@ -151,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except subprocess.CalledProcessError as e:
+        print(f"error: `{' '.join(e.cmd)}` failed with exit code {e.returncode} (its output is above)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -110,15 +110,16 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
     dvc(root, "repro", "--single-item", *(["--force"] if force else []), dvc_name(pipeline, stage), env=env)
 
 
-def status(root: Path, pipeline: str, stage_names: list[str]) -> dict[str, str]:
-    """Per stage: 'up to date', 'stale' (and what changed) or 'never run'."""
+def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Per stage: 'up to date', 'stale' (and what changed) or 'never run' (no lock entry or no metrics.json)."""
+    stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
     report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}")
     lock_path = root / "dvc.lock"
     locked = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
     out = {}
     for stage, name in zip(stage_names, names):
-        if name not in locked:
+        if name not in locked or not (root / specs[stage]["output_dir"] / METRICS_FILE).exists():
             out[stage] = "never run"
         elif name in report:
             out[stage] = "stale (" + describe_changes(report[name]) + ")"
