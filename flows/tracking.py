@@ -68,6 +68,8 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
                                           order_by=["attributes.start_time ASC"])
             for child in children:
                 finals = {k.removeprefix("final/"): v for k, v in child.data.metrics.items() if k.startswith("final/")}
+                if child.info.end_time and child.data.tags.get("skipped") != "true":
+                    finals["wall_s"] = (child.info.end_time - child.info.start_time) / 1000
                 rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8],
                              "started": parent.info.start_time, "stage": child.data.tags.get("stage", ""),
                              "skipped": child.data.tags.get("skipped") == "true", "metrics": finals})

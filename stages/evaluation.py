@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages import instruct_task, rewards
-from stages.text import encode_text, pad, position_ids, sample
+from stages.text import encode_text, sample, text_lm_loss
 
 Evaluator = Callable[[list[dict[str, Any]], list[str]], dict[str, float]]
 
@@ -52,17 +52,9 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 @torch.no_grad()
 def lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
             batch_size: int = 64) -> float:
-    """Mean next-token cross-entropy over plain texts (see `encode_text`; no chat template)."""
+    """Mean next-token cross-entropy per token over plain texts (see `text_lm_loss`)."""
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        ids, mask = pad([encode_text(tokenizer, t) for t in texts[start:start + batch_size]],
-                        tokenizer.pad_token_id, "left")
-        ids, mask = ids.to(device), mask.to(device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        target_mask = mask[:, 1:].bool()
-        loss = torch.nn.functional.cross_entropy(out[target_mask], ids[:, 1:][target_mask], reduction="sum")
-        total, count = total + loss.item(), count + int(target_mask.sum())
+    total = sum(text_lm_loss(model, tokenizer, texts[s:s + batch_size], reduction="sum").item()
+                for s in range(0, len(texts), batch_size))
     model.train()
-    return total / max(count, 1)
+    return total / max(sum(len(encode_text(tokenizer, t)) - 1 for t in texts), 1)

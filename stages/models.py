@@ -36,8 +36,9 @@ REWARD_BIAS_KEY = "reward_normalization_bias"
 
 def build_word_tokenizer(texts: list[str], out_dir: Path | str | None = None) -> PreTrainedTokenizerFast:
     """A whitespace word-level HF tokenizer over `texts`, with a chat template; saved to `out_dir` if given."""
-    words = sorted({w for t in texts for w in t.split()})
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *ROLE_TOKENS, *words])}
+    reserved = [*SPECIAL_TOKENS.values(), *ROLE_TOKENS]
+    words = sorted({w for t in texts for w in t.split()} - set(reserved))
+    vocab = {tok: i for i, tok in enumerate([*reserved, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(

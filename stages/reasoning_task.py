@@ -26,7 +26,8 @@ NAMES = {"en": ("ana", "tom", "ben", "eva"), "el": ("αννα", "τομ", "μπ�
 ITEMS = {"en": ("apples", "coins", "books", "cats"), "el": ("μηλα", "κερματα", "βιβλια", "γατες")}
 GAINS = {"en": ("gets", "finds"), "el": ("παιρνει", "βρισκει")}
 LOSSES = {"en": ("loses", "gives"), "el": ("χανει", "δινει")}
-MAX_VALUE = 20  # every operand, intermediate result and answer lies in [0, MAX_VALUE]
+FIRST, OTHERS = (1, 6), (1, 5)  # ranges of the starting amount and of the two changes
+MAX_VALUE = 20  # every intermediate result and answer lies in [0, MAX_VALUE]
 
 CATEGORIES = {
     "en": {"colors": ("red", "blue", "green", "pink"), "fruits": ("apple", "pear", "plum", "fig"),
@@ -37,6 +38,7 @@ CATEGORIES = {
 COUNTS = {"en": {"two": 2, "three": 3}, "el": {"δυο": 2, "τρια": 3}}
 NAME_VERB = {"en": "name", "el": "πες"}
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+USER, ASSISTANT = "<|user|>", "<|assistant|>"  # the role tokens of `stages.models.CHAT_TEMPLATE`
 
 
 def word(key: str, language: str) -> str:
@@ -49,7 +51,7 @@ def word(key: str, language: str) -> str:
 def make_problem(rng: random.Random, language: str) -> dict:
     """A row {prompt, answer, language, task, steps}: start with a, gain or lose b, then gain or lose c."""
     while True:
-        a, b, c = rng.randint(2, 9), rng.randint(1, 9), rng.randint(1, 9)
+        a, b, c = rng.randint(*FIRST), rng.randint(*OTHERS), rng.randint(*OTHERS)
         ops = (rng.choice("+-"), rng.choice("+-"))
         middle = a + b if ops[0] == "+" else a - b
         answer = middle + c if ops[1] == "+" else middle - c
@@ -69,9 +71,10 @@ def step_text(x: int, op: str, y: int, z: int, language: str) -> str:
 
 def solution(steps: list[tuple[int, str, int, int]], language: str, rng: random.Random, wrong_rate: float = 0.0,
              format_error_rate: float = 0.0, mix_rate: float = 0.0) -> str:
-    """A worked solution in the R1-Zero template, by an author who slips: with probability `wrong_rate` a step is
-    miscalculated (the error carries on to the answer), `format_error_rate` breaks the template or skips the
-    reasoning, and `mix_rate` writes steps in the other language."""
+    """A worked solution in the R1-Zero template, by an author who slips: each step is miscalculated with
+    probability `wrong_rate / len(steps)` (the error carries on to the answer), the template is broken or the
+    reasoning skipped with probability `format_error_rate`, and each step is written in the other language with
+    probability `mix_rate`."""
     other = LANGUAGES[1 - LANGUAGES.index(language)]
     parts, carry = [], 0
     for i, (x, op, y, z) in enumerate(steps):
@@ -98,7 +101,7 @@ def _number(token: str) -> int | None:
 def step_rewards(tokens: list[str]) -> list[tuple[int, float]]:
     """Rule-based process reward: (index of the step's last token, reward) for every step `x op y is z` of a
     response given as tokens (words, for the word-level tokenizer): 1.0 if z = x op y, else 0.0."""
-    operators = {WORDS["plus"][i]: 1 for i in range(2)} | {WORDS["minus"][i]: -1 for i in range(2)}
+    operators = dict.fromkeys(WORDS["plus"], 1) | dict.fromkeys(WORDS["minus"], -1)
     steps = []
     for i in range(3, len(tokens) - 1):
         if tokens[i] in WORDS["is"] and tokens[i - 2] in operators:
@@ -106,6 +109,12 @@ def step_rewards(tokens: list[str]) -> list[tuple[int, float]]:
             correct = None not in (x, y, z) and x + operators[tokens[i - 2]] * y == z
             steps.append((i + 1, 1.0 if correct else 0.0))
     return steps
+
+
+def chat_document(prompt: str, response: str) -> str:
+    """A pretraining document laid out like the chat template the policy is prompted with, so the base model answers
+    chat prompts (the R1-Zero template lives in the data, as on the web)."""
+    return f"{USER} {prompt} {ASSISTANT} {response}"
 
 
 # --- general (non-reasoning) prompts ----------------------------------------------------------------------------

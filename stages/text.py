@@ -89,6 +89,17 @@ def response_logprobs(model: PreTrainedModel, batch: PairBatch, return_logits: b
     return (logp, out) if return_logits else logp
 
 
+def text_lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                 reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over plain texts encoded by `encode_text` (no chat template)."""
+    device = next(model.parameters()).device
+    ids, mask = pad([encode_text(tokenizer, t) for t in texts], tokenizer.pad_token_id, "left")
+    ids, mask = ids.to(device), mask.to(device)
+    target = mask[:, 1:].bool()
+    out = logits(model, ids, mask)[:, :-1]
+    return torch.nn.functional.cross_entropy(out[target], ids[:, 1:][target], reduction=reduction)
+
+
 @dataclass
 class Samples:
     prompts: list[str]

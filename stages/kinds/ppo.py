@@ -32,11 +32,10 @@ from stages.algorithms import (
     ppo_policy_loss,
 )
 from stages.context import StageContext
-from stages.evaluation import lm_loss
 from stages.kinds import Input
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
-from stages.text import encode_text, pad, position_ids, response_logprobs, sample
+from stages.text import response_logprobs, sample, text_lm_loss
 from stages.training import PolicyEvalParams, evaluate, kl_to_reference, minibatches, save_model
 
 
@@ -83,14 +82,6 @@ INPUTS = {
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}
-
-
-def ptx_loss(policy, tokenizer, texts: list[str], device) -> torch.Tensor:
-    ids, mask = pad([encode_text(tokenizer, t) for t in texts], tokenizer.pad_token_id, "left")
-    ids, mask = ids.to(device), mask.to(device)
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-    target = mask[:, 1:].bool()
-    return torch.nn.functional.cross_entropy(out[target], ids[:, 1:][target])
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -159,7 +150,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
                 loss = pg_loss
                 if ptx_stream is not None:
-                    lm = ptx_loss(policy, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)], device)
+                    lm = text_lm_loss(policy, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)])
                     loss = loss + p.ptx_coef * lm
                     stats["ptx_loss"].append(lm.item())
                 acc.backward(loss)

@@ -9,7 +9,7 @@ from stages.context import StageContext
 from stages.evaluation import lm_loss
 from stages.kinds import Input, StageParams
 from stages.models import build_tiny_llama, build_word_tokenizer
-from stages.text import encode_text, pad, position_ids
+from stages.text import text_lm_loss
 from stages.training import minibatches, save_model
 
 
@@ -38,20 +38,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = build_word_tokenizer(texts + extra)
     model = build_tiny_llama(len(tokenizer), p.hidden_size, p.layers, p.heads, p.max_positions,
                              tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    rows = [encode_text(tokenizer, t) for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr)
     model, optimizer = ctx.accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(ctx.seed)
-    steps_per_epoch = -(-len(rows) // p.batch_size)
+    steps_per_epoch = -(-len(texts) // p.batch_size)
     total, step = p.epochs * steps_per_epoch, 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)
     for _ in range(p.epochs):
-        for idx in minibatches(len(rows), p.batch_size, generator):
-            ids, mask = pad([rows[i] for i in idx], tokenizer.pad_token_id, "left")
-            ids, mask = ids.to(ctx.accelerator.device), mask.to(ctx.accelerator.device)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-            target = mask[:, 1:].bool()
-            loss = torch.nn.functional.cross_entropy(out[target], ids[:, 1:][target])
+        for idx in minibatches(len(texts), p.batch_size, generator):
+            loss = text_lm_loss(model, tokenizer, [texts[i] for i in idx])
             ctx.accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

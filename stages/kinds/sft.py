@@ -6,14 +6,17 @@ N-process run sees the same global batches as a 1-process run.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from torch.utils.data import DataLoader
 
 from stages.algorithms import masked_mean
 from stages.context import StageContext
 from stages.kinds import Input
 from stages.models import load_policy, load_tokenizer
-from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs
+from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
 from stages.training import PolicyEvalParams, evaluate, save_model
 
 
@@ -33,18 +36,23 @@ INPUTS = {
 OUTPUTS = {"model": "model"}
 
 
-def sft_loss(model, batch) -> torch.Tensor:
+def sft_loss(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens."""
     return -masked_mean(response_logprobs(model, batch), batch.response_mask)
 
 
-def run(ctx: StageContext) -> dict[str, float]:
+ExtraLoss = Callable[[PreTrainedModel, PairBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              rows: list[dict[str, Any]], extra_loss: ExtraLoss | None = None) -> dict[str, float]:
+    """Train `model` on {prompt, response} rows, save it, and return its held-out metrics.
+
+    `extra_loss(model, batch)` adds a term (and its logged metrics) to every step's NLL, e.g. distillation's KD.
+    """
     p: Params = ctx.params
     acc = ctx.accelerator
-    tokenizer = load_tokenizer(ctx.model_path("base"))
-    model = load_policy(ctx.model_path("base"))
-    encoded = [(encode_prompt(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"]))
-               for r in ctx.rows("data")]
+    encoded = [(encode_prompt(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"])) for r in rows]
     n_holdout = int(len(encoded) * p.holdout_fraction)
     train, holdout = encoded[n_holdout:], encoded[:n_holdout]
 
@@ -58,12 +66,18 @@ def run(ctx: StageContext) -> dict[str, float]:
     total, step = p.epochs * len(loader), 0
     for _ in range(p.epochs):
         for batch in loader:
-            loss = sft_loss(model, batch.to(acc.device))
+            batch = batch.to(acc.device)
+            loss = sft_loss(model, batch)
+            metrics = {"loss": loss.item()}
+            if extra_loss is not None:
+                extra, extra_metrics = extra_loss(model, batch)
+                loss = loss + extra
+                metrics.update(extra_metrics)
             acc.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            ctx.tracker.log(step, {"loss": loss.item()}, total)
+            ctx.tracker.log(step, metrics, total)
 
     save_model(ctx, model, tokenizer)
     metrics: dict[str, float] = {}
@@ -74,3 +88,8 @@ def run(ctx: StageContext) -> dict[str, float]:
                 metrics["eval_loss"] = sft_loss(unwrapped, collate(holdout).to(acc.device)).item()
             metrics.update(evaluate(ctx, unwrapped, tokenizer))
     return metrics
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    return fine_tune(ctx, load_policy(ctx.model_path("base")), load_tokenizer(ctx.model_path("base")),
+                     ctx.rows("data"))

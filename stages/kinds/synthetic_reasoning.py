@@ -13,8 +13,8 @@ from stages.kinds import Input, StageParams
 
 
 class Params(StageParams):
-    pretrain_documents: int = 12000
-    general_documents: int = 2000
+    pretrain_documents: int = 8000
+    general_documents: int = 1000
     rl_prompts: int = 1000
     eval_prompts: int = 100
     general_prompts: int = 400
@@ -45,12 +45,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     corpus = []
     for row in problems(p.pretrain_documents):
         response = task.solution(row["steps"], row["language"], rng, p.wrong_rate, p.format_error_rate, p.mix_rate)
-        corpus.append({"text": f"{row['prompt']} {response}"})
+        corpus.append({"text": task.chat_document(row["prompt"], response)})
     general = []
     for _ in range(p.general_documents + p.general_prompts):
         row = task.make_general_prompt(rng, rng.choice(task.LANGUAGES))
         general.append({**row, "response": task.general_demonstration(row["prompt"], rng, p.slip)})
-    corpus += [{"text": f"{g['prompt']} {g['response']}"} for g in general[:p.general_documents]]
+    corpus += [{"text": task.chat_document(g["prompt"], g["response"])} for g in general[:p.general_documents]]
     rng.shuffle(corpus)
     rl_rows = [{k: v for k, v in r.items() if k != "steps"} for r in problems(p.rl_prompts + p.eval_prompts)]
     general_rows = [{k: v for k, v in g.items() if k != "response"} for g in general[p.general_documents:]]

@@ -1,0 +1,329 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024, §4) with the Dr.GRPO (Liu et al. 2025) and DAPO (Yu et al. 2025) options:
+the RL stage of DeepSeek-R1-Zero and DeepSeek-R1 (DeepSeek-AI 2025), readable top to bottom.
+
+Each iteration:
+  1. roll out: G samples for each of a batch of prompts from π_old. DAPO dynamic sampling drops the groups whose
+     rewards are all equal (they carry no gradient) and samples again until the batch is full, at most
+     `max_sampling_rounds` rounds;
+  2. score: rewards chosen by name with weights — rule rewards (accuracy, format, language consistency, overlong)
+     and/or a trained reward model — optionally routed by a dataset column (R1's secondary round: reasoning rows get
+     the rules, general rows the reward model);
+  3. advantages: outcome supervision, (r − mean_G) / (std_G + eps) given to every token (`grpo`; `drgrpo` drops the
+     std), or process supervision: rule-based per-step rewards normalised in the group, A_t = sum of the normalised
+     rewards of the steps ending at or after t;
+  4. update: μ = `ppo_epochs` passes over shuffled minibatches of the token-level clipped surrogate with ratio
+     bounds [1 − clip_low, 1 + clip_high] (DAPO clip-higher) plus β·KL(π‖π_ref) inside the loss (k3 estimator),
+     aggregated by `loss_agg_mode`; DAPO overlong filtering masks out truncated samples (`mask_truncated`).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Literal
+
+import torch
+from pydantic import field_validator, model_validator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages import reasoning_task
+from stages.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGG_MODES,
+    aggregate_loss,
+    entropy_from_logits,
+    groups_with_signal,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    process_supervision_advantages,
+)
+from stages.context import StageContext
+from stages.kinds import Input
+from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
+from stages.rewards import (
+    REWARDS,
+    RewardFn,
+    Scorer,
+    accuracy_reward,
+    build_reward,
+    format_reward,
+    reward_model_reward,
+    routed_reward,
+    score_components,
+)
+from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs, sample
+from stages.training import PolicyEvalParams, evaluate, minibatches, save_model
+
+MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
+OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce")  # the registry's estimators that need no value model
+
+
+class Params(PolicyEvalParams):
+    iterations: int = 20
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8  # G
+    ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
+    minibatch_size: int = 64  # samples
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    advantage: Literal["outcome", "process"] = "outcome"
+    advantage_estimator: str = "grpo"
+    loss_agg_mode: str | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
+    clip_low: float = 0.2
+    clip_high: float | None = None  # DAPO clip-higher (e.g. 0.28); None = clip_low
+    kl_coef: float = 0.04  # β; 0 keeps no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}  # name -> weight
+    reward_params: dict[str, dict[str, Any]] = {}  # name -> keyword params, e.g. overlong: {max_length, buffer}
+    reward_model_score_on: Literal["full", "answer"] = "answer"
+    route_column: str | None = None  # e.g. "task"
+    routes: dict[str, list[str]] = {}  # column value -> the rewards its rows get
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    mask_truncated: bool = False
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def outcome_estimator(cls, name: str) -> str:
+        if name not in OUTCOME_ESTIMATORS:
+            raise ValueError(f"unknown advantage estimator '{name}'; allowed: {list(OUTCOME_ESTIMATORS)}")
+        return name
+
+    @field_validator("loss_agg_mode")
+    @classmethod
+    def known_agg_mode(cls, mode: str | None) -> str | None:
+        if mode is not None and mode not in LOSS_AGG_MODES:
+            raise ValueError(f"unknown loss_agg_mode '{mode}'; allowed: {sorted(LOSS_AGG_MODES)}")
+        return mode
+
+    @field_validator("rewards")
+    @classmethod
+    def known_rewards(cls, rewards: dict[str, float]) -> dict[str, float]:
+        allowed = sorted([*REWARDS, MODEL_REWARD])
+        unknown = sorted(set(rewards) - set(allowed))
+        if unknown or not rewards:
+            raise ValueError(f"unknown reward(s) {unknown or '(none given)'}; allowed: {allowed}")
+        return rewards
+
+    @model_validator(mode="after")
+    def consistent_rewards(self) -> "Params":
+        for name, params in self.reward_params.items():
+            if name not in self.rewards:
+                raise ValueError(f"reward_params for '{name}', which is not in rewards {sorted(self.rewards)}")
+            build_reward(name, **params)  # fails here on unknown or bad parameters
+        if bool(self.route_column) != bool(self.routes):
+            raise ValueError("route_column and routes go together")
+        for route, names in self.routes.items():
+            if set(names) - set(self.rewards):
+                raise ValueError(f"route '{route}' names rewards {sorted(set(names) - set(self.rewards))} that are "
+                                 f"not in rewards {sorted(self.rewards)}")
+        unrouted = set(self.rewards) - {n for names in self.routes.values() for n in names}
+        if self.routes and unrouted:
+            raise ValueError(f"rewards {sorted(unrouted)} are in no route")
+        return self
+
+    @property
+    def agg_mode(self) -> str:
+        default = "seq-mean-token-sum-norm" if self.advantage_estimator == "drgrpo" else "seq-mean-token-mean"
+        return self.loss_agg_mode or default
+
+
+INPUTS = {
+    "policy": Input("initial policy, also the frozen KL reference"),
+    "prompts": Input("RL prompts; every other column (answer, language, task…) is passed to the rewards",
+                     columns=("prompt",)),
+    "reward": Input("trained reward model, for the `reward_model` reward", required=False),
+    "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
+}
+OUTPUTS = {"model": "model"}
+
+
+def reward_model_scorer(path: str, device: torch.device) -> Scorer:
+    """`scorer(prompts, texts)`: the normalised score of a trained reward model on the last token."""
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_head_model(path, tokenizer.pad_token_id).eval().requires_grad_(False).to(device)
+    bias = reward_bias(path)
+
+    @torch.no_grad()
+    def score(prompts: list[str], texts: list[str]) -> list[float]:
+        batch = pair_batch([encode_prompt(tokenizer, q) for q in prompts],
+                           [encode_response(tokenizer, t) for t in texts], tokenizer.pad_token_id).to(device)
+        return last_token_scores(model, batch.ids, batch.attention_mask, bias).tolist()
+
+    return score
+
+
+def _no_reward(completions: list[str], **_: Any) -> list[float]:
+    return [0.0] * len(completions)
+
+
+def build_rewards(p: Params, scorer: Scorer | None) -> dict[str, RewardFn]:
+    """The reward fns by name; with `route_column`, each one scores only the rows of the routes listing it."""
+    fns = {name: reward_model_reward(scorer, p.reward_model_score_on) if name == MODEL_REWARD
+           else build_reward(name, **p.reward_params.get(name, {})) for name in p.rewards}
+    if not p.route_column:
+        return fns
+    return {name: routed_reward(p.route_column, {route: fn if name in names else _no_reward
+                                                 for route, names in p.routes.items()})
+            for name, fn in fns.items()}
+
+
+def roll_out(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
+             reward_fns: dict[str, RewardFn]) -> list[dict[str, Any]]:
+    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
+    accuracy, format, and `reward_<name>` for each reward component}."""
+    repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
+    samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature)
+    response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
+    columns = {key: [row.get(key) for row in repeated] for key in repeated[0]}
+    columns["completion_length"] = [len(ids) for ids in response_ids]
+    total, components = score_components(reward_fns, p.rewards, samples.completions, **columns)
+    accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
+    formatted = format_reward(samples.completions)
+    return [{"row": row, "completion": completion, "response_ids": ids, "reward": total[i],
+             "truncated": ids[-1:] != [tokenizer.eos_token_id], "accuracy": accuracy[i], "format": formatted[i],
+             **{f"reward_{name}": values[i] for name, values in components.items()}}
+            for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
+
+
+def collect(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_rows: list[dict[str, Any]],
+            rng: random.Random, p: Params, reward_fns: dict[str, RewardFn]) -> tuple[list[dict[str, Any]], int]:
+    """One rollout batch of up to `prompts_per_step` groups, and the number of groups dropped.
+
+    With dynamic sampling (DAPO §3.2) groups whose rewards are all equal are dropped and fresh prompts are sampled
+    until the batch is full or `max_sampling_rounds` rounds have run (the batch may then be smaller).
+    """
+    G, kept, dropped = p.samples_per_prompt, [], 0
+    for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
+        rows = rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows)))
+        samples = roll_out(policy, tokenizer, rows, p, reward_fns)
+        if p.dynamic_sampling:
+            group_ids = torch.arange(len(samples)) // G
+            signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]), group_ids)
+            dropped += len(rows) - int(signal.sum()) // G
+            samples = [s for s, keep in zip(samples, signal.tolist()) if keep]
+        kept += samples
+        if len(kept) >= p.prompts_per_step * G:
+            break
+    return kept[:p.prompts_per_step * G], dropped
+
+
+def loss_mask(samples: list[dict[str, Any]], mask: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """The response mask [B, T], with truncated samples (no EOS within max_new_tokens) zeroed when `mask_truncated`
+    (DAPO §3.4 overlong filtering: a cut-off answer is not judged on its reward)."""
+    if not mask_truncated:
+        return mask
+    return mask * torch.tensor([not s["truncated"] for s in samples], dtype=mask.dtype, device=mask.device)[:, None]
+
+
+def process_advantages(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, mask: torch.Tensor,
+                       group_ids: torch.Tensor) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3) with a rule-based process reward: every chain-of-thought step
+    `x op y is z` scores 1 if right (`reasoning_task.step_rewards`), and a last step ending on the last token
+    scores the outcome reward. Returns advantages [B, T]."""
+    steps = [reasoning_task.step_rewards(tokenizer.convert_ids_to_tokens(s["response_ids"]))
+             + [(len(s["response_ids"]) - 1, s["reward"])] for s in samples]
+    shape = (len(steps), max(map(len, steps)))
+    rewards, ends, valid = torch.zeros(shape), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
+    for i, row in enumerate(steps):
+        for j, (end, reward) in enumerate(row):
+            rewards[i, j], ends[i, j], valid[i, j] = reward, end, 1.0
+    device = mask.device
+    return process_supervision_advantages(rewards.to(device), valid.to(device), ends.to(device), mask, group_ids)
+
+
+def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float]:
+    """Means over the batch: reward, each component (over the rows routed to it), accuracy and format rate (over the
+    rows with an answer), truncation rate."""
+
+    def mean(key: str, rows: list[dict[str, Any]]) -> float:
+        return sum(s[key] for s in rows) / len(rows) if rows else 0.0
+
+    def routed_to(name: str) -> list[dict[str, Any]]:
+        if not p.route_column:
+            return samples
+        return [s for s in samples if name in p.routes.get(s["row"].get(p.route_column), [])]
+
+    answered = [s for s in samples if s["row"].get("answer") is not None]
+    return {"reward": mean("reward", samples),
+            **{f"reward_{name}": mean(f"reward_{name}", routed_to(name)) for name in p.rewards},
+            "accuracy": mean("accuracy", answered), "format_rate": mean("format", answered),
+            "truncated": mean("truncated", samples)}
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    p: Params = ctx.params
+    acc = ctx.accelerator
+    device = acc.device
+    tokenizer = load_tokenizer(ctx.path("policy"))
+    policy = load_policy(ctx.path("policy"))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device) if p.kl_coef > 0 else None
+    if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
+        raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
+    scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
+    reward_fns = build_rewards(p, scorer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr)
+    policy, optimizer = acc.prepare(policy, optimizer)
+
+    initial = evaluate(ctx, policy, tokenizer)
+    prompt_rows = ctx.rows("prompts")
+    rng = random.Random(ctx.seed)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    for it in range(1, p.iterations + 1):
+        # 1-2. roll out and score
+        samples, dropped = collect(acc.unwrap_model(policy), tokenizer, prompt_rows, rng, p, reward_fns)
+        if not samples:  # every sampled group was dropped: nothing to learn from
+            ctx.tracker.log(it, {"dropped_groups": dropped}, p.iterations)
+            continue
+        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
+        batch = pair_batch([encode_prompt(tokenizer, s["row"]["prompt"]) for s in samples],
+                           [s["response_ids"] for s in samples], tokenizer.pad_token_id).to(device)
+        mask = batch.response_mask.float()
+        group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
+        response_loss_mask = loss_mask(samples, mask, p.mask_truncated)
+
+        # 3. advantages
+        with torch.no_grad():
+            if p.advantage == "process":
+                advantages = process_advantages(samples, tokenizer, mask, group_ids)
+            else:
+                token_rewards = torch.zeros_like(mask)
+                last = (mask.sum(1).long() - 1).clamp(min=0)
+                token_rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples],
+                                                                               device=device)
+                advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](token_rewards, mask, group_ids=group_ids)
+            old_logp = response_logprobs(policy, batch)
+            ref_logp = response_logprobs(reference, batch) if reference is not None else None
+
+        # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode
+        stats: dict[str, list[float]] = {"pg_loss": [], "kl": [], "clipfrac": [], "entropy": []}
+        for _ in range(p.ppo_epochs):
+            for idx in minibatches(len(samples), p.minibatch_size, generator):
+                idx = idx.to(device)
+                mb, mb_mask = batch.select(idx), response_loss_mask[idx]
+                logp, logits = response_logprobs(policy, mb, return_logits=True)
+                pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_low,
+                                                    p.clip_high, p.agg_mode, p.max_new_tokens)
+                loss = pg_loss
+                if reference is not None:
+                    kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
+                    loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
+                    stats["kl"].append(masked_mean(kl.detach(), mb_mask).item())
+                acc.backward(loss)
+                acc.clip_grad_norm_(policy.parameters(), p.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                stats["pg_loss"].append(pg_loss.item())
+                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
+                stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), mb_mask).item())
+
+        metrics |= {k: sum(v) / len(v) for k, v in stats.items() if v}
+        metrics["response_length"] = mask.sum(1).mean().item()
+        ctx.tracker.log(it, metrics, p.iterations)
+
+    save_model(ctx, policy, tokenizer)
+    final = evaluate(ctx, acc.unwrap_model(policy).eval(), tokenizer)
+    return {**final, **{f"initial_{k}": v for k, v in initial.items()}}
