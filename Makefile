@@ -22,5 +22,7 @@ test: install
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not e2e"
 
+# Wall time of each pipeline from a clean directory, with every stage's metrics (run on an idle machine).
 bench: install
-	$(PYTHON) benchmarks/instructgpt_wall_time.py
+	for p in instructgpt instructgpt-dpo deepseek-r1-zero deepseek-r1; do \
+		$(PYTHON) benchmarks/pipeline_wall_time.py --pipeline $$p; done

@@ -99,3 +99,17 @@ def test_list_and_compare(in_workspace):
     table = run("compare", "tiny", "--last", "2", "--metrics", "gold_score,eval_accuracy")
     assert "gold_score" in table and table.count("ppo") == 2
     assert (in_workspace / "compare.png").stat().st_size > 0
+
+
+def test_r1_pipeline_runs_every_stage_kind(tmp_path, monkeypatch, prefect_server):
+    """The DeepSeek-R1 wiring end to end at test size: cold start, GRPO with rule rewards and a routed RM, rejection
+    sampling with general data, distillation."""
+    make_project(tmp_path, REPO / "tests" / "pipelines" / "tiny_r1.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    specs = yaml.safe_load((tmp_path / "pipelines.yaml").read_text())["pipelines"]["tiny-r1"]["stages"]
+    assert run("run", "tiny-r1") == f"tiny-r1: ran {', '.join(s['name'] for s in specs)}; up to date: none"
+    final = json.loads((tmp_path / "artifacts/tiny-r1/distill/metrics.json").read_text())
+    assert {"accuracy", "format_rate", "language_consistency", "mean_response_length"} <= set(final)
+    kept = json.loads((tmp_path / "artifacts/tiny-r1/rejection_sampling/metrics.json").read_text())
+    assert kept["kept"] > 0 and 0 < kept["acceptance_rate"] <= 1

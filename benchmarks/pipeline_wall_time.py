@@ -1,20 +1,23 @@
 """Wall time of a whole pipeline on the embedded default, from a clean project directory (after install).
 
-    python benchmarks/instructgpt_wall_time.py [--pipeline instructgpt]
+    python benchmarks/pipeline_wall_time.py [--pipeline instructgpt]
 
 Copies pipelines.yaml and infra/ into a fresh temporary directory, runs `rl4llm run <pipeline>` there (Prefect
-server start, DVC, every stage subprocess, MLflow included), and prints the wall time and each stage's metrics.
+server start, DVC, every stage subprocess, MLflow included), and prints the wall time and each stage's final metrics with its
+MLflow run's duration (`wall_s`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from flows.tracking import stage_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +35,10 @@ def main() -> None:
                        stderr=subprocess.DEVNULL)
         wall = time.monotonic() - start
         print(f"{args.pipeline}: {wall:.1f} s wall, end to end")
-        for metrics_file in sorted((root / "artifacts" / args.pipeline).glob("*/metrics.json"),
-                                   key=lambda p: p.stat().st_mtime):
-            metrics = json.loads(metrics_file.read_text())
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-            print(f"  {metrics_file.parent.name:<18} {shown}")
-
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        for row in stage_metrics([args.pipeline], last=1):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
+            print(f"  {row['stage']:<18} {shown}")
 
 if __name__ == "__main__":
     main()
