@@ -141,6 +141,15 @@ def _require(value: Tensor | None, name: str, estimator: str) -> Tensor:
     return value
 
 
+def outcome_token_rewards(scores: Tensor, response_mask: Tensor) -> Tensor:
+    """Place each sequence's outcome score on its last response token. scores: [B]; response_mask: [B, T] (responses
+    right-padded) -> [B, T], zero elsewhere."""
+    rewards = torch.zeros_like(response_mask, dtype=scores.dtype)
+    last = (response_mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last] = scores
+    return rewards
+
+
 def gae_advantages(
     token_rewards: Tensor,
     response_mask: Tensor,

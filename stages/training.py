@@ -54,6 +54,16 @@ def kl_to_reference(policy: PreTrainedModel, reference: PreTrainedModel, tokeniz
     return masked_sum(diff, batch.response_mask, dim=1).mean().item()
 
 
+def optimizer_step(ctx: StageContext, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                   loss: torch.Tensor, max_grad_norm: float | None = None) -> None:
+    """Backward (through accelerate), clip the gradient norm if asked, step, zero the gradients."""
+    ctx.accelerator.backward(loss)
+    if max_grad_norm is not None:
+        ctx.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def minibatches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Shuffled index minibatches covering range(n) once."""
     order = torch.randperm(n, generator=generator)

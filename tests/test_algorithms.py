@@ -528,3 +528,9 @@ def test_overlong_penalty():
                  torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     assert_close(A.overlong_penalty(lengths, max_len=100, buffer=20, penalty=2.0),
                  torch.tensor([0.0, 0.0, -1.0, -2.0, -2.0]))
+
+
+def test_outcome_token_rewards_on_last_response_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert_close(A.outcome_token_rewards(torch.tensor([2.0, -1.0]), mask),
+                 torch.tensor([[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]]))

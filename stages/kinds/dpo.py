@@ -40,7 +40,7 @@ from stages.kinds import Input
 from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
-from stages.training import PolicyEvalParams, evaluate, kl_to_reference, save_model
+from stages.training import PolicyEvalParams, evaluate, kl_to_reference, optimizer_step, save_model
 
 Row = dict[str, Any]
 
@@ -233,9 +233,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 loss, metrics = kto_step(p, logps, batch["ref_logps"], batch["desirable"], acc)
             else:
                 loss, metrics = pairwise_step(p, logps, batch["ref_logps"])
-            acc.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            optimizer_step(ctx, policy, optimizer, loss)
             step += 1
             ctx.tracker.log(step, {"loss": loss.item(), **metrics}, total)
 

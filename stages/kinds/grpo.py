@@ -35,6 +35,7 @@ from stages.algorithms import (
     groups_with_signal,
     kl_penalty,
     masked_mean,
+    outcome_token_rewards,
     ppo_policy_loss,
     process_supervision_advantages,
 )
@@ -53,7 +54,7 @@ from stages.rewards import (
     score_components,
 )
 from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs, sample
-from stages.training import PolicyEvalParams, evaluate, minibatches, save_model
+from stages.training import PolicyEvalParams, evaluate, minibatches, optimizer_step, save_model
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce")  # the registry's estimators that need no value model
@@ -290,10 +291,8 @@ def run(ctx: StageContext) -> dict[str, float]:
             if p.advantage == "process":
                 advantages = process_advantages(samples, tokenizer, mask, group_ids)
             else:
-                token_rewards = torch.zeros_like(mask)
-                last = (mask.sum(1).long() - 1).clamp(min=0)
-                token_rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples],
-                                                                               device=device)
+                scores = torch.tensor([s["reward"] for s in samples], device=device)
+                token_rewards = outcome_token_rewards(scores, mask)
                 advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](token_rewards, mask, group_ids=group_ids)
             old_logp = response_logprobs(policy, batch)
             ref_logp = response_logprobs(reference, batch) if reference is not None else None
@@ -312,10 +311,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                     kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
                     loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
                     stats["kl"].append(masked_mean(kl.detach(), mb_mask).item())
-                acc.backward(loss)
-                acc.clip_grad_norm_(policy.parameters(), p.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(ctx, policy, optimizer, loss, p.max_grad_norm)
                 stats["pg_loss"].append(pg_loss.item())
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
                 stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), mb_mask).item())

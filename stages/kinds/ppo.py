@@ -29,6 +29,7 @@ from stages.algorithms import (
     masked_mean,
     masked_sum,
     masked_whiten,
+    outcome_token_rewards,
     ppo_policy_loss,
 )
 from stages.context import StageContext
@@ -36,7 +37,8 @@ from stages.kinds import Input
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
 from stages.text import response_logprobs, sample, text_lm_loss
-from stages.training import PolicyEvalParams, evaluate, kl_to_reference, minibatches, save_model
+from stages.training import (PolicyEvalParams, evaluate, kl_to_reference, minibatches, optimizer_step,
+                             save_model)
 
 
 class Params(PolicyEvalParams):
@@ -125,9 +127,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             ref_logp = response_logprobs(reference, batch)
             scores = last_token_scores(reward_model, batch.ids, batch.attention_mask, bias)
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
-            token_rewards = -kl_coef * kl
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            token_rewards[torch.arange(len(last)), last] += scores
+            token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
             if use_values:
                 old_values = token_values(value_model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
@@ -153,10 +153,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                     lm = text_lm_loss(policy, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)])
                     loss = loss + p.ptx_coef * lm
                     stats["ptx_loss"].append(lm.item())
-                acc.backward(loss)
-                acc.clip_grad_norm_(policy.parameters(), p.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(ctx, policy, optimizer, loss, p.max_grad_norm)
                 stats["pg_loss"].append(pg_loss.item())
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
                 stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), mb_mask).item())
@@ -165,10 +162,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                     values = token_values(value_model, mb.ids, mb.attention_mask)[:, batch.prompt_len - 1:-1]
                     value_loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mb_mask,
                                                        p.value_clip_eps)
-                    acc.backward(value_loss)
-                    acc.clip_grad_norm_(value_model.parameters(), p.max_grad_norm)
-                    value_optimizer.step()
-                    value_optimizer.zero_grad()
+                    optimizer_step(ctx, value_model, value_optimizer, value_loss, p.max_grad_norm)
                     stats["value_loss"].append(value_loss.item())
 
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()

@@ -19,7 +19,7 @@ from stages.context import StageContext
 from stages.kinds import Input, StageParams
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
 from stages.text import encode_prompt, encode_response, pair_batch
-from stages.training import save_model
+from stages.training import optimizer_step, save_model
 
 
 class Params(StageParams):
@@ -104,9 +104,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         for batch in batches_by_k(train, p.batch_size, rng):
             scores, ranks = score_comparisons(model, tokenizer, batch, acc.device)
             loss = bradley_terry_kwise_loss(scores, ranks)
-            acc.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            optimizer_step(ctx, model, optimizer, loss)
             step += 1
             ctx.tracker.log(step, {"loss": loss.item(), "accuracy": pairwise_accuracy(scores, ranks).item()}, total)
 

@@ -17,7 +17,7 @@ from stages.context import StageContext
 from stages.kinds import Input
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
-from stages.training import PolicyEvalParams, evaluate, save_model
+from stages.training import PolicyEvalParams, evaluate, optimizer_step, save_model
 
 
 class Params(PolicyEvalParams):
@@ -73,9 +73,7 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
                 extra, extra_metrics = extra_loss(model, batch)
                 loss = loss + extra
                 metrics.update(extra_metrics)
-            acc.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            optimizer_step(ctx, model, optimizer, loss)
             step += 1
             ctx.tracker.log(step, metrics, total)
 
