@@ -55,7 +55,8 @@ def cmd_run(args) -> str:
 
         raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.flow import input_graph, pipeline_flow, select_stages, tracking_uri_default
+    from flows.flow import input_graph, pipeline_flow, select_stages
+    from flows.tracking import tracking_uri_default
 
     os.chdir(root)
     dvc.ensure_repo(root)
@@ -91,12 +92,11 @@ def cmd_list(args) -> str:
 
 def cmd_compare(args) -> str:
     from flows import tracking
-    from flows.flow import tracking_uri_default
 
     root, resolved = _resolved(args)
     for name in args.pipelines:
         _pipeline(argparse.Namespace(**{**vars(args), "pipeline": name}), resolved)
-    tracking_uri_default(root)
+    tracking.tracking_uri_default(root)
     rows = tracking.stage_metrics(args.pipelines, args.last)
     if not rows:
         return "no runs recorded yet for " + ", ".join(args.pipelines)

@@ -123,7 +123,7 @@ def load(path: str | Path) -> ConfigFile:
     return config
 
 
-def _resolve_input(file: str, root: Path, pipeline: str, spec: PipelineSpec, stage: StageSpec, name: str, ref: str,
+def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpec, name: str, ref: str,
                    produced: dict[str, dict[str, str]]) -> dict[str, Any]:
     where = dict(pipeline=pipeline, stage=stage.name, key=f"inputs.{name}")
     source, _, item = ref.partition(".")
@@ -187,6 +187,10 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
         resolved[pipeline] = {}
+        for key in spec.defaults.params:
+            if not any(key in get_kind(s.kind).params.model_fields for s in spec.stages if s.kind in KIND_MODULES):
+                raise ConfigError(file, "no stage kind of this pipeline has this param",
+                                  pipeline=pipeline, key=f"defaults.params.{key}")
         for stage in spec.stages:
             where = dict(pipeline=pipeline, stage=stage.name)
             if stage.name in produced:
@@ -195,11 +199,6 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 raise ConfigError(file, f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, KIND_MODULES)}",
                                   **where, key="kind")
             kind = get_kind(stage.kind)
-            for key in spec.defaults.params:
-                if not any(key in get_kind(s.kind).params.model_fields for s in spec.stages
-                           if s.kind in KIND_MODULES):
-                    raise ConfigError(file, "no stage kind of this pipeline has this param",
-                                      pipeline=pipeline, key=f"defaults.params.{key}")
             params = {k: v for k, v in spec.defaults.params.items() if k in kind.params.model_fields}
             params = _check_params(file, where, kind, {**params, **stage.params})
 
@@ -211,7 +210,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 if name not in kind.inputs:
                     raise ConfigError(file, f"kind '{kind.name}' reads no input '{name}'; {nearest(name, kind.inputs)}",
                                       **where, key=f"inputs.{name}")
-                inputs[name] = _resolve_input(file, root, pipeline, spec, stage, name, ref, produced)
+                inputs[name] = _resolve_input(file, pipeline, spec, stage, name, ref, produced)
                 if ref.startswith("datasets."):
                     _check_dataset_file(file, root, {**where, "key": f"inputs.{name}"}, inputs[name],
                                         kind.inputs[name].columns)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 import stages
+from flows.config import ARTIFACTS
 from stages.kinds import KIND_MODULES
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
@@ -61,7 +62,7 @@ def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> di
     for pipeline, specs in resolved.items():
         for stage, spec in specs.items():
             data_deps = [i["path"] for i in spec["inputs"].values() if (root / i["path"]).exists()
-                         or i["path"].startswith("artifacts/")]
+                         or i["path"].startswith(f"{ARTIFACTS}/")]
             out[dvc_name(pipeline, stage)] = {
                 "cmd": f"rl4llm stage {pipeline} {stage}",
                 "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec["kind"]),

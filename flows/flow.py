@@ -6,7 +6,6 @@ opens the MLflow parent run and hands its id to the stages through the environme
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,7 @@ def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], st
     outcome: dict[str, str] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="rl4llm-ran-") as ran_dir:
-            env = {PARENT_RUN_ENV: parent, RAN_MARKER_ENV: ran_dir,
-                   "MLFLOW_TRACKING_URI": tracking.mlflow.get_tracking_uri()}
+            env = {PARENT_RUN_ENV: parent, RAN_MARKER_ENV: ran_dir}
             for stage in stages_to_run:
                 ran = reproduce_stage.with_options(name=f"{pipeline}.{stage}")(root, pipeline, stage, force, env)
                 outcome[stage] = "ran" if ran else "skipped"
@@ -72,6 +70,3 @@ def input_graph(specs: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
     return {stage: {producers[i["path"]] for i in spec["inputs"].values() if i["path"] in producers}
             for stage, spec in specs.items()}
 
-
-def tracking_uri_default(root: Path) -> None:
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")

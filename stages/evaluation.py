@@ -1,4 +1,4 @@
-"""Held-out evaluation of a policy, by evaluator name (`eval_with` in pipelines.yaml).
+"""Held-out evaluation of a policy, by evaluator name (the `evaluator` param in pipelines.yaml).
 
 An evaluator maps (eval rows, sampled completions) to metrics; every policy-producing stage runs the same one so
 stages are comparable in MLflow and metrics.json.

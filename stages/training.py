@@ -5,31 +5,25 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from pydantic import field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.algorithms import masked_sum
 from stages.context import StageContext
 from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
-from stages.kinds import StageParams
+from stages.kinds import StageParams, named
 from stages.models import save
 from stages.text import response_logprobs, sample
+
+EvaluatorName = named(EVALUATORS, "evaluator")
 
 
 class PolicyEvalParams(StageParams):
     """Params of the held-out evaluation run after every policy-producing stage (on the `eval` input)."""
 
-    evaluator: str | None = None
+    evaluator: EvaluatorName | None = None
     eval_max_new_tokens: int = 16
     eval_samples_per_prompt: int = 2
     eval_temperature: float = 1.0
-
-    @field_validator("evaluator")
-    @classmethod
-    def known_evaluator(cls, name: str | None) -> str | None:
-        if name is not None and name not in EVALUATORS:
-            raise ValueError(f"unknown evaluator '{name}'; allowed: {sorted(EVALUATORS)}")
-        return name
 
 
 def evaluate(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:

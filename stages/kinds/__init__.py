@@ -9,15 +9,28 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Annotated, Any, Callable, Iterable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class StageParams(BaseModel):
     """Base of every kind's params: unknown keys are errors (a misspelt param must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def named(allowed: Iterable[str], what: str) -> Any:
+    """The type of a param naming an entry of a registry: a `str` that must be one of `allowed`; the error (which
+    reaches pipelines.yaml users) lists them."""
+    names = sorted(allowed)
+
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"unknown {what} '{value}'; allowed: {', '.join(names)}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
 
 
 @dataclass(frozen=True)

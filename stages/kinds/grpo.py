@@ -40,7 +40,7 @@ from stages.algorithms import (
     process_supervision_advantages,
 )
 from stages.context import StageContext
-from stages.kinds import Input
+from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.rewards import (
     REWARDS,
@@ -59,6 +59,9 @@ from stages.training import PolicyEvalParams, evaluate, minibatches, optimizer_s
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce")  # the registry's estimators that need no value model
 
+OutcomeEstimator = named(OUTCOME_ESTIMATORS, "advantage estimator")
+LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
+
 
 class Params(PolicyEvalParams):
     iterations: int = 20
@@ -71,8 +74,8 @@ class Params(PolicyEvalParams):
     lr: float = 1e-4
     max_grad_norm: float = 1.0
     advantage: Literal["outcome", "process"] = "outcome"
-    advantage_estimator: str = "grpo"
-    loss_agg_mode: str | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
+    advantage_estimator: OutcomeEstimator = "grpo"
+    loss_agg_mode: LossAggMode | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
     clip_low: float = 0.2
     clip_high: float | None = None  # DAPO clip-higher (e.g. 0.28); None = clip_low
     kl_coef: float = 0.04  # β; 0 keeps no reference model
@@ -85,20 +88,6 @@ class Params(PolicyEvalParams):
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
     mask_truncated: bool = False
-
-    @field_validator("advantage_estimator")
-    @classmethod
-    def outcome_estimator(cls, name: str) -> str:
-        if name not in OUTCOME_ESTIMATORS:
-            raise ValueError(f"unknown advantage estimator '{name}'; allowed: {list(OUTCOME_ESTIMATORS)}")
-        return name
-
-    @field_validator("loss_agg_mode")
-    @classmethod
-    def known_agg_mode(cls, mode: str | None) -> str | None:
-        if mode is not None and mode not in LOSS_AGG_MODES:
-            raise ValueError(f"unknown loss_agg_mode '{mode}'; allowed: {sorted(LOSS_AGG_MODES)}")
-        return mode
 
     @field_validator("rewards")
     @classmethod

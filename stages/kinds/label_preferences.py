@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 
-from pydantic import field_validator
-
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.kinds import Input, StageParams
+from stages.kinds import Input, StageParams, named
 from stages.labelers import LABELERS
 from stages.models import load_policy, load_tokenizer
 from stages.text import sample
+
+Labeler = named(LABELERS, "labeler")
 
 
 class Params(StageParams):
@@ -24,14 +24,7 @@ class Params(StageParams):
     eval_fraction: float = 0.2
     max_new_tokens: int = 12
     temperature: float = 1.0
-    labeler: str = "instruct_gold"
-
-    @field_validator("labeler")
-    @classmethod
-    def known_labeler(cls, name: str) -> str:
-        if name not in LABELERS:
-            raise ValueError(f"unknown labeler '{name}'; allowed: {sorted(LABELERS)}")
-        return name
+    labeler: Labeler = "instruct_gold"
 
 
 INPUTS = {

@@ -17,8 +17,6 @@ import random
 from typing import Literal
 
 import torch
-from pydantic import field_validator
-
 from stages.algorithms import (
     ADVANTAGE_ESTIMATORS,
     adaptive_kl_coef,
@@ -33,12 +31,14 @@ from stages.algorithms import (
     ppo_policy_loss,
 )
 from stages.context import StageContext
-from stages.kinds import Input
+from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
 from stages.text import response_logprobs, sample, text_lm_loss
 from stages.training import (PolicyEvalParams, evaluate, kl_to_reference, minibatches, optimizer_step,
                              save_model)
+
+AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
 
 
 class Params(PolicyEvalParams):
@@ -52,7 +52,7 @@ class Params(PolicyEvalParams):
     lr: float = 5e-5
     value_lr: float = 1e-4
     max_grad_norm: float = 1.0
-    advantage_estimator: str = "gae"
+    advantage_estimator: AdvantageEstimator = "gae"
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -65,13 +65,6 @@ class Params(PolicyEvalParams):
     kl_horizon: int = 10000
     ptx_coef: float = 1.0
     ptx_batch_size: int = 16
-
-    @field_validator("advantage_estimator")
-    @classmethod
-    def known_estimator(cls, name: str) -> str:
-        if name not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"unknown advantage estimator '{name}'; allowed: {sorted(ADVANTAGE_ESTIMATORS)}")
-        return name
 
 
 INPUTS = {
