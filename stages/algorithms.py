@@ -320,14 +320,21 @@ def _token_mean(loss_mat: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     return masked_mean(loss_mat, mask)
 
 
+def _mean_over_kept_rows(per_row: Tensor, mask: Tensor) -> Tensor:
+    # rows with no unmasked token (e.g. truncated samples under overlong filtering) are left out of the mean, as in
+    # verl and OpenRLHF; with none left the loss is 0 (and its gradient too), never NaN
+    kept = (mask.sum(-1) > 0).to(per_row.dtype)
+    return (per_row * kept).sum() / kept.sum().clamp(min=1)
+
+
 def _seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     # original GRPO (Shao et al. 2024, eq. 3): 1/|o_i| inside each sequence, then mean over sequences
-    return masked_mean(loss_mat, mask, dim=-1).mean()
+    return _mean_over_kept_rows(masked_mean(loss_mat, mask, dim=-1), mask)
 
 
 def _seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     # Dr.GRPO (Liu et al. 2025): a constant normaliser instead of 1/|o_i| removes the length bias
-    return masked_sum(loss_mat, mask, dim=-1).mean() / (max_len or loss_mat.shape[-1])
+    return _mean_over_kept_rows(masked_sum(loss_mat, mask, dim=-1), mask) / (max_len or loss_mat.shape[-1])
 
 
 LOSS_AGG_MODES: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
@@ -437,9 +444,10 @@ def bradley_terry_kwise_loss(scores: Tensor, ranks: Tensor) -> Tensor:
 
 
 def pairwise_accuracy(scores: Tensor, ranks: Tensor) -> Tensor:
-    """Share of non-tied pairs (over the whole batch) where s_better > s_worse strictly. [N, K] -> scalar tensor."""
+    """Share of non-tied pairs (over the whole batch) where s_better > s_worse strictly. [N, K] -> scalar tensor;
+    0 when every pair is tied (no pair to judge)."""
     margins, valid = _ranked_pair_margins(scores, ranks)
-    return (margins[valid] > 0).to(scores.dtype).mean()
+    return (margins[valid] > 0).to(scores.dtype).sum() / valid.sum().clamp(min=1)
 
 
 def normalization_bias(demo_scores: Tensor) -> float:
@@ -550,8 +558,10 @@ def groups_with_signal(scores: Tensor, group_ids: Tensor) -> Tensor:
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
     """DAPO soft overlong punishment (Yu et al. 2025, eq. 13), a reward to add (<= 0). lengths: [B] -> [B].
 
-    0 for L <= max_len - buffer, linear down to -penalty at L = max_len, -penalty beyond.
+    0 for L <= max_len - buffer, linear down to -penalty at L = max_len, -penalty beyond (buffer = 0: a step).
     """
     lengths = lengths if lengths.is_floating_point() else lengths.to(torch.get_default_dtype())
+    if buffer == 0:
+        return -penalty * (lengths > max_len).to(lengths.dtype)
     frac = ((max_len - buffer) - lengths) / buffer
     return penalty * frac.clamp(min=-1.0, max=0.0)

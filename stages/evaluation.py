@@ -53,8 +53,9 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
             batch_size: int = 64) -> float:
     """Mean next-token cross-entropy per token over plain texts (see `text_lm_loss`)."""
+    was_training = model.training
     model.eval()
     total = sum(text_lm_loss(model, tokenizer, texts[s:s + batch_size], reduction="sum").item()
                 for s in range(0, len(texts), batch_size))
-    model.train()
+    model.train(was_training)
     return total / max(sum(len(encode_text(tokenizer, t)) - 1 for t in texts), 1)

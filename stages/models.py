@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from stages.text import position_ids
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
 ROLE_TOKENS = ("<|user|>", "<|assistant|>")
@@ -83,20 +86,38 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_policy(path: str) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_scalar_head_model(path: str, pad_token_id: int) -> PreTrainedModel:
-    """A causal LM checkpoint (or a saved reward model) with a scalar head: reward and value models."""
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    """The `dtype` param: None is float32 on CPU and the checkpoint's own dtype ("auto") on GPU."""
+    if name is None:
+        name = "auto" if torch.cuda.is_available() else "float32"
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+
+
+def load_scalar_head_model(path: str, pad_token_id: int, dtype: str | None = None) -> PreTrainedModel:
+    """A causal LM checkpoint (or a saved reward model) with a scalar head on every token: reward and value models.
+
+    Loaded as a token-classification model with one label, no bias and no dropout, so the head's weight is the
+    `score.weight` of a sequence-classification reward model, and per-token values come out of the model's own
+    forward (which is what DDP and FSDP wrap).
+    """
+    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0, token_classification_bias=False)
+    model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype))
     model.config.pad_token_id = pad_token_id
     return model
 
 
-def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+         state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` of the model (or of `state_dict`, e.g. gathered from FSDP shards) and its tokenizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -107,10 +128,9 @@ def reward_bias(path: str | Path) -> float:
 
 
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar head applied at every position of a sequence-classification model: [B, T] (rewards / values)."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    """The scalar head at every position of a `load_scalar_head_model` model: [B, T] (rewards / values)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask)).logits.squeeze(-1).float()
 
 
 def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

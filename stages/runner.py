@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 import transformers
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from stages.context import StageContext
+from stages.distributed import build_accelerator
 from stages.kinds import get_kind
 from stages.tracking import StageRun
 
@@ -71,7 +70,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = build_accelerator(spec["accelerate_config"])
     set_seed(spec["seed"])
     kind = get_kind(spec["kind"])
     params = kind.params(**spec["params"])

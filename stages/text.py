@@ -78,13 +78,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [B, T, V] with mask-aware positions."""
-    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    """Next-token logits [B, T, V] in float32, with mask-aware positions."""
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    return out.float()
 
 
-def response_logprobs(model: PreTrainedModel, batch: PairBatch, return_logits: bool = False):
-    """Log-probs of the response tokens: [B, R] (and the response logits [B, R, V] if asked)."""
+def response_logprobs(model: PreTrainedModel, batch: PairBatch, return_logits: bool = False,
+                      temperature: float = 1.0):
+    """Log-probs of the response tokens under softmax(logits / temperature): [B, R] (and those scaled response
+    logits [B, R, V] if asked). Pass the sampling temperature so the log-probs are those of the policy that sampled
+    (as TRL and verl do): the PPO ratio and the KL then refer to the sampling distribution."""
     out = logits(model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
+    if temperature > 0 and temperature != 1.0:
+        out = out / temperature
     logp = token_logprobs(out, batch.response_ids)
     return (logp, out) if return_logits else logp
 
@@ -114,7 +120,9 @@ class Samples:
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
            temperature: float = 1.0, batch_size: int = 64) -> Samples:
-    """Sample one completion per prompt (repeat prompts for several). Responses end at EOS or max_new_tokens."""
+    """Sample one completion per prompt (repeat prompts for several) in eval mode, leaving the model's mode as it
+    was. Responses end at EOS or max_new_tokens."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
@@ -130,5 +138,5 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
             end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
             response_rows.append(row[:end])
     completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
-    model.train()
+    model.train(was_training)
     return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id))

@@ -1,40 +1,165 @@
-"""Pieces every training stage shares: held-out policy evaluation params, minibatching, KL to a reference, saving."""
+"""Pieces every training stage shares: optimisation params and steps (accumulation, clipping, LR schedule),
+each rank's batches, held-out policy evaluation, KL to a reference, saving."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from stages.algorithms import masked_sum
 from stages.context import StageContext
+from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means
 from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
 from stages.kinds import StageParams, named
 from stages.models import save
 from stages.text import response_logprobs, sample
 
 EvaluatorName = named(EVALUATORS, "evaluator")
+LRScheduler = Literal["constant", "linear", "cosine"]
+
+
+class OptimParams(StageParams):
+    """Params of every training kind's optimiser (its `lr` is declared by the kind, with the kind's default)."""
+
+    lr_scheduler: LRScheduler = "constant"  # transformers.get_scheduler, with warmup
+    warmup_ratio: float = 0.0  # share of the optimiser steps spent warming the LR up from 0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step; the global batch stays the same
+    max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
+    dtype: Literal["auto", "bfloat16", "float32"] | None = None  # weights; None: float32 on CPU, "auto" on GPU
 
 
 class PolicyEvalParams(StageParams):
     """Params of the held-out evaluation run after every policy-producing stage (on the `eval` input)."""
 
-    evaluator: EvaluatorName | None = None
-    eval_max_new_tokens: int = 16
-    eval_samples_per_prompt: int = 2
-    eval_temperature: float = 1.0
+    evaluator: EvaluatorName | None = None  # metric set computed on the `eval` prompts (e.g. instruct_gold)
+    eval_max_new_tokens: int = 16  # response budget when sampling for evaluation
+    eval_samples_per_prompt: int = 2  # samples per held-out prompt
+    eval_temperature: float = 1.0  # sampling temperature for evaluation
 
 
-def evaluate(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-    """The evaluator's metrics on the `eval` input (and the held-out LM loss on `lm_eval` if wired)."""
+MicroLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Optimization:
+    """A prepared model with its optimiser and LR schedule. `update` is one optimiser step over micro-batches."""
+
+    ctx: StageContext
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    max_grad_norm: float | None
+
+    def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss) -> dict[str, float]:
+        """Accumulate the gradients of `loss_fn` over `micro_batches` (each weighted 1/len), then clip, step the
+        optimiser and the schedule. Gradients sync across processes on the last micro-batch only. Returns the mean
+        of the micro-batches' metrics on this rank."""
+        acc, totals = self.ctx.accelerator, {}
+        for i, micro in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            with nullcontext() if sync else acc.no_sync(self.model):
+                loss, metrics = loss_fn(micro)
+                acc.backward(loss / len(micro_batches))
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+        if self.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return totals
+
+
+def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, total_steps: int) -> Optimization:
+    """AdamW + the `lr_scheduler` over `total_steps` optimiser steps, prepared by accelerate (DDP / FSDP2 / AMP)."""
+    p: OptimParams = ctx.params
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = ctx.accelerator.prepare_model(model)
+    optimizer = ctx.accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=lr))
+    scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=math.ceil(p.warmup_ratio * total_steps),
+                              num_training_steps=max(total_steps, 1))
+    return Optimization(ctx, model, optimizer, scheduler, p.max_grad_norm)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout in an RL policy or value model (as TRL and verl): the update then sees the policy that sampled,
+    so the first minibatch's ratio is exactly 1 and the KL is not dropout noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def micro_batches(rows: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Split one rank's batch of row indices into `steps` micro-batches (near-equal)."""
+    return [chunk for chunk in torch.tensor_split(rows, steps) if len(chunk)]
+
+
+def epoch_batches(ctx: StageContext, n_rows: int, batch_size: int, epoch: int) -> Iterator[list[torch.Tensor]]:
+    """This rank's micro-batches for each optimiser step of one epoch over `n_rows` rows.
+
+    The shuffled order is the same on every rank (seed + epoch); it is cut into global batches of `batch_size`
+    (the last one may be smaller), each rank takes its contiguous share of every global batch, split into
+    `gradient_accumulation_steps` micro-batches. So N processes see exactly the global batches of one process.
+    """
+    acc, accumulation = ctx.accelerator, ctx.params.gradient_accumulation_steps
+    check_divisible("batch_size", batch_size, acc, accumulation)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(ctx.seed + epoch))
+    for start in range(0, n_rows, batch_size):
+        batch = order[start:start + batch_size]
+        if len(batch) < acc.num_processes:
+            break  # a last global batch too small to give every rank a row
+        share = torch.tensor_split(batch, acc.num_processes)[acc.process_index]
+        yield micro_batches(share, accumulation)
+
+
+def steps_per_epoch(ctx: StageContext, n_rows: int, batch_size: int) -> int:
+    return sum(1 for start in range(0, n_rows, batch_size)
+               if min(batch_size, n_rows - start) >= ctx.accelerator.num_processes)
+
+
+def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: int, epochs: int,
+                 loss_fn: MicroLoss) -> list[int]:
+    """The supervised loop: `epochs` passes of shuffled global batches over rows 0..n_rows-1, one optimiser step
+    each, metrics averaged over ranks and logged. Returns the row ids this rank trained on (in order)."""
+    total, step, seen = epochs * steps_per_epoch(ctx, n_rows, batch_size), 0, []
+    for epoch in range(epochs):
+        for micro in epoch_batches(ctx, n_rows, batch_size, epoch):
+            metrics = opt.update(micro, loss_fn)
+            seen += [int(i) for chunk in micro for i in chunk]
+            step += 1
+            ctx.tracker.log(step, global_means(ctx.accelerator, metrics), total)
+    return seen
+
+
+def minibatches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index minibatches covering range(n) once."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        yield order[start:start + size]
+
+
+def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    """The evaluator's metrics on the `eval` input (and the held-out LM loss on `lm_eval` if wired), computed on
+    the main process with full parameters (every rank must call this)."""
     p, metrics = ctx.params, {}
-    model = ctx.accelerator.unwrap_model(model)
-    if p.evaluator and ctx.has("eval"):
-        metrics.update(evaluate_policy(model, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
-                                       p.eval_samples_per_prompt, p.eval_temperature))
-    if ctx.has("lm_eval"):
-        metrics["lm_eval_loss"] = lm_loss(model, tokenizer, [r["text"] for r in ctx.rows("lm_eval")])
+    with full_parameters(ctx.accelerator, model) as full:
+        if ctx.accelerator.is_main_process:
+            if p.evaluator and ctx.has("eval"):
+                metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator,
+                                               p.eval_max_new_tokens, p.eval_samples_per_prompt,
+                                               p.eval_temperature))
+            if ctx.has("lm_eval"):
+                metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")])
     return metrics
 
 
@@ -48,25 +173,12 @@ def kl_to_reference(policy: PreTrainedModel, reference: PreTrainedModel, tokeniz
     return masked_sum(diff, batch.response_mask, dim=1).mean().item()
 
 
-def optimizer_step(ctx: StageContext, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-                   loss: torch.Tensor, max_grad_norm: float | None = None) -> None:
-    """Backward (through accelerate), clip the gradient norm if asked, step, zero the gradients."""
-    ctx.accelerator.backward(loss)
-    if max_grad_norm is not None:
-        ctx.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-def minibatches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Shuffled index minibatches covering range(n) once."""
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, size):
-        yield order[start:start + size]
-
-
-def save_model(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+def save_model(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                output: str = "model") -> None:
-    ctx.accelerator.wait_for_everyone()
-    if ctx.accelerator.is_main_process:
-        save(ctx.accelerator.unwrap_model(model), tokenizer, ctx.outputs[output])
+    """A `save_pretrained` directory from the full state dict (gathered from the shards under FSDP), in the
+    model's dtype; every rank must call this."""
+    acc = ctx.accelerator
+    state = full_state_dict(acc, model)
+    if acc.is_main_process:
+        save(acc.unwrap_model(model), tokenizer, ctx.outputs[output], state)
+    acc.wait_for_everyone()

@@ -65,23 +65,27 @@ def fake_samples(group_rewards: list[list[float]]) -> list[dict]:
     return [{"row": {"prompt": f"q{g}"}, "reward": r} for g, rewards in enumerate(group_rewards) for r in rewards]
 
 
+def collect(params: grpo.Params):
+    ctx = StageContext("test", "grpo", 0, params, {}, {}, Path("."), None, Accelerator(cpu=True), Tracker())
+    return grpo.collect(ctx, torch.nn.Linear(1, 1), None, [{"prompt": "q"}] * 3, random.Random(0), {})
+
+
 def test_dynamic_sampling_drops_groups_without_signal(monkeypatch):
     rounds = iter([[[1, 1], [0, 1], [0, 0]], [[1, 0], [1, 1], [0, 1]]])  # two rounds of 3 groups of G = 2
     monkeypatch.setattr(grpo, "roll_out", lambda *args: fake_samples(next(rounds)))
     p = grpo.Params(prompts_per_step=3, samples_per_prompt=2, dynamic_sampling=True, max_sampling_rounds=5)
-    samples, dropped = grpo.collect(None, None, [{"prompt": "q"}] * 3, random.Random(0), p, {})
+    samples, dropped = collect(p)
     assert dropped == 3  # two in round 1, one in round 2; round 2 fills the batch, so no third round
     assert [s["reward"] for s in samples] == [0, 1, 1, 0, 0, 1]
 
     rounds = iter([[[1, 1], [0, 0], [1, 1]]] * 2)
     monkeypatch.setattr(grpo, "roll_out", lambda *args: fake_samples(next(rounds)))
-    samples, dropped = grpo.collect(None, None, [{"prompt": "q"}] * 3, random.Random(0),
-                                    p.model_copy(update={"max_sampling_rounds": 2}), {})
+    samples, dropped = collect(p.model_copy(update={"max_sampling_rounds": 2}))
     assert (samples, dropped) == ([], 6)  # capped at max_sampling_rounds
 
     p = p.model_copy(update={"dynamic_sampling": False})
     rounds = iter([[[1, 1], [0, 1], [0, 0]]])
-    samples, dropped = grpo.collect(None, None, [{"prompt": "q"}] * 3, random.Random(0), p, {})
+    samples, dropped = collect(p)
     assert (len(samples), dropped) == (6, 0)
 
 

@@ -18,8 +18,8 @@ from stages.text import PairBatch, response_logprobs
 
 
 class Params(sft.Params):
-    kd_coef: float = 0.0  # 0: plain SFT on the traces
-    kd_temperature: float = 1.0
+    kd_coef: float = 0.0  # weight of the token-level KD term; 0: plain SFT on the traces
+    kd_temperature: float = 1.0  # τ of the softened teacher and student distributions
 
 
 INPUTS = {
@@ -54,13 +54,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     tokenizer = load_tokenizer(ctx.model_path("student"))
-    student = load_policy(ctx.model_path("student"))
+    student = load_policy(ctx.model_path("student"), p.dtype)
     teacher = None
     if p.kd_coef > 0:
         if not ctx.has("teacher"):
             raise ValueError(f"{ctx.stage}: kd_coef > 0 needs the `teacher` input")
         check_same_vocabulary(tokenizer, load_tokenizer(ctx.path("teacher")))
-        teacher = load_policy(ctx.path("teacher")).eval().requires_grad_(False).to(acc.device)
+        teacher = load_policy(ctx.path("teacher"), p.dtype).eval().requires_grad_(False).to(acc.device)
 
     def kd_term(model: PreTrainedModel, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         kd = kd_loss(model, teacher, batch, p.kd_temperature)

@@ -26,26 +26,26 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from functools import partial
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch.utils.data import DataLoader
 
 from stages.algorithms import kto_loss, kwise_pairs, masked_sum, preference_loss
 from stages.context import StageContext
 from stages.data import write_jsonl
+from stages.distributed import full_parameters, gather_list, shard, write_trace
 from stages.kinds import Input
 from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
-from stages.training import PolicyEvalParams, evaluate, kl_to_reference, optimizer_step, save_model
+from stages.training import OptimParams, PolicyEvalParams, evaluate, kl_to_reference, prepare_optimization, \
+    save_model, steps_per_epoch, train_epochs
 
 Row = dict[str, Any]
 
 
-class Params(PolicyEvalParams):
+class Params(OptimParams, PolicyEvalParams):
     loss: Literal["sigmoid", "ipo", "cdpo", "kto"] = "sigmoid"
     beta: float = Field(0.1, gt=0)  # β of DPO / cDPO / KTO; τ of IPO
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO's label-noise rate ε
@@ -135,12 +135,15 @@ def score(model, tokenizer, prompts: list[str], completions: list[str], batch_si
     return torch.cat(logps) if logps else torch.zeros(0)
 
 
-def add_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], batch_size: int) -> None:
-    """Store `ref_<column>_logps` in each row, for both completion columns."""
+def with_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], batch_size: int,
+                         acc) -> list[Row]:
+    """The rows with `ref_<column>_logps` added for both completion columns; each rank scores its share."""
+    rows = shard(rows, acc)
     for column in columns:
         logps = score(model, tokenizer, [r["prompt"] for r in rows], [r[column] for r in rows], batch_size)
         for row, logp in zip(rows, logps.tolist()):
             row[f"ref_{column}_logps"] = logp
+    return gather_list(rows, acc)
 
 
 def collate(tokenizer, columns: tuple[str, str], rows: list[Row]) -> dict[str, Any]:
@@ -195,7 +198,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     rng = random.Random(ctx.seed)
     tokenizer = load_tokenizer(ctx.path("policy"))
-    policy = load_policy(ctx.path("policy")).to(acc.device)
+    policy = load_policy(ctx.path("policy"), p.dtype).to(acc.device)
 
     # 1. data: held-out prompts are a seeded `eval_fraction` of the comparisons' prompts (no prompt in both splits)
     rows = ctx.rows("comparisons")
@@ -212,37 +215,34 @@ def run(ctx: StageContext) -> dict[str, float]:
     eval_pairs = preference_pairs(held_out_rows)
 
     # 2. reference log-probs, once: π_ref = the policy before its first update
-    add_reference_logps(policy, tokenizer, train, columns, p.batch_size)
-    add_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p.batch_size)
+    train = with_reference_logps(policy, tokenizer, train, columns, p.batch_size, acc)
+    eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p.batch_size, acc)
     if acc.is_main_process:
         write_jsonl(train, ctx.outputs["reference_logps"] / "train.jsonl")
         if eval_pairs:
             write_jsonl(eval_pairs, ctx.outputs["reference_logps"] / "eval.jsonl")
 
-    # 3-4. train
-    loader = DataLoader(train, batch_size=p.batch_size // acc.num_processes, shuffle=True,
-                        collate_fn=partial(collate, tokenizer, columns),
-                        generator=torch.Generator().manual_seed(ctx.seed))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr)
-    policy, optimizer, loader = acc.prepare(policy, optimizer, loader)
-    total, step = p.epochs * len(loader), 0
-    for _ in range(p.epochs):
-        for batch in loader:
-            logps = sequence_logps(policy, batch["sequences"])
-            if p.loss == "kto":
-                loss, metrics = kto_step(p, logps, batch["ref_logps"], batch["desirable"], acc)
-            else:
-                loss, metrics = pairwise_step(p, logps, batch["ref_logps"])
-            optimizer_step(ctx, policy, optimizer, loss)
-            step += 1
-            ctx.tracker.log(step, {"loss": loss.item(), **metrics}, total)
+    # 3-4. train: every global batch of `batch_size` pairs is shared by the ranks
+    opt = prepare_optimization(ctx, policy, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate(tokenizer, columns, [train[i] for i in ids.tolist()])
+        logps = sequence_logps(opt.model, batch["sequences"].to(acc.device))
+        ref_logps = batch["ref_logps"].to(acc.device)
+        if p.loss == "kto":
+            loss, metrics = kto_step(p, logps, ref_logps, batch["desirable"].to(acc.device), acc)
+        else:
+            loss, metrics = pairwise_step(p, logps, ref_logps)
+        return loss, {"loss": loss.item(), **metrics}
+
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
+                                                                 loss_fn))
 
     # 5. evaluate
-    save_model(ctx, policy, tokenizer)
+    save_model(ctx, opt.model, tokenizer)
     final: dict[str, float] = {}
-    if acc.is_main_process:
-        policy = acc.unwrap_model(policy)
-        if eval_pairs:
+    with full_parameters(acc, opt.model) as policy:
+        if acc.is_main_process and eval_pairs:
             prompts = [r["prompt"] for r in eval_pairs]
             chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p.batch_size)
             rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p.batch_size)
@@ -251,13 +251,10 @@ def run(ctx: StageContext) -> dict[str, float]:
             held = pair_metrics(p.beta * (chosen - ref_chosen), p.beta * (rejected - ref_rejected), chosen, rejected)
             final.update(eval_accuracy=held["accuracy"], eval_margin=held["margin"],
                          chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
-        if ctx.has("eval"):
-            kl_prompts = [r["prompt"] for r in ctx.rows("eval")]
-        else:
-            kl_prompts = sorted({r["prompt"] for r in eval_pairs})
-        if kl_prompts:
-            reference = load_policy(ctx.path("policy")).to(acc.device).requires_grad_(False)
+        kl_prompts = [r["prompt"] for r in ctx.rows("eval")] if ctx.has("eval") \
+            else sorted({r["prompt"] for r in eval_pairs})
+        if acc.is_main_process and kl_prompts:
+            reference = load_policy(ctx.path("policy"), p.dtype).to(acc.device).requires_grad_(False)
             final["kl"] = kl_to_reference(policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
             del reference
-        final.update(evaluate(ctx, policy, tokenizer))
-    return final
+    return {**final, **evaluate(ctx, opt.model, tokenizer)}

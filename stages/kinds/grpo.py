@@ -18,13 +18,12 @@ Each iteration:
 
 from __future__ import annotations
 
-import copy
 import random
 from typing import Any, Literal
 
 import torch
 from pydantic import field_validator, model_validator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from stages import reasoning_task
 from stages.algorithms import (
@@ -40,6 +39,8 @@ from stages.algorithms import (
     process_supervision_advantages,
 )
 from stages.context import StageContext
+from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows,
+                                seed_sampling, shard, write_trace)
 from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.rewards import (
@@ -54,40 +55,41 @@ from stages.rewards import (
     score_components,
 )
 from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs, sample
-from stages.training import PolicyEvalParams, evaluate, minibatches, optimizer_step, save_model
+from stages.training import (OptimParams, PolicyEvalParams, disable_dropout, evaluate, micro_batches, minibatches,
+                             prepare_optimization, save_model)
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
+ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
 OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce")  # the registry's estimators that need no value model
 
 OutcomeEstimator = named(OUTCOME_ESTIMATORS, "advantage estimator")
 LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
 
 
-class Params(PolicyEvalParams):
-    iterations: int = 20
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8  # G
+class Params(OptimParams, PolicyEvalParams):
+    iterations: int = 20  # rollout + update rounds
+    prompts_per_step: int = 16  # prompts (groups) per rollout, global across processes
+    samples_per_prompt: int = 8  # G: responses per prompt
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
-    minibatch_size: int = 64  # samples
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    lr: float = 1e-4
-    max_grad_norm: float = 1.0
-    advantage: Literal["outcome", "process"] = "outcome"
-    advantage_estimator: OutcomeEstimator = "grpo"
+    minibatch_size: int = 64  # samples per optimiser step, global across processes
+    max_new_tokens: int = 24  # response budget
+    temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
+    lr: float = 1e-4  # AdamW learning rate
+    advantage: Literal["outcome", "process"] = "outcome"  # outcome or rule-based process supervision
+    advantage_estimator: OutcomeEstimator = "grpo"  # how outcome rewards become advantages
     loss_agg_mode: LossAggMode | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
-    clip_low: float = 0.2
+    clip_low: float = 0.2  # ratio clip below 1
     clip_high: float | None = None  # DAPO clip-higher (e.g. 0.28); None = clip_low
     kl_coef: float = 0.04  # β; 0 keeps no reference model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # KL estimator inside the loss
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}  # name -> weight
     reward_params: dict[str, dict[str, Any]] = {}  # name -> keyword params, e.g. overlong: {max_length, buffer}
-    reward_model_score_on: Literal["full", "answer"] = "answer"
+    reward_model_score_on: Literal["full", "answer"] = "answer"  # what the `reward_model` reward scores
     route_column: str | None = None  # e.g. "task"
     routes: dict[str, list[str]] = {}  # column value -> the rewards its rows get
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
-    mask_truncated: bool = False
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and sample more
+    max_sampling_rounds: int = 3  # sampling rounds per step with dynamic sampling
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on samples cut at max_new_tokens
 
     @field_validator("rewards")
     @classmethod
@@ -161,14 +163,14 @@ def build_rewards(p: Params, scorer: Scorer | None) -> dict[str, RewardFn]:
             for name, fn in fns.items()}
 
 
-def roll_out(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
+def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
              reward_fns: dict[str, RewardFn]) -> list[dict[str, Any]]:
     """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
     accuracy, format, and `reward_<name>` for each reward component}."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature)
     response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
-    columns = {key: [row.get(key) for row in repeated] for key in repeated[0]}
+    columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
     total, components = score_components(reward_fns, p.rewards, samples.completions, **columns)
     accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
@@ -179,26 +181,36 @@ def roll_out(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: 
             for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
 
 
-def collect(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_rows: list[dict[str, Any]],
-            rng: random.Random, p: Params, reward_fns: dict[str, RewardFn]) -> tuple[list[dict[str, Any]], int]:
-    """One rollout batch of up to `prompts_per_step` groups, and the number of groups dropped.
+def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+            prompt_rows: list[dict[str, Any]], rng: random.Random, reward_fns: dict[str, RewardFn]
+            ) -> tuple[list[dict[str, Any]], int]:
+    """One global rollout batch of up to `prompts_per_step` groups (every rank gets the same list), and the number
+    of groups dropped.
 
-    With dynamic sampling (DAPO §3.2) groups whose rewards are all equal are dropped and fresh prompts are sampled
-    until the batch is full or `max_sampling_rounds` rounds have run (the batch may then be smaller).
+    Each round draws the global prompts identically on every rank and each rank samples its share. With dynamic
+    sampling (DAPO §3.2) groups whose rewards are all equal are dropped and fresh prompts are sampled until the
+    global batch is full or `max_sampling_rounds` rounds have run. The batch keeps a multiple of the process count
+    of groups, so the ranks' shares are equal.
     """
-    G, kept, dropped = p.samples_per_prompt, [], 0
-    for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
-        rows = rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows)))
-        samples = roll_out(policy, tokenizer, rows, p, reward_fns)
-        if p.dynamic_sampling:
-            group_ids = torch.arange(len(samples)) // G
-            signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]), group_ids)
-            dropped += len(rows) - int(signal.sum()) // G
-            samples = [s for s, keep in zip(samples, signal.tolist()) if keep]
-        kept += samples
-        if len(kept) >= p.prompts_per_step * G:
-            break
-    return kept[:p.prompts_per_step * G], dropped
+    p: Params = ctx.params
+    acc, G = ctx.accelerator, p.samples_per_prompt
+    kept: list[dict[str, Any]] = []
+    dropped = 0
+    with full_parameters(acc, policy) as model:
+        for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
+            rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
+            samples = roll_out(model, tokenizer, rows, p, reward_fns)
+            if p.dynamic_sampling:
+                signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
+                                            torch.arange(len(samples)) // G)
+                dropped += len(rows) - int(signal.sum()) // G
+                samples = [s for s, keep in zip(samples, signal.tolist()) if keep]
+            kept += samples
+            if sum(gather_list([len(kept)], acc)) >= p.prompts_per_step * G:
+                break
+    groups = gather_list(kept, acc)[:p.prompts_per_step * G]
+    usable = len(groups) // (G * acc.num_processes) * G * acc.num_processes
+    return groups[:usable], sum(gather_list([dropped], acc))
 
 
 def loss_mask(samples: list[dict[str, Any]], mask: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
@@ -248,67 +260,87 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     device = acc.device
-    tokenizer = load_tokenizer(ctx.path("policy"))
-    policy = load_policy(ctx.path("policy"))
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device) if p.kl_coef > 0 else None
+    check_divisible("prompts_per_step", p.prompts_per_step, acc)
+    check_divisible("minibatch_size", p.minibatch_size, acc, p.gradient_accumulation_steps)
     if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
         raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
+    tokenizer = load_tokenizer(ctx.path("policy"))
+    reference = load_policy(ctx.path("policy"), p.dtype).eval().requires_grad_(False).to(device) \
+        if p.kl_coef > 0 else None
     scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
     reward_fns = build_rewards(p, scorer)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr)
-    policy, optimizer = acc.prepare(policy, optimizer)
+    local_samples = p.prompts_per_step // acc.num_processes * p.samples_per_prompt
+    local_minibatch = p.minibatch_size // acc.num_processes
+    total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
+    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p.dtype), p.lr, total_steps)
+    disable_dropout(policy.model)
+    seed_sampling(ctx.seed, acc)
 
-    initial = evaluate(ctx, policy, tokenizer)
-    prompt_rows = ctx.rows("prompts")
-    rng = random.Random(ctx.seed)
+    initial = evaluate(ctx, policy.model, tokenizer)
+    prompt_rows = [{**row, ROW_ID: i} for i, row in enumerate(ctx.rows("prompts"))]
+    rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
+    seen: list[int] = []
     for it in range(1, p.iterations + 1):
-        # 1-2. roll out and score
-        samples, dropped = collect(acc.unwrap_model(policy), tokenizer, prompt_rows, rng, p, reward_fns)
+        # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
+        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns)
         if not samples:  # every sampled group was dropped: nothing to learn from
             ctx.tracker.log(it, {"dropped_groups": dropped}, p.iterations)
             continue
         metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
-        batch = pair_batch([encode_prompt(tokenizer, s["row"]["prompt"]) for s in samples],
-                           [s["response_ids"] for s in samples], tokenizer.pad_token_id).to(device)
-        mask = batch.response_mask.float()
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
-        response_loss_mask = loss_mask(samples, mask, p.mask_truncated)
+        full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
+                               tokenizer.pad_token_id).response_mask.float().to(device)
 
-        # 3. advantages
+        # 3. advantages, on the whole batch
         with torch.no_grad():
             if p.advantage == "process":
-                advantages = process_advantages(samples, tokenizer, mask, group_ids)
+                advantages = process_advantages(samples, tokenizer, full_mask, group_ids)
             else:
                 scores = torch.tensor([s["reward"] for s in samples], device=device)
-                token_rewards = outcome_token_rewards(scores, mask)
-                advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](token_rewards, mask, group_ids=group_ids)
-            old_logp = response_logprobs(policy, batch)
-            ref_logp = response_logprobs(reference, batch) if reference is not None else None
+                advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](
+                    outcome_token_rewards(scores, full_mask), full_mask, group_ids=group_ids)
+
+        # this rank's share of the groups: old and reference log-probs in eval mode, at the sampling temperature
+        local = shard(samples, acc)
+        seen += [s["row"][ROW_ID] for s in local[::p.samples_per_prompt]]
+        batch = pair_batch([encode_prompt(tokenizer, s["row"]["prompt"]) for s in local],
+                           [s["response_ids"] for s in local], tokenizer.pad_token_id).to(device)
+        mask = batch.response_mask.float()
+        advantages = local_rows(acc, advantages, mask)
+        response_loss_mask = loss_mask(local, mask, p.mask_truncated)
+        with torch.no_grad():
+            policy.model.eval()
+            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
+            ref_logp = response_logprobs(reference, batch, temperature=p.temperature) if reference else None
+            policy.model.train()
 
         # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode
-        stats: dict[str, list[float]] = {"pg_loss": [], "kl": [], "clipfrac": [], "entropy": []}
-        for _ in range(p.ppo_epochs):
-            for idx in minibatches(len(samples), p.minibatch_size, generator):
-                idx = idx.to(device)
-                mb, mb_mask = batch.select(idx), response_loss_mask[idx]
-                logp, logits = response_logprobs(policy, mb, return_logits=True)
-                pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_low,
-                                                    p.clip_high, p.agg_mode, p.max_new_tokens)
-                loss = pg_loss
-                if reference is not None:
-                    kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
-                    loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
-                    stats["kl"].append(masked_mean(kl.detach(), mb_mask).item())
-                optimizer_step(ctx, policy, optimizer, loss, p.max_grad_norm)
-                stats["pg_loss"].append(pg_loss.item())
-                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-                stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), mb_mask).item())
+        def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            mb, mb_mask = batch.select(idx), response_loss_mask[idx]
+            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
+            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_low,
+                                             p.clip_high, p.agg_mode, p.max_new_tokens)
+            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
+            if reference is not None:
+                kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
+                loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
+                stats["kl"] = masked_mean(kl.detach(), mb_mask).item()
+            return loss, stats
 
-        metrics |= {k: sum(v) / len(v) for k, v in stats.items() if v}
-        metrics["response_length"] = mask.sum(1).mean().item()
+        stats: dict[str, list[float]] = {}
+        for _ in range(p.ppo_epochs):
+            for idx in minibatches(len(local), local_minibatch, generator):
+                step_stats = policy.update(micro_batches(idx.to(device), p.gradient_accumulation_steps), loss_fn)
+                for key, v in step_stats.items():
+                    stats.setdefault(key, []).append(v)
+
+        metrics |= global_means(acc, {k: sum(v) / len(v) for k, v in stats.items()})
+        metrics["response_length"] = full_mask.sum(1).mean().item()
         ctx.tracker.log(it, metrics, p.iterations)
 
-    save_model(ctx, policy, tokenizer)
-    final = evaluate(ctx, acc.unwrap_model(policy).eval(), tokenizer)
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
+    save_model(ctx, policy.model, tokenizer)
+    final = evaluate(ctx, policy.model, tokenizer)
     return {**final, **{f"initial_{k}": v for k, v in initial.items()}}

@@ -10,6 +10,7 @@ import random
 
 from stages.context import StageContext
 from stages.data import write_jsonl
+from stages.distributed import gather_list, seed_sampling, shard, write_trace
 from stages.kinds import Input, StageParams, named
 from stages.labelers import LABELERS
 from stages.models import load_policy, load_tokenizer
@@ -19,12 +20,12 @@ Labeler = named(LABELERS, "labeler")
 
 
 class Params(StageParams):
-    prompts: int = 600
-    responses_per_prompt: int = 4
-    eval_fraction: float = 0.2
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    labeler: Labeler = "instruct_gold"
+    prompts: int = 600  # prompts to collect comparisons on (global: each process samples its share)
+    responses_per_prompt: int = 4  # K responses ranked per prompt
+    eval_fraction: float = 0.2  # share of the prompts written to `eval`
+    max_new_tokens: int = 12  # response budget
+    temperature: float = 1.0  # sampling temperature
+    labeler: Labeler = "instruct_gold"  # the scripted ranker
 
 
 INPUTS = {
@@ -37,19 +38,24 @@ OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl"}
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     tokenizer = load_tokenizer(ctx.path("policy"))
-    model = load_policy(ctx.path("policy")).to(ctx.accelerator.device)
+    acc = ctx.accelerator
+    model = load_policy(ctx.path("policy")).to(acc.device)
+    seed_sampling(ctx.seed, acc)
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
-    prompts = random.Random(ctx.seed).sample(prompts, min(p.prompts, len(prompts)))
+    ids = shard(random.Random(ctx.seed).sample(range(len(prompts)), min(p.prompts, len(prompts))), acc)
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", ids)
+    prompts = [prompts[i] for i in ids]
     k = p.responses_per_prompt
     samples = sample(model, tokenizer, [q for q in prompts for _ in range(k)], p.max_new_tokens, p.temperature)
     label = LABELERS[p.labeler]
-    rows, all_tied = [], 0
+    rows = []
     for i, prompt in enumerate(prompts):
         responses = samples.completions[i * k:(i + 1) * k]
-        ranks = label(prompt, responses)
-        all_tied += len(set(ranks)) == 1
-        rows.append({"prompt": prompt, "responses": responses, "ranks": ranks})
+        rows.append({"prompt": prompt, "responses": responses, "ranks": label(prompt, responses)})
+    rows = gather_list(rows, acc)
+    all_tied = sum(len(set(row["ranks"])) == 1 for row in rows)
     n_eval = int(len(rows) * p.eval_fraction)
-    write_jsonl(rows[n_eval:], ctx.outputs["train"])
-    write_jsonl(rows[:n_eval], ctx.outputs["eval"])
+    if acc.is_main_process:
+        write_jsonl(rows[n_eval:], ctx.outputs["train"])
+        write_jsonl(rows[:n_eval], ctx.outputs["eval"])
     return {"comparisons": len(rows), "all_tied_fraction": all_tied / len(rows)}

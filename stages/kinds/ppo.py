@@ -11,7 +11,6 @@ Each iteration:
 
 from __future__ import annotations
 
-import copy
 import itertools
 import random
 from typing import Literal
@@ -31,44 +30,45 @@ from stages.algorithms import (
     ppo_policy_loss,
 )
 from stages.context import StageContext
+from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows,
+                                seed_sampling, shard, write_trace)
 from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
 from stages.text import response_logprobs, sample, text_lm_loss
-from stages.training import (PolicyEvalParams, evaluate, kl_to_reference, minibatches, optimizer_step,
-                             save_model)
+from stages.training import (OptimParams, PolicyEvalParams, disable_dropout, evaluate, kl_to_reference, micro_batches, minibatches,
+                             prepare_optimization, save_model)
 
 AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
 
 
-class Params(PolicyEvalParams):
-    iterations: int = 30
-    rollout_prompts: int = 64
-    samples_per_prompt: int = 1
-    ppo_epochs: int = 4
-    minibatch_size: int = 16
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    lr: float = 5e-5
-    value_lr: float = 1e-4
-    max_grad_norm: float = 1.0
-    advantage_estimator: AdvantageEstimator = "gae"
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    kl_coef: float = 0.05
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    adaptive_kl: bool = False
-    kl_target: float = 1.0
-    kl_horizon: int = 10000
-    ptx_coef: float = 1.0
-    ptx_batch_size: int = 16
+class Params(OptimParams, PolicyEvalParams):
+    iterations: int = 30  # rollout + update rounds
+    rollout_prompts: int = 64  # prompts per rollout, global across processes
+    samples_per_prompt: int = 1  # responses per prompt (> 1 for the group-based estimators)
+    ppo_epochs: int = 4  # passes over each rollout buffer
+    minibatch_size: int = 16  # samples per optimiser step, global across processes
+    max_new_tokens: int = 12  # response budget
+    temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
+    lr: float = 5e-5  # policy AdamW learning rate
+    value_lr: float = 1e-4  # value model AdamW learning rate
+    advantage_estimator: AdvantageEstimator = "gae"  # gae uses a value model; the others do not
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    whiten_advantages: bool = True  # whiten advantages over the gathered batch
+    clip_eps: float = 0.2  # ratio clip ε
+    value_clip_eps: float = 0.2  # value clip around the old values
+    kl_coef: float = 0.05  # β of the per-token KL penalty in the reward
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # KL estimator of that penalty
+    adaptive_kl: bool = False  # adapt β towards `kl_target` (Ziegler et al. 2019)
+    kl_target: float = 1.0  # target KL per response for the adaptive β
+    kl_horizon: int = 10000  # horizon of the adaptive β
+    ptx_coef: float = 1.0  # λ_ptx: weight of the pretraining LM loss (0: plain PPO)
+    ptx_batch_size: int = 16  # pretraining texts per policy micro-batch
 
 
 INPUTS = {
-    "policy": Input("initial policy and frozen reference (InstructGPT: the SFT model)"),
+    "policy": Input("initial policy; the frozen reference is loaded from the same checkpoint"),
     "reward": Input("reward model (its stored normalization bias is applied)"),
     "prompts": Input("RL prompts", columns=("prompt",)),
     "ptx": Input("pretraining corpus for the ptx term", required=False, columns=("text",)),
@@ -83,101 +83,122 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     device = acc.device
+    check_divisible("rollout_prompts", p.rollout_prompts, acc)
+    check_divisible("minibatch_size", p.minibatch_size, acc, p.gradient_accumulation_steps)
     tokenizer = load_tokenizer(ctx.path("policy"))
-    policy = load_policy(ctx.path("policy"))
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    reward_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id)
+    reference = load_policy(ctx.path("policy"), p.dtype).eval().requires_grad_(False).to(device)
+    reward_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p.dtype)
     reward_model = reward_model.eval().requires_grad_(False).to(device)
     bias = reward_bias(ctx.path("reward"))
     use_values = p.advantage_estimator == "gae"
-    value_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id) if use_values else None
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr)
-    policy, optimizer = acc.prepare(policy, optimizer)
+    local_samples = p.rollout_prompts // acc.num_processes * p.samples_per_prompt
+    local_minibatch = p.minibatch_size // acc.num_processes
+    total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
+    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p.dtype), p.lr, total_steps)
     if use_values:
-        value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=p.value_lr)
-        value_model, value_optimizer = acc.prepare(value_model, value_optimizer)
+        value = prepare_optimization(
+            ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p.dtype), p.value_lr, total_steps)
+    disable_dropout(policy.model)
+    if use_values:
+        disable_dropout(value.model)
+    seed_sampling(ctx.seed, acc)
 
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
-    ptx_stream = itertools.cycle(ptx_texts) if ptx_texts else None
-    rng = random.Random(ctx.seed)
+    ptx_stream = itertools.cycle(shard(ptx_texts, acc)) if ptx_texts else None
+    rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
-    kl_coef = p.kl_coef
+    kl_coef, seen = p.kl_coef, []
 
     for it in range(1, p.iterations + 1):
-        # 1. roll out
-        batch_prompts = rng.sample(prompts, min(p.rollout_prompts, len(prompts)))
-        repeated = [q for q in batch_prompts for _ in range(p.samples_per_prompt)]
-        samples = sample(acc.unwrap_model(policy), tokenizer, repeated, p.max_new_tokens, p.temperature)
-        batch = samples.batch.to(device)
+        # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
+        batch_ids = shard(rng.sample(range(len(prompts)), min(p.rollout_prompts, len(prompts))), acc)
+        seen += batch_ids
+        repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
+        with full_parameters(acc, policy.model) as model:
+            batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature).batch.to(device)
         mask = batch.response_mask.float()
-        group_ids = torch.arange(len(batch_prompts), device=device).repeat_interleave(p.samples_per_prompt)
 
-        # 2. score: r_t = −β·KL_t, plus the RM score on the last response token
+        # 2. score in eval mode: r_t = −β·KL_t, plus the RM score on the last response token
         with torch.no_grad():
-            old_logp = response_logprobs(policy, batch)
-            ref_logp = response_logprobs(reference, batch)
+            policy.model.eval()
+            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
+            ref_logp = response_logprobs(reference, batch, temperature=p.temperature)
             scores = last_token_scores(reward_model, batch.ids, batch.attention_mask, bias)
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
             if use_values:
-                old_values = token_values(value_model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
+                value.model.eval()
+                old_values = token_values(value.model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
                 old_values = old_values * mask
+                value.model.train()
+            policy.model.train()
 
-            # 3. advantages
+            # 3. advantages, on the batch gathered from every rank (whitening and baselines are batch statistics)
+            all_mask = gather_rows(acc, mask)
+            group_ids = torch.arange(all_mask.shape[0], device=device) // p.samples_per_prompt
             advantages, returns = ADVANTAGE_ESTIMATORS[p.advantage_estimator](
-                token_rewards, mask, values=old_values, group_ids=group_ids, gamma=p.gamma, lam=p.lam)
+                gather_rows(acc, token_rewards), all_mask,
+                values=gather_rows(acc, old_values) if use_values else None,
+                group_ids=group_ids, gamma=p.gamma, lam=p.lam)
             if p.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages = masked_whiten(advantages, all_mask)
+            advantages, returns = local_rows(acc, advantages, mask), local_rows(acc, returns, mask)
 
-        # 4. update
-        stats: dict[str, list[float]] = {"pg_loss": [], "clipfrac": [], "entropy": [], "value_loss": [],
-                                         "ptx_loss": []}
+        # 4. update: minibatches of this rank's samples, each split into gradient-accumulation micro-batches
+        def policy_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            mb, mb_mask = batch.select(idx), mask[idx]
+            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
+            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
+            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
+            if ptx_stream is not None:
+                lm = text_lm_loss(policy.model, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)])
+                loss = loss + p.ptx_coef * lm
+                stats["ptx_loss"] = lm.item()
+            return loss, stats
+
+        def value_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            mb = batch.select(idx)
+            values = token_values(value.model, mb.ids, mb.attention_mask)[:, batch.prompt_len - 1:-1]
+            loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip_eps)
+            return loss, {"value_loss": loss.item()}
+
+        stats: dict[str, list[float]] = {}
         for _ in range(p.ppo_epochs):
-            for idx in minibatches(len(repeated), p.minibatch_size, generator):
-                idx = idx.to(device)
-                mb, mb_mask = batch.select(idx), mask[idx]
-                logp, logits = response_logprobs(policy, mb, return_logits=True)
-                pg_loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
-                loss = pg_loss
-                if ptx_stream is not None:
-                    lm = text_lm_loss(policy, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)])
-                    loss = loss + p.ptx_coef * lm
-                    stats["ptx_loss"].append(lm.item())
-                optimizer_step(ctx, policy, optimizer, loss, p.max_grad_norm)
-                stats["pg_loss"].append(pg_loss.item())
-                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-                stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), mb_mask).item())
-
+            for idx in minibatches(len(repeated), local_minibatch, generator):
+                micro = micro_batches(idx.to(device), p.gradient_accumulation_steps)
+                step_stats = policy.update(micro, policy_loss)
                 if use_values:
-                    values = token_values(value_model, mb.ids, mb.attention_mask)[:, batch.prompt_len - 1:-1]
-                    value_loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mb_mask,
-                                                       p.value_clip_eps)
-                    optimizer_step(ctx, value_model, value_optimizer, value_loss, p.max_grad_norm)
-                    stats["value_loss"].append(value_loss.item())
+                    step_stats |= value.update(micro, value_loss)
+                for key, v in step_stats.items():
+                    stats.setdefault(key, []).append(v)
 
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
-        if p.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, mean_kl, p.kl_target, p.kl_horizon, len(repeated))
-        metrics = {"reward": scores.mean().item(), "kl": mean_kl, "kl_coef": kl_coef,
-                   "response_length": mask.sum(1).mean().item(),
-                   **{k: sum(v) / len(v) for k, v in stats.items() if v}}
+        metrics = global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
+                                     "response_length": mask.sum(1).mean().item(),
+                                     **{k: sum(v) / len(v) for k, v in stats.items()}})
         if use_values:
-            metrics["explained_variance"] = float(explained_variance(old_values, returns, mask))
-        ctx.tracker.log(it, metrics, p.iterations)
+            metrics["explained_variance"] = float(explained_variance(
+                gather_rows(acc, old_values), gather_rows(acc, returns), all_mask))
+        if p.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(repeated) *
+                                       acc.num_processes)
+        ctx.tracker.log(it, {**metrics, "kl_coef": kl_coef}, p.iterations)
 
-    save_model(ctx, policy, tokenizer)
-    policy = acc.unwrap_model(policy).eval()
-    final = evaluate(ctx, policy, tokenizer)
-    if ctx.has("eval"):
-        eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
-        final["kl"] = kl_to_reference(policy, reference, tokenizer, eval_prompts, p.max_new_tokens)
-        eval_samples = sample(policy, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
-        with torch.no_grad():
-            final["reward"] = last_token_scores(reward_model, eval_samples.ids, eval_samples.attention_mask,
-                                                bias).mean().item()
-    if ctx.has("lm_eval"):
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
+    save_model(ctx, policy.model, tokenizer)
+    final = evaluate(ctx, policy.model, tokenizer)
+    with full_parameters(acc, policy.model) as model:
+        if acc.is_main_process and ctx.has("eval"):
+            eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
+            final["kl"] = kl_to_reference(model, reference, tokenizer, eval_prompts, p.max_new_tokens)
+            eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
+            with torch.no_grad():
+                final["reward"] = last_token_scores(reward_model, eval_samples.ids, eval_samples.attention_mask,
+                                                    bias).mean().item()
+    if ctx.has("lm_eval") and acc.is_main_process:
         final["ptx_lm_loss"] = final.pop("lm_eval_loss")
     return final

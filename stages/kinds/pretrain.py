@@ -6,21 +6,23 @@ from __future__ import annotations
 import torch
 
 from stages.context import StageContext
+from stages.distributed import write_trace
 from stages.evaluation import lm_loss
-from stages.kinds import Input, StageParams
-from stages.models import build_tiny_llama, build_word_tokenizer
+from stages.kinds import Input
+from stages.models import DTYPES, build_tiny_llama, build_word_tokenizer
 from stages.text import text_lm_loss
-from stages.training import minibatches, save_model
+from stages.training import LRScheduler, OptimParams, prepare_optimization, save_model, steps_per_epoch, train_epochs
 
 
-class Params(StageParams):
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    max_positions: int = 128
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 3e-3
+class Params(OptimParams):
+    hidden_size: int = 64  # width of the tiny Llama
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # attention heads
+    max_positions: int = 128  # context length
+    epochs: int = 2  # passes over the corpus
+    batch_size: int = 64  # texts per optimiser step, global across processes
+    lr: float = 3e-3  # AdamW peak learning rate
+    lr_scheduler: LRScheduler = "linear"  # decays to 0 over the run
 
 
 INPUTS = {
@@ -38,24 +40,21 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = build_word_tokenizer(texts + extra)
     model = build_tiny_llama(len(tokenizer), p.hidden_size, p.layers, p.heads, p.max_positions,
                              tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr)
-    model, optimizer = ctx.accelerator.prepare(model, optimizer)
-    generator = torch.Generator().manual_seed(ctx.seed)
-    steps_per_epoch = -(-len(texts) // p.batch_size)
-    total, step = p.epochs * steps_per_epoch, 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)
-    for _ in range(p.epochs):
-        for idx in minibatches(len(texts), p.batch_size, generator):
-            loss = text_lm_loss(model, tokenizer, [texts[i] for i in idx])
-            ctx.accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            ctx.tracker.log(step, {"loss": loss.item()}, total)
-    save_model(ctx, model, tokenizer)
-    metrics = {"parameters": sum(t.numel() for t in model.parameters()), "vocab_size": len(tokenizer)}
+    if p.dtype == "bfloat16":
+        model = model.to(DTYPES[p.dtype])
+    n_parameters = sum(t.numel() for t in model.parameters())  # before FSDP shards them
+    opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(texts), p.batch_size))
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = text_lm_loss(opt.model, tokenizer, [texts[i] for i in ids.tolist()])
+        return loss, {"loss": loss.item()}
+
+    write_trace(ctx.accelerator, f"{ctx.pipeline}.{ctx.stage}",
+                train_epochs(ctx, opt, len(texts), p.batch_size, p.epochs, loss_fn))
+    save_model(ctx, opt.model, tokenizer)
+    metrics = {"parameters": n_parameters, "vocab_size": len(tokenizer)}
     if ctx.has("lm_eval"):
         eval_texts = [r["text"] for r in ctx.rows("lm_eval")]
-        metrics["lm_eval_loss"] = lm_loss(ctx.accelerator.unwrap_model(model), tokenizer, eval_texts)
+        with torch.no_grad():
+            metrics["lm_eval_loss"] = lm_loss(opt.model, tokenizer, eval_texts)
     return metrics

@@ -15,6 +15,7 @@ from pydantic import field_validator
 
 from stages.context import StageContext
 from stages.data import write_jsonl
+from stages.distributed import gather_list, seed_sampling, shard, write_trace
 from stages.kinds import Input, StageParams
 from stages.models import load_policy, load_tokenizer
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
@@ -61,14 +62,14 @@ FILTERS: dict[str, Filter] = {f.__name__: f for f in (correct, formatted, langua
 
 
 class Params(StageParams):
-    prompts: int | None = None  # how many prompts to sample for (None: all)
-    samples_per_prompt: int = 4
+    prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
+    samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    filters: list[str] = ["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]
-    min_language_consistency: float = 1.0
-    max_repetition: float = 0.2
+    max_new_tokens: int = 24  # response budget
+    temperature: float = 1.0  # sampling temperature
+    filters: list[str] = ["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # all must pass
+    min_language_consistency: float = 1.0  # `language_consistent` threshold
+    max_repetition: float = 0.2  # `not_repetitive` threshold
 
     @field_validator("filters")
     @classmethod
@@ -101,13 +102,19 @@ def accept(completions: list[str], columns: dict[str, list[Any]], p: Params) -> 
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     tokenizer = load_tokenizer(ctx.path("policy"))
-    model = load_policy(ctx.path("policy")).to(ctx.accelerator.device)
+    acc = ctx.accelerator
+    model = load_policy(ctx.path("policy")).to(acc.device)
+    seed_sampling(ctx.seed, acc)
     rows = ctx.rows("prompts")
-    if p.prompts is not None:
-        rows = random.Random(ctx.seed).sample(rows, min(p.prompts, len(rows)))
+    ids = list(range(len(rows))) if p.prompts is None else \
+        random.Random(ctx.seed).sample(range(len(rows)), min(p.prompts, len(rows)))
+    rows = [rows[i] for i in ids]
+    local_ids = shard(ids, acc)  # each rank samples its share; the filters run on the gathered samples
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", local_ids)
+    repeated = [row for row in shard(rows, acc) for _ in range(p.samples_per_prompt)]
+    completions = gather_list(sample(model, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens,
+                                     p.temperature).completions, acc)
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
-    completions = sample(model, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens,
-                         p.temperature).completions
     columns = {key: [row.get(key) for row in repeated] for key in rows[0]}
     keep, rates = accept(completions, columns, p)
 
@@ -118,7 +125,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     sft = [{"prompt": prompt, "response": r} for prompt, responses in kept.items() for r in responses]
     general = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.rows("general")] \
         if ctx.has("general") else []
-    write_jsonl(sft + general, ctx.outputs["sft"])
+    if acc.is_main_process:
+        write_jsonl(sft + general, ctx.outputs["sft"])
     n_prompts = len({row["prompt"] for row in rows})
     return {"acceptance_rate": sum(keep) / len(keep), "prompts_without_sample": n_prompts - len(kept),
             "kept": len(sft), "general": len(general), **rates}

@@ -8,7 +8,6 @@ added by `stages.models.last_token_scores`, so every consumer reads normalized r
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from typing import Any
 
@@ -16,16 +15,19 @@ import torch
 
 from stages.algorithms import bradley_terry_kwise_loss, normalization_bias, pairwise_accuracy
 from stages.context import StageContext
-from stages.kinds import Input, StageParams
+from stages.distributed import full_parameters, write_trace
+from stages.kinds import Input
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
 from stages.text import encode_prompt, encode_response, pair_batch
-from stages.training import optimizer_step, save_model
+from stages.training import OptimParams, prepare_optimization, save_model, steps_per_epoch, train_epochs
+
+Ranked = tuple[str, list[str], list[int]]
 
 
-class Params(StageParams):
-    epochs: int = 4
-    batch_size: int = 16  # prompts per step, each with all its K responses
-    lr: float = 5e-4
+class Params(OptimParams):
+    epochs: int = 4  # passes over the comparisons
+    batch_size: int = 16  # prompts per optimiser step (each with all its K responses), global across processes
+    lr: float = 5e-4  # AdamW learning rate
 
 
 INPUTS = {
@@ -38,25 +40,22 @@ INPUTS = {
 OUTPUTS = {"model": "model"}
 
 
-def as_ranked(row: dict[str, Any]) -> tuple[str, list[str], list[int]]:
+def as_ranked(row: dict[str, Any]) -> Ranked:
     """A comparison row as (prompt, responses, ranks); a chosen/rejected pair is K = 2."""
     if "responses" in row:
         return row["prompt"], list(row["responses"]), list(row["ranks"])
     return row["prompt"], [row["chosen"], row["rejected"]], [0, 1]
 
 
-def batches_by_k(rows: list[tuple[str, list[str], list[int]]], size: int, rng: random.Random | None):
-    """Batches of comparisons with the same K (one forward pass holds N prompts × K responses)."""
-    by_k: dict[int, list] = defaultdict(list)
+def by_k(rows: list[Ranked]) -> list[list[Ranked]]:
+    """The comparisons grouped by K (one forward pass holds N prompts × K responses)."""
+    groups: dict[int, list[Ranked]] = defaultdict(list)
     for row in rows:
-        by_k[len(row[1])].append(row)
-    batches = [group[i:i + size] for group in by_k.values() for i in range(0, len(group), size)]
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
+        groups[len(row[1])].append(row)
+    return list(groups.values())
 
 
-def score_comparisons(model, tokenizer, rows, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_comparisons(model, tokenizer, rows: list[Ranked], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [N, K] and ranks [N, K] of N comparisons with the same K, in one forward pass."""
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt, responses, _ in rows for _ in responses]
     response_ids = [encode_response(tokenizer, r) for _, responses, _ in rows for r in responses]
@@ -65,15 +64,28 @@ def score_comparisons(model, tokenizer, rows, device) -> tuple[torch.Tensor, tor
     return scores.view(len(rows), -1), torch.tensor([ranks for _, _, ranks in rows], device=device)
 
 
-@torch.no_grad()
-def accuracy(model, tokenizer, rows, device, batch_size: int) -> float:
-    """Pairwise accuracy over all non-tied pairs of all comparisons."""
-    correct, pairs = 0.0, 0
-    for batch in batches_by_k(rows, batch_size, None):
-        scores, ranks = score_comparisons(model, tokenizer, batch, device)
-        n_pairs = int(((ranks[:, :, None] < ranks[:, None, :])).sum())
+def kwise_loss(model, tokenizer, rows: list[Ranked], device) -> tuple[torch.Tensor, dict[str, float]]:
+    """K-wise Bradley–Terry loss over comparisons of any K (one forward per K, weighted by prompts)."""
+    loss, correct, pairs = 0.0, 0.0, 0
+    for group in by_k(rows):
+        scores, ranks = score_comparisons(model, tokenizer, group, device)
+        loss = loss + bradley_terry_kwise_loss(scores, ranks) * len(group) / len(rows)
+        n_pairs = int((ranks[:, :, None] < ranks[:, None, :]).sum())
         correct += pairwise_accuracy(scores, ranks).item() * n_pairs
         pairs += n_pairs
+    return loss, {"loss": float(loss), "accuracy": correct / max(pairs, 1)}
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, rows: list[Ranked], device, batch_size: int) -> float:
+    """Pairwise accuracy over all non-tied pairs of all comparisons."""
+    correct, pairs = 0.0, 0
+    for group in by_k(rows):
+        for start in range(0, len(group), batch_size):
+            scores, ranks = score_comparisons(model, tokenizer, group[start:start + batch_size], device)
+            n_pairs = int((ranks[:, :, None] < ranks[:, None, :]).sum())
+            correct += pairwise_accuracy(scores, ranks).item() * n_pairs
+            pairs += n_pairs
     return correct / max(pairs, 1)
 
 
@@ -93,31 +105,27 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     tokenizer = load_tokenizer(ctx.model_path("base"))
-    model = load_scalar_head_model(ctx.model_path("base"), tokenizer.pad_token_id)
+    model = load_scalar_head_model(ctx.model_path("base"), tokenizer.pad_token_id, p.dtype)
     train = [as_ranked(r) for r in ctx.rows("comparisons")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr)
-    model, optimizer = acc.prepare(model, optimizer)
-    rng = random.Random(ctx.seed)
-    total = p.epochs * len(batches_by_k(train, p.batch_size, None))
-    step = 0
-    for _ in range(p.epochs):
-        for batch in batches_by_k(train, p.batch_size, rng):
-            scores, ranks = score_comparisons(model, tokenizer, batch, acc.device)
-            loss = bradley_terry_kwise_loss(scores, ranks)
-            optimizer_step(ctx, model, optimizer, loss)
-            step += 1
-            ctx.tracker.log(step, {"loss": loss.item(), "accuracy": pairwise_accuracy(scores, ranks).item()}, total)
+    opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
-    model = acc.unwrap_model(model)
-    model.eval()
-    demos = ctx.rows("demos")
-    bias = normalization_bias(demo_scores(model, tokenizer, demos, acc.device))
-    model.config.update({REWARD_BIAS_KEY: bias})
-    save_model(ctx, model, tokenizer)
-    metrics = {"normalization_bias": bias,
-               "demo_mean_reward": (demo_scores(model, tokenizer, demos, acc.device) + bias).mean().item(),
-               "train_accuracy": accuracy(model, tokenizer, train, acc.device, p.batch_size)}
-    if ctx.has("eval_comparisons"):
-        held_out = [as_ranked(r) for r in ctx.rows("eval_comparisons")]
-        metrics["eval_accuracy"] = accuracy(model, tokenizer, held_out, acc.device, p.batch_size)
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return kwise_loss(opt.model, tokenizer, [train[i] for i in ids.tolist()], acc.device)
+
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
+                                                                 loss_fn))
+
+    metrics: dict[str, float] = {}
+    with full_parameters(acc, opt.model) as full:
+        if acc.is_main_process:
+            demos = ctx.rows("demos")
+            bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
+            full.config.update({REWARD_BIAS_KEY: bias})
+            metrics = {"normalization_bias": bias,
+                       "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
+                       "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
+            if ctx.has("eval_comparisons"):
+                held_out = [as_ranked(r) for r in ctx.rows("eval_comparisons")]
+                metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
+    save_model(ctx, opt.model, tokenizer)
     return metrics

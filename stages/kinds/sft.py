@@ -1,7 +1,7 @@
 """Supervised fine-tuning: next-token loss on the response tokens only (prompt masked), chat template applied.
 
-Data are sharded over processes by accelerate: with N processes each takes `batch_size / N` rows per step, so an
-N-process run sees the same global batches as a 1-process run.
+`batch_size` is global: with N processes each rank takes a disjoint `batch_size / N` share of every global batch
+(split again into `gradient_accumulation_steps` micro-batches), so an N-process run takes the 1-process run's steps.
 """
 
 from __future__ import annotations
@@ -10,21 +10,22 @@ from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from torch.utils.data import DataLoader
 
 from stages.algorithms import masked_mean
 from stages.context import StageContext
+from stages.distributed import write_trace
 from stages.kinds import Input
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
-from stages.training import PolicyEvalParams, evaluate, optimizer_step, save_model
+from stages.training import OptimParams, PolicyEvalParams, evaluate, prepare_optimization, save_model, \
+    steps_per_epoch, train_epochs
 
 
-class Params(PolicyEvalParams):
-    epochs: int = 3
-    batch_size: int = 32  # global, across processes
-    lr: float = 1e-3
-    holdout_fraction: float = 0.1
+class Params(OptimParams, PolicyEvalParams):
+    epochs: int = 3  # passes over the training rows
+    batch_size: int = 32  # rows per optimiser step, global across processes
+    lr: float = 1e-3  # AdamW learning rate
+    holdout_fraction: float = 0.1  # share of the rows held out for `eval_loss`
 
 
 INPUTS = {
@@ -56,38 +57,32 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     n_holdout = int(len(encoded) * p.holdout_fraction)
     train, holdout = encoded[n_holdout:], encoded[:n_holdout]
 
-    def collate(rows):
-        return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
+    def collate(rows: list[tuple[list[int], list[int]]]) -> PairBatch:
+        return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id).to(acc.device)
 
-    loader = DataLoader(train, batch_size=p.batch_size // acc.num_processes, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(ctx.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr)
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
-    total, step = p.epochs * len(loader), 0
-    for _ in range(p.epochs):
-        for batch in loader:
-            batch = batch.to(acc.device)
-            loss = sft_loss(model, batch)
-            metrics = {"loss": loss.item()}
-            if extra_loss is not None:
-                extra, extra_metrics = extra_loss(model, batch)
-                loss = loss + extra
-                metrics.update(extra_metrics)
-            optimizer_step(ctx, model, optimizer, loss)
-            step += 1
-            ctx.tracker.log(step, metrics, total)
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate([train[i] for i in ids.tolist()])
+        loss = sft_loss(opt.model, batch)
+        metrics = {"loss": loss.item()}
+        if extra_loss is not None:
+            extra, extra_metrics = extra_loss(opt.model, batch)
+            loss = loss + extra
+            metrics.update(extra_metrics)
+        return loss, metrics
 
-    save_model(ctx, model, tokenizer)
-    metrics: dict[str, float] = {}
-    if acc.is_main_process:
+    opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
+    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
+                                                                 loss_fn))
+    save_model(ctx, opt.model, tokenizer)
+    metrics = evaluate(ctx, opt.model, tokenizer)
+    if holdout:
         with torch.no_grad():
-            unwrapped = acc.unwrap_model(model)
-            if holdout:
-                metrics["eval_loss"] = sft_loss(unwrapped, collate(holdout).to(acc.device)).item()
-            metrics.update(evaluate(ctx, unwrapped, tokenizer))
+            opt.model.eval()
+            metrics["eval_loss"] = sft_loss(opt.model, collate(holdout)).item()  # on every rank: FSDP forward
     return metrics
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    return fine_tune(ctx, load_policy(ctx.model_path("base")), load_tokenizer(ctx.model_path("base")),
+    p: Params = ctx.params
+    return fine_tune(ctx, load_policy(ctx.model_path("base"), p.dtype), load_tokenizer(ctx.model_path("base")),
                      ctx.rows("data"))
