@@ -103,8 +103,9 @@ def write_trace(acc: Accelerator, label: str, ids: list[Any]) -> None:
 @contextmanager
 def full_parameters(acc: Accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The model with full parameters, in eval mode, for generation and evaluation (TRL's
-    `unwrap_model_for_generation`). Under FSDP2 every rank must enter: the shards are all-gathered once and kept
-    until exit, so generation runs without a collective per token and one rank may generate alone."""
+    `unwrap_model_for_generation`). Under FSDP2 every rank must enter, and run forwards inside: the shards are
+    all-gathered once and kept until exit, so generation runs without a collective per token and the ranks may
+    generate different numbers of tokens. (A rank that runs no forward inside leaves FSDP's state out of step.)"""
     was_training = model.training
     if is_fsdp(acc):
         from torch.distributed.fsdp import FSDPModule
@@ -127,8 +128,11 @@ def full_parameters(acc: Accelerator, model: torch.nn.Module) -> Iterator[torch.
 
 
 def full_state_dict(acc: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict (collective under FSDP: every rank must call it)."""
+    """The unsharded state dict (collective under FSDP: every rank must call it), without the second name of a tied
+    parameter (e.g. `lm_head.weight` tied to the embeddings), as `save_pretrained` writes it."""
     from torch.distributed.tensor import DTensor
 
+    inner = acc.unwrap_model(model)
+    tied = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - {n for n, _ in inner.named_parameters()}
     state = acc.get_state_dict(model)
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items() if k not in tied}

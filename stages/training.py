@@ -82,8 +82,7 @@ def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, t
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = ctx.accelerator.prepare_model(model)
-    optimizer = ctx.accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=lr))
+    model, optimizer = ctx.accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=math.ceil(p.warmup_ratio * total_steps),
                               num_training_steps=max(total_steps, 1))
     return Optimization(ctx, model, optimizer, scheduler, p.max_grad_norm)
@@ -149,17 +148,15 @@ def minibatches(n: int, size: int, generator: torch.Generator) -> Iterator[torch
 
 
 def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-    """The evaluator's metrics on the `eval` input (and the held-out LM loss on `lm_eval` if wired), computed on
-    the main process with full parameters (every rank must call this)."""
+    """The evaluator's metrics on the `eval` input (and the held-out LM loss on `lm_eval` if wired), with full
+    parameters. Every rank evaluates (under FSDP every rank must run the forwards); the main process's are logged."""
     p, metrics = ctx.params, {}
     with full_parameters(ctx.accelerator, model) as full:
-        if ctx.accelerator.is_main_process:
-            if p.evaluator and ctx.has("eval"):
-                metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator,
-                                               p.eval_max_new_tokens, p.eval_samples_per_prompt,
-                                               p.eval_temperature))
-            if ctx.has("lm_eval"):
-                metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")])
+        if p.evaluator and ctx.has("eval"):
+            metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
+                                           p.eval_samples_per_prompt, p.eval_temperature))
+        if ctx.has("lm_eval"):
+            metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")])
     return metrics
 
 

@@ -534,3 +534,22 @@ def test_outcome_token_rewards_on_last_response_token():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert_close(A.outcome_token_rewards(torch.tensor([2.0, -1.0]), mask),
                  torch.tensor([[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_aggregate_loss_leaves_fully_masked_rows_out():
+    loss = torch.tensor([[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # the last row is e.g. a masked truncated sample
+    assert_close(A.aggregate_loss(loss, mask, "seq-mean-token-mean"), torch.tensor((2.0 + 5.0) / 2))
+    assert_close(A.aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=4), torch.tensor((4.0 + 5.0) / 2 / 4))
+    for mode in A.LOSS_AGG_MODES:
+        empty = torch.zeros_like(mask)
+        assert A.aggregate_loss(loss.requires_grad_(), empty, mode).item() == 0.0  # no NaN
+
+
+def test_pairwise_accuracy_all_tied_is_zero_not_nan():
+    assert A.pairwise_accuracy(torch.tensor([[0.3, 0.1]]), torch.tensor([[0, 0]])).item() == 0.0
+
+
+def test_overlong_penalty_zero_buffer_is_a_step():
+    assert_close(A.overlong_penalty(torch.tensor([9, 10, 11]), max_len=10, buffer=0, penalty=2.0),
+                 torch.tensor([0.0, 0.0, -2.0]))

@@ -1,7 +1,8 @@
-"""accelerate: the sft stage run as 2 CPU processes (gloo) matches the 1-process run.
+"""Every training kind on 2 CPU processes (gloo via accelerate launch), under FSDP2, and in bf16.
 
-Also exercises the path real users take: `model:` points at a saved HF model directory loaded with from_pretrained,
-and the data are a local dataset file with a column mapping.
+One pipeline holds a stage per case; the module fixture runs each stage once with `rl4llm stage` (as DVC does) and
+every rank records the row ids it trained on (RL4LLM_TRACE_DIR). Models come from the path real users take: `model:`
+points at a saved HF directory and the data are local files with a column mapping.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,36 +20,153 @@ import yaml
 from safetensors.torch import load_file
 
 from stages import instruct_task
+from stages.distributed import TRACE_DIR_ENV
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.e2e
 
+DDP, FSDP = "infra/accelerate/cpu_2proc.yaml", "infra/accelerate/fsdp_cpu_2proc.yaml"
+SFT = {"kind": "sft", "inputs": {"data": "datasets.demos"},
+       "params": {"epochs": 2, "batch_size": 8, "lr": 0.01, "holdout_fraction": 0.2}}
+REWARD_MODEL = {"kind": "reward_model", "inputs": {"comparisons": "datasets.comparisons", "demos": "datasets.demos"},
+                "params": {"epochs": 1, "batch_size": 8}}
+DPO = {"kind": "dpo", "inputs": {"policy": "sft.model", "comparisons": "datasets.comparisons"},
+       "params": {"epochs": 1, "batch_size": 8, "eval_fraction": 0.2}}
+GRPO = {"kind": "grpo",
+        "inputs": {"policy": "sft.model", "prompts": "datasets.prompts", "eval": "datasets.prompts"},
+        "params": {"evaluator": "instruct_gold", "eval_samples_per_prompt": 1, "iterations": 3, "prompts_per_step": 4, "samples_per_prompt": 4, "minibatch_size": 8,
+                   "max_new_tokens": 6, "lr": 0.01, "rewards": {"overlong": 1.0},
+                   "reward_params": {"overlong": {"max_length": 5, "buffer": 3}}, "temperature": 0.7}}
+STAGES = [
+    {"name": "sft", **SFT, "accelerate_config": DDP},
+    {"name": "sft_one", **SFT},
+    {"name": "sft_fsdp", **SFT, "accelerate_config": FSDP},
+    {"name": "sft_mixed_bf16", **SFT, "accelerate_config": "infra/accelerate/single_bf16.yaml"},
+    {"name": "sft_bf16", **SFT, "params": {**SFT["params"], "dtype": "bfloat16"}},
+    {"name": "sft_accumulated", **SFT, "params": {**SFT["params"], "gradient_accumulation_steps": 2}},
+    {"name": "sft_cosine", **SFT, "params": {**SFT["params"], "lr_scheduler": "cosine", "warmup_ratio": 0.5}},
+    {"name": "pretrain", "kind": "pretrain", "inputs": {"corpus": "datasets.corpus"}, "accelerate_config": DDP,
+     "params": {"hidden_size": 16, "layers": 1, "epochs": 1, "batch_size": 16}},
+    {"name": "reward_model", **REWARD_MODEL, "accelerate_config": DDP},
+    {"name": "reward_model_one", **REWARD_MODEL},
+    {"name": "dpo", **DPO, "accelerate_config": DDP},
+    {"name": "dpo_one", **DPO},
+    {"name": "distill", "kind": "distill", "inputs": {"data": "datasets.demos"}, "accelerate_config": DDP,
+     "params": {"epochs": 1, "batch_size": 8}},
+    {"name": "label_preferences", "kind": "label_preferences", "accelerate_config": DDP,
+     "inputs": {"policy": "sft.model", "prompts": "datasets.prompts"}, "params": {"prompts": 10,
+                                                                                 "responses_per_prompt": 2}},
+    {"name": "rejection_sampling", "kind": "rejection_sampling", "accelerate_config": DDP,
+     "inputs": {"policy": "sft.model", "prompts": "datasets.prompts"}, "params": {"prompts": 10,
+                                                                                 "filters": ["dedup"]}},
+    {"name": "ppo", "kind": "ppo", "accelerate_config": DDP,
+     "inputs": {"policy": "sft.model", "reward": "reward_model.model", "prompts": "datasets.prompts"},
+     "params": {"iterations": 2, "rollout_prompts": 8, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
+                "temperature": 0.7}},
+    {"name": "grpo", **GRPO, "accelerate_config": DDP},
+    {"name": "grpo_fsdp", **GRPO, "accelerate_config": FSDP},
+]
+TRAINED = ["sft", "pretrain", "reward_model", "dpo", "distill", "label_preferences", "rejection_sampling", "ppo",
+           "grpo"]
 
-def test_two_process_sft_matches_one_process(tmp_path: Path, tiny_model_dir: Path):
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("dist")
     rng = random.Random(0)
-    rows = []
-    for _ in range(40):  # 32 train rows = 4 full batches; equal response lengths: the 2-process token mean equals the 1-process one exactly
-        prompt = instruct_task.make_prompt(rng)
-        rows.append({"instruction": prompt, "output": " ".join(rng.sample(instruct_task.ALL_WORDS, 2))})
-    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sft = {"kind": "sft", "inputs": {"data": "datasets.demos"},
-           "params": {"epochs": 2, "batch_size": 8, "lr": 0.01, "holdout_fraction": 0.2}}
-    config = {"pipelines": {"dist": {
-        "defaults": {"seed": 0, "model": str(tiny_model_dir)},
-        "datasets": {"demos": {"path": "demos.jsonl", "columns": {"prompt": "instruction", "response": "output"}}},
-        "stages": [{"name": "one", **sft},
-                   {"name": "two", **sft, "accelerate_config": "infra/accelerate/cpu_2proc.yaml"}],
-    }}}
-    make_project(tmp_path)
-    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    for args in (["sync"], ["stage", "dist", "one"], ["stage", "dist", "two"]):
-        subprocess.run(["rl4llm", *args], cwd=tmp_path, env=env, check=True, timeout=300)
+    words = instruct_task.ALL_WORDS
+    prompts = [instruct_task.make_prompt(rng) for _ in range(40)]
+    # equal response lengths: the 2-process token mean equals the 1-process one exactly
+    demos = [{"instruction": p, "output": " ".join(rng.sample(words, 2))} for p in prompts]
+    comparisons = [{"prompt": p, "chosen": " ".join(rng.sample(words, 2)), "rejected": " ".join(rng.sample(words, 2))}
+                   for p in prompts]
+    files = {"demos.jsonl": demos, "comparisons.jsonl": comparisons, "prompts.jsonl": [{"prompt": p} for p in prompts],
+             "corpus.jsonl": [{"text": " ".join(rng.sample(words, 6))} for _ in range(64)]}
+    for name, rows in files.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_project(root)
+    (root / "infra/accelerate/single_bf16.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nmixed_precision: bf16\n")
+    datasets = {name.removesuffix(".jsonl"): {"path": name} for name in files}
+    datasets["demos"]["columns"] = {"prompt": "instruction", "response": "output"}
+    config = {"pipelines": {"dist": {"defaults": {"seed": 0, "model": str(tiny_model_dir)}, "datasets": datasets,
+                                     "stages": STAGES}}}
+    (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", TRACE_DIR_ENV: str(root / "trace")}
+    cli = [sys.executable, "-m", "flows.cli"]
+    subprocess.run([*cli, "sync"], cwd=root, env=env, check=True, timeout=120)
+    for stage in STAGES:
+        subprocess.run([*cli, "stage", "dist", stage["name"]], cwd=root, env=env, check=True, timeout=300)
+    return root
 
-    one, two = (json.loads((tmp_path / f"artifacts/dist/{s}/metrics.json").read_text()) for s in ("one", "two"))
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
-    w1, w2 = (load_file(tmp_path / f"artifacts/dist/{s}/model/model.safetensors") for s in ("one", "two"))
-    initial = load_file(tiny_model_dir / "model.safetensors")
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-3)
-    assert any(not torch.equal(w1[n], initial[n]) for n in w1)  # it trained
+
+def metrics(project: Path, stage: str) -> dict[str, float]:
+    return json.loads((project / f"artifacts/dist/{stage}/metrics.json").read_text())
+
+
+def weights(project: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(project / f"artifacts/dist/{stage}/model/model.safetensors")
+
+
+def assert_same_weights(project: Path, a: str, b: str, atol: float) -> None:
+    wa, wb = weights(project, a), weights(project, b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=1e-3, msg=f"{a} vs {b}: {name}")
+
+
+@pytest.mark.parametrize("stage", TRAINED)
+def test_each_rank_sees_a_disjoint_share_covering_the_global_batches(project: Path, stage: str):
+    ranks = [json.loads((project / f"trace/dist.{stage}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] and ranks[1]
+    assert len(ranks[0]) == len(ranks[1])
+    if stage in ("ppo", "grpo"):  # per iteration: a disjoint share of the globally drawn prompts
+        per_iteration = len(ranks[0]) // STAGES_BY_NAME[stage]["params"]["iterations"]
+        for start in range(0, len(ranks[0]), per_iteration):
+            assert not set(ranks[0][start:start + per_iteration]) & set(ranks[1][start:start + per_iteration])
+    elif stage in ("label_preferences", "rejection_sampling"):  # 10 prompts, 5 each
+        assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 10
+    else:  # every epoch covers the training rows once, half on each rank
+        seen = sorted(ranks[0] + ranks[1])
+        epochs = STAGES_BY_NAME[stage]["params"]["epochs"]
+        assert seen == sorted(list(range(len(seen) // epochs)) * epochs)
+
+
+STAGES_BY_NAME = {s["name"]: s for s in STAGES}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo"])
+def test_two_processes_match_one_process(project: Path, stage: str, tiny_model_dir: Path):
+    assert_same_weights(project, f"{stage}_one", stage, atol=1e-4)
+    initial, trained = load_file(tiny_model_dir / "model.safetensors"), weights(project, stage)
+    assert any(not torch.equal(trained[n], initial[n]) for n in initial if n in trained)
+    for key, value in metrics(project, f"{stage}_one").items():
+        assert metrics(project, stage)[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_fsdp_saves_a_plain_model_matching_ddp(project: Path, stage: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(project / f"artifacts/dist/{stage}_fsdp/model")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert_same_weights(project, stage, f"{stage}_fsdp", atol=1e-3)
+    for key, value in metrics(project, stage).items():
+        assert metrics(project, f"{stage}_fsdp")[key] == pytest.approx(value, abs=0.05), key
+
+
+def test_bf16_mixed_precision_and_bf16_weights(project: Path):
+    assert torch.isfinite(torch.tensor(metrics(project, "sft_mixed_bf16")["eval_loss"]))
+    assert metrics(project, "sft_mixed_bf16")["eval_loss"] < 10
+    assert all(w.dtype == torch.float32 for w in weights(project, "sft_mixed_bf16").values())
+    assert all(w.dtype == torch.bfloat16 for w in weights(project, "sft_bf16").values())
+    assert torch.isfinite(torch.tensor(metrics(project, "sft_bf16")["eval_loss"]))
+
+
+def test_gradient_accumulation_keeps_the_global_batch(project: Path):
+    assert_same_weights(project, "sft_one", "sft_accumulated", atol=1e-5)
+
+
+def test_lr_schedule_changes_the_run(project: Path):
+    runs = [weights(project, s) for s in ("sft_one", "sft_cosine")]
+    assert any(not torch.allclose(runs[0][n], runs[1][n], atol=1e-4) for n in runs[0])

@@ -241,8 +241,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     # 5. evaluate
     save_model(ctx, opt.model, tokenizer)
     final: dict[str, float] = {}
-    with full_parameters(acc, opt.model) as policy:
-        if acc.is_main_process and eval_pairs:
+    with full_parameters(acc, opt.model) as policy:  # every rank evaluates; the main process's are logged
+        if eval_pairs:
             prompts = [r["prompt"] for r in eval_pairs]
             chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p.batch_size)
             rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p.batch_size)
@@ -253,7 +253,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                          chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
         kl_prompts = [r["prompt"] for r in ctx.rows("eval")] if ctx.has("eval") \
             else sorted({r["prompt"] for r in eval_pairs})
-        if acc.is_main_process and kl_prompts:
+        if kl_prompts:
             reference = load_policy(ctx.path("policy"), p.dtype).to(acc.device).requires_grad_(False)
             final["kl"] = kl_to_reference(policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
             del reference

@@ -191,14 +191,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
     save_model(ctx, policy.model, tokenizer)
     final = evaluate(ctx, policy.model, tokenizer)
-    with full_parameters(acc, policy.model) as model:
-        if acc.is_main_process and ctx.has("eval"):
+    with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
+        if ctx.has("eval"):
             eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
             final["kl"] = kl_to_reference(model, reference, tokenizer, eval_prompts, p.max_new_tokens)
             eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
             with torch.no_grad():
                 final["reward"] = last_token_scores(reward_model, eval_samples.ids, eval_samples.attention_mask,
                                                     bias).mean().item()
-    if ctx.has("lm_eval") and acc.is_main_process:
+    if ctx.has("lm_eval"):
         final["ptx_lm_loss"] = final.pop("lm_eval_loss")
     return final

@@ -115,17 +115,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
                                                                  loss_fn))
 
-    metrics: dict[str, float] = {}
-    with full_parameters(acc, opt.model) as full:
-        if acc.is_main_process:
-            demos = ctx.rows("demos")
-            bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
-            full.config.update({REWARD_BIAS_KEY: bias})
-            metrics = {"normalization_bias": bias,
-                       "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
-                       "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
-            if ctx.has("eval_comparisons"):
-                held_out = [as_ranked(r) for r in ctx.rows("eval_comparisons")]
-                metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
+    with full_parameters(acc, opt.model) as full:  # every rank computes the same bias and metrics
+        demos = ctx.rows("demos")
+        bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
+        full.config.update({REWARD_BIAS_KEY: bias})
+        metrics = {"normalization_bias": bias,
+                   "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
+                   "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
+        if ctx.has("eval_comparisons"):
+            held_out = [as_ranked(r) for r in ctx.rows("eval_comparisons")]
+            metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
     save_model(ctx, opt.model, tokenizer)
     return metrics
