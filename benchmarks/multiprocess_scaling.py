@@ -31,13 +31,18 @@ CASES = {  # pipeline, its stages the RL stage needs, the RL stage, the per-iter
 CONFIGS = {"1proc": "infra/accelerate/single.yaml", "2proc": "infra/accelerate/cpu_2proc.yaml"}
 
 
-def bench_config(seeds: list[int]) -> dict:
-    """pipelines.yaml's two pipelines cut to what the RL stage needs, plus one copy of it per seed and config."""
+def bench_config(seeds: list[int], hidden_size: int | None) -> dict:
+    """pipelines.yaml's two pipelines cut to what the RL stage needs, plus one copy of it per seed and config;
+    `hidden_size` widens the pretrained model (more compute per token, the same Python overhead per step)."""
     source = yaml.safe_load((REPO / "pipelines.yaml").read_text())["pipelines"]
     pipelines = {}
     for pipeline, needed, rl_stage, _, _ in CASES.values():
         spec = source[pipeline]
         stages = [s for s in spec["stages"] if s["name"] in needed]
+        if hidden_size:
+            for stage in stages:
+                if stage["kind"] == "pretrain":
+                    stage["params"] = {**stage.get("params", {}), "hidden_size": hidden_size}
         rl = next(s for s in spec["stages"] if s["name"] == rl_stage)
         stages += [{**rl, "name": f"{rl_stage}_{config}_s{seed}", "seed": seed, "accelerate_config": path}
                    for seed in seeds for config, path in CONFIGS.items()]
@@ -58,15 +63,19 @@ def seconds_per_iteration(pipeline: str, stage: str, metric: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--hidden-size", type=int, default=None, help="width of the pretrained model (default: "
+                                                                       "pipelines.yaml's, 64)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rl4llm-scaling-") as tmp:
         root = Path(tmp)
         shutil.copytree(REPO / "infra", root / "infra")
-        (root / "pipelines.yaml").write_text(yaml.safe_dump(bench_config(args.seeds), sort_keys=False))
+        (root / "pipelines.yaml").write_text(yaml.safe_dump(bench_config(args.seeds, args.hidden_size), sort_keys=False))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         cli = [sys.executable, "-m", "flows.cli"]
         subprocess.run([*cli, "sync"], cwd=root, check=True, stdout=subprocess.DEVNULL)
-        for name, (pipeline, needed, rl_stage, metric, outcome) in CASES.items():
+        for name in args.cases:
+            pipeline, needed, rl_stage, metric, outcome = CASES[name]
             for stage in needed:
                 subprocess.run([*cli, "stage", pipeline, stage], cwd=root, check=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -79,7 +88,7 @@ def main() -> None:
                     final = json.loads((root / f"artifacts/{pipeline}/{stage}/metrics.json").read_text())
                     results[config]["s_per_it"].append(seconds_per_iteration(pipeline, stage, metric))
                     results[config][outcome].append(final[outcome])
-            print(f"{pipeline}/{rl_stage} (seeds {args.seeds}):")
+            print(f"{pipeline}/{rl_stage} (seeds {args.seeds}, hidden size {args.hidden_size or 'default'}):")
             for config, values in results.items():
                 shown = ", ".join(f"{k} {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} {[round(x, 3) for x in v]}"
                                   for k, v in values.items())

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages import data
-from stages.kinds import KIND_MODULES, StageKind, get_kind
+from stages.kinds import KIND_MODULES, Input, StageKind, get_kind
 
 NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
 ARTIFACTS = "artifacts"
@@ -140,22 +140,25 @@ def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpe
     return {"path": produced[source][item], "columns": {}}
 
 
-def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, Any], required: tuple[str, ...]):
+def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, Any], declared: Input):
     path = root / dataset["path"]
     if not data.is_local(dataset["path"]):
         return  # an HF dataset id: checked when the stage loads it
     if not path.exists():
         raise ConfigError(file, f"dataset file not found: {dataset['path']}", **where)
-    present = set(data.local_columns(str(path)))
+    present = set(data.local_columns(str(path), dataset.get("split")))
     mapped = dataset.get("columns") or {}
     for ours, theirs in mapped.items():
         if theirs not in present:
             raise ConfigError(file, f"column '{theirs}' (mapped to '{ours}') not in {dataset['path']}; "
                                     f"{nearest(theirs, present)}", **where)
     available = (present - set(mapped.values())) | set(mapped)
-    for column in required:
+    if declared.or_columns and set(declared.or_columns) <= available:
+        return
+    for column in declared.columns:
         if column not in available:
-            raise ConfigError(file, f"dataset {dataset['path']} has no column '{column}' (map one with "
+            alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
+            raise ConfigError(file, f"dataset {dataset['path']} has no column '{column}'{alternative} (map one with "
                                     f"columns: {{{column}: <its column>}}); columns: {sorted(present)}", **where)
 
 
@@ -213,7 +216,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 inputs[name] = _resolve_input(file, pipeline, spec, stage, name, ref, produced)
                 if ref.startswith("datasets."):
                     _check_dataset_file(file, root, {**where, "key": f"inputs.{name}"}, inputs[name],
-                                        kind.inputs[name].columns)
+                                        kind.inputs[name])
             for name, declared in kind.inputs.items():
                 if declared.required and name not in inputs:
                     raise ConfigError(file, f"kind '{kind.name}' needs input '{name}' ({declared.doc})",

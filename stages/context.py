@@ -31,6 +31,11 @@ class StageContext:
     def path(self, name: str) -> str:
         return self.inputs[name]["path"]
 
+    def source(self, name: str) -> str:
+        """How errors name input `name`: its dataset path (and split)."""
+        spec = self.inputs[name]
+        return f"input '{name}' ({spec['path']}" + (f", split {spec['split']})" if spec.get("split") else ")")
+
     def rows(self, name: str) -> list[dict[str, Any]]:
         return data.load_rows(self.inputs[name])
 

@@ -35,8 +35,15 @@ def load_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return load(spec).to_list()
 
 
-def local_columns(path: str) -> list[str]:
-    """Column names of a local data file, read from its first record (cheap: used by `rl4llm validate`)."""
+def local_columns(path: str, split: str | None = None) -> list[str]:
+    """Column names of a local data file, or of a Hub-layout dataset folder (`data/<split>-*.parquet`), read from
+    its first record or schema (cheap: used by `rl4llm validate`)."""
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob(f"**/{split or 'train'}-*")) or sorted(
+            f for f in Path(path).rglob("*") if f.suffix in LOCAL_FORMATS)
+        if not files:
+            raise ValueError(f"{path}: no data files (expected data/{split or 'train'}-*.parquet or *.jsonl)")
+        path = str(files[0])
     suffix = Path(path).suffix
     if suffix == ".parquet":
         import pyarrow.parquet as pq

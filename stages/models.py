@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -23,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stages.kinds import StageParams
 from stages.text import position_ids
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
@@ -87,6 +90,25 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (PEFT), whose base it names
+
+
+class LoraParams(StageParams):
+    """LoRA adapters (Hu et al. 2021): W + (alpha / r) · B A on the target modules, B = 0 at the start."""
+
+    r: int = Field(8, gt=0)  # rank of A and B
+    alpha: float = 16.0  # scale numerator
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    target_modules: list[str] | str = "all-linear"  # module names that get adapters, or "all-linear"
+    merge: bool = False  # save merged full weights instead of an adapter directory
+
+
+class ModelParams(StageParams):
+    """How a stage loads its models (every kind that loads one)."""
+
+    dtype: Literal["auto", "bfloat16", "float32"] | None = None  # weights; None: float32 on CPU, "auto" on GPU
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
+    trust_remote_code: bool = False  # run model code shipped with a Hub checkpoint
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
@@ -96,27 +118,67 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return "auto" if name == "auto" else DTYPES[name]
 
 
-def load_policy(path: str, dtype: str | None = None) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+def _load(auto_class, path: str, options: ModelParams | None, **config_overrides) -> PreTrainedModel:
+    """`auto_class.from_pretrained` of a checkpoint or of a LoRA adapter directory (its adapters merged into the
+    base it names), with the stage's dtype, attention implementation and trust_remote_code."""
+    adapter = Path(path, ADAPTER_CONFIG)
+    if adapter.exists():
+        from peft import PeftConfig, PeftModel
+
+        base = _load(auto_class, json.loads(adapter.read_text())["base_model_name_or_path"], options,
+                     **config_overrides)
+        config = PeftConfig.from_pretrained(path)
+        config.task_type = None  # any head: e.g. a reward model initialised from an SFT policy's adapters
+        model = PeftModel.from_pretrained(base, path, config=config).merge_and_unload()
+        model.config._name_or_path = path  # adapters trained on top of it name this directory as their base
+        return model
+    options = options or ModelParams()
+    kwargs = {"dtype": resolve_dtype(options.dtype), "trust_remote_code": options.trust_remote_code}
+    if options.attn_implementation:
+        kwargs["attn_implementation"] = options.attn_implementation
+    if config_overrides:
+        kwargs["config"] = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code,
+                                                      **config_overrides)
+    return auto_class.from_pretrained(path, **kwargs)
 
 
-def load_scalar_head_model(path: str, pad_token_id: int, dtype: str | None = None) -> PreTrainedModel:
+def load_policy(path: str, options: ModelParams | None = None) -> PreTrainedModel:
+    """A causal LM (policy, reference, teacher, student)."""
+    return _load(AutoModelForCausalLM, path, options)
+
+
+def load_scalar_head_model(path: str, pad_token_id: int, options: ModelParams | None = None) -> PreTrainedModel:
     """A causal LM checkpoint (or a saved reward model) with a scalar head on every token: reward and value models.
 
     Loaded as a token-classification model with one label, no bias and no dropout, so the head's weight is the
     `score.weight` of a sequence-classification reward model, and per-token values come out of the model's own
     forward (which is what DDP and FSDP wrap).
     """
-    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0, token_classification_bias=False)
-    model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype))
+    model = _load(AutoModelForTokenClassification, path, options, num_labels=1, classifier_dropout=0.0,
+                  token_classification_bias=False)
     model.config.pad_token_id = pad_token_id
     return model
 
 
+def with_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel:
+    """The model with fresh LoRA adapters, only they (and a scalar head) trainable; adapters off = the model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    scalar_head = hasattr(model, "score")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules,
+                        task_type=TaskType.TOKEN_CLS if scalar_head else TaskType.CAUSAL_LM,
+                        modules_to_save=["score"] if scalar_head else None)
+    return get_peft_model(model, config)
+
+
 def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`save_pretrained` of the model (or of `state_dict`, e.g. gathered from FSDP shards) and its tokenizer."""
+         state_dict: dict[str, torch.Tensor] | None = None, merge: bool = False) -> None:
+    """`save_pretrained` of the model (or of `state_dict`, e.g. gathered from FSDP shards) and its tokenizer. A
+    LoRA model is saved as its adapter directory (naming its base), or merged into full weights if `merge`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if merge and hasattr(model, "merge_and_unload"):
+        model, state_dict = model.merge_and_unload(), None
     model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
 

@@ -21,7 +21,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 RewardFn = Callable[..., list[float]]
-Scorer = Callable[[list[str], list[str]], list[float]]
+Scorer = Callable[[list[Any], list[str]], list[float]]  # (prompts: text or chat, completions) -> scores
 
 MAX_ANSWER_CHARS = 100
 MAX_DIGITS = 60
@@ -307,7 +307,7 @@ def reward_model_reward(scorer: Scorer, score_on: Literal["full", "answer"] = "f
 
     def reward(completions: list[str], prompt: list[Any], **_: Any) -> list[float]:
         texts = completions if score_on == "full" else [_final_text(c) for c in completions]
-        scores = scorer([_prompt_text(p) for p in prompt], list(texts))
+        scores = scorer(list(prompt), list(texts))  # a chat prompt reaches the reward model's template whole
         if len(scores) != len(completions):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(completions)} completions")
         return [float(s) for s in scores]

@@ -1,5 +1,9 @@
 """Chat-template encoding, padded batches, sampling and per-token log-probs, shared by every stage kind.
 
+Text columns come in the two shapes of Hub datasets: plain strings (`prompt: "name two colors"`) and chat messages
+(`prompt: [{role: system, …}, {role: user, …}]`, `chosen: [{role: assistant, …}]`, `messages: [...]`, as TRL's
+conversational datasets have them). Every encoder here takes either.
+
 Layout of a batch: each row is `prompt + response`, the prompt left-padded and the response right-padded, so all
 responses start at column `prompt_len`. Position ids are computed from the attention mask, as `generate` does, so
 log-probs recomputed for training match the ones seen while sampling.
@@ -7,6 +11,7 @@ log-probs recomputed for training match the ones seen while sampling.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -15,16 +20,111 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.algorithms import token_logprobs
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user turn followed by the assistant header (chat template, generation prompt)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
+Message = dict[str, str]
+Prompt = str | list[Message]  # a user turn, or a conversation that ends where the assistant's reply starts
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The last user turn's text (what rule rewards and evaluators read)."""
+    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def completion_text(completion: str | list[Message]) -> str:
+    """A completion's text: the string, or the content of a conversational completion's assistant turn(s)."""
+    if isinstance(completion, str):
+        return completion
+    return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A hashable, order-preserving key of a prompt (messages are lists)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """Token ids of the prompt's turns followed by the assistant header (chat template, generation prompt)."""
+    return _template(tokenizer, as_messages(prompt), True)
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str | list[Message]) -> list[int]:
     """Token ids of an assistant reply, terminated by EOS."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(completion_text(response), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase,
+                        messages: list[Message]) -> tuple[list[int], list[int], list[int]]:
+    """A multi-turn conversation as (prompt ids, response ids, response loss mask): the prompt runs up to the first
+    assistant reply (system turn included), and the mask is 1 on every assistant reply's tokens up to and including
+    its EOS, 0 on the turns between them. Each reply's span is where the template renders it after the turns before
+    it with the generation prompt (so the mask is the template's own, for any chat template)."""
+    full = _template(tokenizer, messages, False)
+    mask = [0] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_template(tokenizer, messages[:i], True))
+        end = len(_template(tokenizer, messages[:i + 1], False))
+        if full[:start] != _template(tokenizer, messages[:i], True)[:start]:
+            raise ValueError("the chat template does not render a conversation's turns as prefixes of it")
+        span = full[start:end]
+        end = start + (span.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in span else len(span))
+        mask[start:end] = [1] * (end - start)
+    if 1 not in mask:
+        raise ValueError("a conversation without an assistant turn")
+    first = mask.index(1)
+    return full[:first], full[first:], mask[first:]
+
+
+def count_long_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_prompt_length: int | None
+                       ) -> int:
+    """How many prompts `max_prompt_length` cuts (from the left)."""
+    return sum(len(encode_prompt(tokenizer, p)) > max_prompt_length for p in prompts) if max_prompt_length else 0
+
+
+def fit(prompt_ids: list[int], response_ids: list[int], max_prompt_length: int | None,
+        max_length: int | None) -> tuple[list[int], list[int], bool]:
+    """Truncate a row to the length budgets: the prompt from the left (its latest turns stay), then the response
+    from the right. Returns (prompt ids, response ids, whether anything was cut); raises when no response token
+    fits."""
+    cut_prompt = prompt_ids[-max_prompt_length:] if max_prompt_length else prompt_ids
+    room = max_length - len(cut_prompt) if max_length else len(response_ids)
+    if room < 1:
+        raise ValueError(f"the prompt alone ({len(cut_prompt)} tokens) fills max_length={max_length}")
+    cut_response = response_ids[:room]
+    return cut_prompt, cut_response, (len(cut_prompt), len(cut_response)) != (len(prompt_ids), len(response_ids))
+
+
+def encode_row(tokenizer: PreTrainedTokenizerBase, row: dict) -> tuple[list[int], list[int], list[int] | None]:
+    """A demonstration row, `{messages}` (any number of turns) or `{prompt, response}`, as (prompt ids, response ids,
+    loss mask or None for all response tokens)."""
+    if "messages" in row:
+        return encode_conversation(tokenizer, row["messages"])
+    return encode_prompt(tokenizer, row["prompt"]), encode_response(tokenizer, row["response"]), None
+
+
+def fit_rows(encoded: list[tuple[list[int], list[int], list[int] | None]], source: str,
+             max_prompt_length: int | None, max_length: int | None
+             ) -> tuple[list[tuple[list[int], list[int], list[int] | None]], int]:
+    """`fit` over encoded rows: the fitted rows and how many were truncated. `source` (the dataset) is named with
+    the row in the error when a row cannot fit at all."""
+    fitted, truncated = [], 0
+    for i, (prompt_ids, response_ids, loss_mask) in enumerate(encoded):
+        try:
+            prompt_ids, cut_response, cut = fit(prompt_ids, response_ids, max_prompt_length, max_length)
+        except ValueError as e:
+            raise ValueError(f"{source}: row {i} cannot fit: {e}; raise max_length or set max_prompt_length") from None
+        fitted.append((prompt_ids, cut_response, loss_mask[:len(cut_response)] if loss_mask else None))
+        truncated += cut
+    return fitted, truncated
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -66,11 +166,15 @@ class PairBatch:
                          self.prompt_len)
 
 
-def pair_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> PairBatch:
+def pair_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+               loss_masks: list[list[int]] | None = None) -> PairBatch:
+    """Rows prompt + response; `loss_masks` (one 0/1 list per response) narrows `response_mask` to the tokens a
+    loss counts (e.g. the assistant turns of a multi-turn response)."""
     prompts, prompt_mask = pad(prompt_ids, pad_id, "left")
-    responses, response_mask = pad(response_ids, pad_id, "right")
-    return PairBatch(torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1),
-                     response_mask, prompts.shape[1])
+    responses, attended = pad(response_ids, pad_id, "right")
+    response_mask = attended if loss_masks is None else attended * pad(loss_masks, 0, "right")[0]
+    return PairBatch(torch.cat([prompts, responses], 1), torch.cat([prompt_mask, attended], 1), response_mask,
+                     prompts.shape[1])
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -108,9 +212,10 @@ def text_lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
 
 @dataclass
 class Samples:
-    prompts: list[str]
+    prompts: list[Prompt]
     completions: list[str]
     batch: PairBatch
+    prompt_ids: list[list[int]]  # each prompt's encoded (and cut) ids
 
     @property
     def lengths(self) -> list[int]:
@@ -118,14 +223,14 @@ class Samples:
 
 
 @torch.no_grad()
-def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-           temperature: float = 1.0, batch_size: int = 64) -> Samples:
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
+           temperature: float = 1.0, batch_size: int = 64, max_prompt_length: int | None = None) -> Samples:
     """Sample one completion per prompt (repeat prompts for several) in eval mode, leaving the model's mode as it
-    was. Responses end at EOS or max_new_tokens."""
+    was. Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_rows = [encode_prompt(tokenizer, p)[-(max_prompt_length or 0):] for p in prompts]
     response_rows: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
@@ -139,4 +244,5 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
             response_rows.append(row[:end])
     completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
     model.train(was_training)
-    return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id))
+    return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
+                   prompt_rows)

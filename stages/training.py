@@ -4,11 +4,12 @@ each rank's batches, held-out policy evaluation, KL to a reference, saving."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from stages.algorithms import masked_sum
@@ -16,14 +17,14 @@ from stages.context import StageContext
 from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means
 from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
 from stages.kinds import StageParams, named
-from stages.models import save
-from stages.text import response_logprobs, sample
+from stages.models import LoraParams, ModelParams, save, with_lora
+from stages.text import PairBatch, Prompt, response_logprobs, sample
 
 EvaluatorName = named(EVALUATORS, "evaluator")
 LRScheduler = Literal["constant", "linear", "cosine"]
 
 
-class OptimParams(StageParams):
+class OptimParams(ModelParams):
     """Params of every training kind's optimiser (its `lr` is declared by the kind, with the kind's default)."""
 
     lr_scheduler: LRScheduler = "constant"  # transformers.get_scheduler, with warmup
@@ -31,7 +32,12 @@ class OptimParams(StageParams):
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step; the global batch stays the same
     max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
-    dtype: Literal["auto", "bfloat16", "float32"] | None = None  # weights; None: float32 on CPU, "auto" on GPU
+
+
+class LoraTrainingParams(OptimParams):
+    """Training kinds that can train LoRA adapters instead of every weight."""
+
+    lora: LoraParams | None = None  # adapters (r, alpha, dropout, target_modules, merge); None: full fine-tuning
 
 
 class PolicyEvalParams(StageParams):
@@ -79,6 +85,8 @@ class Optimization:
 def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, total_steps: int) -> Optimization:
     """AdamW + the `lr_scheduler` over `total_steps` optimiser steps, prepared by accelerate (DDP / FSDP2 / AMP)."""
     p: OptimParams = ctx.params
+    if getattr(p, "lora", None) is not None:
+        model = with_lora(model, p.lora)
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -161,21 +169,40 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
 
 
 @torch.no_grad()
-def kl_to_reference(policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    prompts: list[str], max_new_tokens: int) -> float:
-    """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased)."""
+def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
+                    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int) -> float:
+    """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased);
+    `reference` None: the policy with its LoRA adapters off."""
     samples = sample(policy, tokenizer, prompts, max_new_tokens)
     batch = samples.batch.to(next(policy.parameters()).device)
-    diff = response_logprobs(policy, batch) - response_logprobs(reference, batch)
+    diff = response_logprobs(policy, batch) - reference_logprobs(acc, policy, reference, batch)
     return masked_sum(diff, batch.response_mask, dim=1).mean().item()
 
 
 def save_model(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-               output: str = "model") -> None:
+               output: str = "model", merge: bool = False) -> None:
     """A `save_pretrained` directory from the full state dict (gathered from the shards under FSDP), in the
-    model's dtype; every rank must call this."""
-    acc = ctx.accelerator
+    model's dtype; a LoRA model as its adapter directory unless `merge` or its `lora.merge`. Every rank must call
+    this, last (merging changes the model)."""
+    acc, lora = ctx.accelerator, getattr(ctx.params, "lora", None)
     state = full_state_dict(acc, model)
     if acc.is_main_process:
-        save(acc.unwrap_model(model), tokenizer, ctx.outputs[output], state)
+        save(acc.unwrap_model(model), tokenizer, ctx.outputs[output], state,
+             merge=merge or bool(lora and lora.merge))
     acc.wait_for_everyone()
+
+
+@contextmanager
+def adapters_disabled(acc: Accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """Inside, a LoRA model computes its base model: the frozen reference without a second copy."""
+    with acc.unwrap_model(model).disable_adapter():
+        yield
+
+
+def reference_logprobs(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
+                       batch: PairBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Response log-probs [B, R] under the frozen reference: its own model, or the policy with adapters off."""
+    if reference is not None:
+        return response_logprobs(reference, batch, temperature=temperature)
+    with adapters_disabled(acc, policy):
+        return response_logprobs(policy, batch, temperature=temperature)

@@ -126,7 +126,7 @@ def test_rejection_sampling_run(tmp_path, monkeypatch):
     # two samples per prompt: q0 [GOOD, GOOD (a duplicate)], q1 [WRONG, WRONG], q2 [GOOD, MIXED]
     completions = [GOOD, GOOD, WRONG, WRONG, GOOD, MIXED]
     monkeypatch.setattr(rejection_sampling, "sample",
-                        lambda model, tokenizer, prompts, *args: Samples(prompts, completions, None))
+                        lambda model, tokenizer, prompts, *args, **kwargs: Samples(prompts, completions, None, []))
     metrics, _ = run_kind("rejection_sampling", tmp_path / "rs",
                           {"policy": str(policy), "prompts": str(tmp_path / "prompts.jsonl"),
                            "general": str(tmp_path / "general.jsonl")}, samples_per_prompt=2)

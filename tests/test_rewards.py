@@ -158,7 +158,7 @@ def test_reward_model_reward() -> None:
     completions = ["<think>long reasoning</think><answer>ok</answer>", "<think>r</think> summary ", "plain"]
     prompts = ["p1", "p2", [{"role": "user", "content": "p3"}]]
     assert reward_model_reward(scorer)(completions, prompt=prompts) == [float(len(c)) for c in completions]
-    assert calls[-1] == (["p1", "p2", "p3"], completions)
+    assert calls[-1] == (prompts, completions)  # a chat prompt reaches the reward model's chat template whole
     assert reward_model_reward(scorer, score_on="answer")(completions, prompt=prompts) == [2.0, 7.0, 5.0]
     assert calls[-1][1] == ["ok", "summary", "plain"]
     with pytest.raises(ValueError, match="score_on"):

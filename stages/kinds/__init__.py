@@ -35,11 +35,13 @@ def named(allowed: Iterable[str], what: str) -> Any:
 
 @dataclass(frozen=True)
 class Input:
-    """An input a kind reads: a model directory or a dataset (whose rows must carry `columns`)."""
+    """An input a kind reads: a model directory or a dataset (whose rows must carry `columns`, or else all of
+    `or_columns` when given, e.g. chat `messages` instead of `prompt` + `response`)."""
 
     doc: str
     required: bool = True
     columns: tuple[str, ...] = ()
+    or_columns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

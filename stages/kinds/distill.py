@@ -54,13 +54,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     tokenizer = load_tokenizer(ctx.model_path("student"))
-    student = load_policy(ctx.model_path("student"), p.dtype)
+    student = load_policy(ctx.model_path("student"), p)
     teacher = None
     if p.kd_coef > 0:
         if not ctx.has("teacher"):
             raise ValueError(f"{ctx.stage}: kd_coef > 0 needs the `teacher` input")
         check_same_vocabulary(tokenizer, load_tokenizer(ctx.path("teacher")))
-        teacher = load_policy(ctx.path("teacher"), p.dtype).eval().requires_grad_(False).to(acc.device)
+        teacher = load_policy(ctx.path("teacher"), p).eval().requires_grad_(False).to(acc.device)
 
     def kd_term(model: PreTrainedModel, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         kd = kd_loss(model, teacher, batch, p.kd_temperature)

@@ -38,14 +38,15 @@ from stages.distributed import full_parameters, gather_list, shard, write_trace
 from stages.kinds import Input
 from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
-from stages.text import PairBatch, encode_prompt, encode_response, pair_batch, response_logprobs
-from stages.training import OptimParams, PolicyEvalParams, evaluate, kl_to_reference, prepare_optimization, \
+from stages.text import PairBatch, Prompt, encode_prompt, encode_response, fit, pair_batch, prompt_key, \
+    response_logprobs
+from stages.training import LoraTrainingParams, PolicyEvalParams, evaluate, kl_to_reference, prepare_optimization, \
     save_model, steps_per_epoch, train_epochs
 
 Row = dict[str, Any]
 
 
-class Params(OptimParams, PolicyEvalParams):
+class Params(LoraTrainingParams, PolicyEvalParams):
     loss: Literal["sigmoid", "ipo", "cdpo", "kto"] = "sigmoid"
     beta: float = Field(0.1, gt=0)  # β of DPO / cDPO / KTO; τ of IPO
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO's label-noise rate ε
@@ -55,6 +56,8 @@ class Params(OptimParams, PolicyEvalParams):
     batch_size: int = 16  # pairs (KTO: examples) per step, global across processes
     lr: float = 1e-4
     max_new_tokens: int = 12  # sampled response length for the final KL
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
+    max_length: int | None = None  # prompt + completion tokens kept (completion cut from the right); None: all
     eval_fraction: float = Field(0.1, ge=0, lt=1)  # held-out share of the comparisons' prompts (no eval_comparisons)
 
     @model_validator(mode="after")
@@ -81,9 +84,9 @@ def group_labelled(rows: list[Row]) -> list[Row]:
     """Rows {prompt, completion, label} grouped by prompt into ranked rows (desirable rank 0, undesirable rank 1)."""
     groups: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        groups[row["prompt"]].append(row)
-    return [{"prompt": prompt, "responses": [r["completion"] for r in group],
-             "ranks": [0 if r["label"] else 1 for r in group]} for prompt, group in groups.items()]
+        groups[prompt_key(row["prompt"])].append(row)
+    return [{"prompt": group[0]["prompt"], "responses": [r["completion"] for r in group],
+             "ranks": [0 if r["label"] else 1 for r in group]} for group in groups.values()]
 
 
 def preference_pairs(rows: list[Row]) -> list[Row]:
@@ -116,9 +119,24 @@ def kto_examples(rows: list[Row], rng: random.Random) -> list[Row]:
     return examples
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str]) -> PairBatch:
-    return pair_batch([encode_prompt(tokenizer, p) for p in prompts],
-                      [encode_response(tokenizer, c) for c in completions], tokenizer.pad_token_id)
+def encode(tokenizer, prompts: list[Prompt], completions: list[str], p: Params) -> PairBatch:
+    """(prompt, completion) rows fitted to `max_prompt_length` / `max_length` (see `count_truncated`)."""
+    rows = [fit(encode_prompt(tokenizer, q), encode_response(tokenizer, c), p.max_prompt_length, p.max_length)
+            for q, c in zip(prompts, completions)]
+    return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
+
+
+def count_truncated(tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, source: str) -> int:
+    """How many rows the length budgets cut (either completion); a row that cannot fit is an error naming it."""
+    truncated = 0
+    for i, row in enumerate(rows):
+        prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        try:
+            truncated += any(fit(prompt_ids, encode_response(tokenizer, row[c]), p.max_prompt_length,
+                                 p.max_length)[2] for c in columns)
+        except ValueError as e:
+            raise ValueError(f"{source}: row {i} cannot fit: {e}; raise max_length or set max_prompt_length") from None
+    return truncated
 
 
 def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
@@ -127,31 +145,30 @@ def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> torch.Tensor:
+def score(model, tokenizer, prompts: list[Prompt], completions: list[str], p: Params) -> torch.Tensor:
     """Sequence log-probs of many (prompt, completion) rows, in batches: [N] on the CPU."""
-    device = next(model.parameters()).device
-    logps = [sequence_logps(model, encode(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size])
-                            .to(device)).cpu() for s in range(0, len(prompts), batch_size)]
+    device, size = next(model.parameters()).device, p.batch_size
+    logps = [sequence_logps(model, encode(tokenizer, prompts[s:s + size], completions[s:s + size], p)
+                            .to(device)).cpu() for s in range(0, len(prompts), size)]
     return torch.cat(logps) if logps else torch.zeros(0)
 
 
-def with_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], batch_size: int,
-                         acc) -> list[Row]:
+def with_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, acc) -> list[Row]:
     """The rows with `ref_<column>_logps` added for both completion columns; each rank scores its share."""
     rows = shard(rows, acc)
     for column in columns:
-        logps = score(model, tokenizer, [r["prompt"] for r in rows], [r[column] for r in rows], batch_size)
+        logps = score(model, tokenizer, [r["prompt"] for r in rows], [r[column] for r in rows], p)
         for row, logp in zip(rows, logps.tolist()):
             row[f"ref_{column}_logps"] = logp
     return gather_list(rows, acc)
 
 
-def collate(tokenizer, columns: tuple[str, str], rows: list[Row]) -> dict[str, Any]:
+def collate(tokenizer, columns: tuple[str, str], p: Params, rows: list[Row]) -> dict[str, Any]:
     """Both completion columns in one batch: sequences [2B] (first column, then second), their reference log-probs
     [2B], and `desirable` [B] (KTO)."""
     first, second = columns
     return {"sequences": encode(tokenizer, [r["prompt"] for r in rows] * 2,
-                                [r[first] for r in rows] + [r[second] for r in rows]),
+                                [r[first] for r in rows] + [r[second] for r in rows], p),
             "ref_logps": torch.tensor([r[f"ref_{first}_logps"] for r in rows] +
                                       [r[f"ref_{second}_logps"] for r in rows]),
             "desirable": torch.tensor([r.get("desirable", True) for r in rows])}
@@ -198,25 +215,26 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     rng = random.Random(ctx.seed)
     tokenizer = load_tokenizer(ctx.path("policy"))
-    policy = load_policy(ctx.path("policy"), p.dtype).to(acc.device)
+    policy = load_policy(ctx.path("policy"), p).to(acc.device)
 
     # 1. data: held-out prompts are a seeded `eval_fraction` of the comparisons' prompts (no prompt in both splits)
     rows = ctx.rows("comparisons")
     if ctx.has("eval_comparisons"):
         held_out_rows = ctx.rows("eval_comparisons")
     else:
-        prompts = sorted({r["prompt"] for r in rows})
+        prompts = sorted({prompt_key(r["prompt"]) for r in rows})
         rng.shuffle(prompts)
         held_out = set(prompts[:int(len(prompts) * p.eval_fraction)])
-        held_out_rows = [r for r in rows if r["prompt"] in held_out]
-        rows = [r for r in rows if r["prompt"] not in held_out]
+        held_out_rows = [r for r in rows if prompt_key(r["prompt"]) in held_out]
+        rows = [r for r in rows if prompt_key(r["prompt"]) not in held_out]
     columns = ("completion", "kl_completion") if p.loss == "kto" else ("chosen", "rejected")
     train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
     eval_pairs = preference_pairs(held_out_rows)
 
     # 2. reference log-probs, once: π_ref = the policy before its first update
-    train = with_reference_logps(policy, tokenizer, train, columns, p.batch_size, acc)
-    eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p.batch_size, acc)
+    truncated = count_truncated(tokenizer, train, columns, p, ctx.source("comparisons"))
+    train = with_reference_logps(policy, tokenizer, train, columns, p, acc)
+    eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p, acc)
     if acc.is_main_process:
         write_jsonl(train, ctx.outputs["reference_logps"] / "train.jsonl")
         if eval_pairs:
@@ -226,7 +244,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     opt = prepare_optimization(ctx, policy, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate(tokenizer, columns, [train[i] for i in ids.tolist()])
+        batch = collate(tokenizer, columns, p, [train[i] for i in ids.tolist()])
         logps = sequence_logps(opt.model, batch["sequences"].to(acc.device))
         ref_logps = batch["ref_logps"].to(acc.device)
         if p.loss == "kto":
@@ -239,22 +257,23 @@ def run(ctx: StageContext) -> dict[str, float]:
                                                                  loss_fn))
 
     # 5. evaluate
-    save_model(ctx, opt.model, tokenizer)
-    final: dict[str, float] = {}
+    final: dict[str, float] = {"truncated_rows": truncated}
     with full_parameters(acc, opt.model) as policy:  # every rank evaluates; the main process's are logged
         if eval_pairs:
             prompts = [r["prompt"] for r in eval_pairs]
-            chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p.batch_size)
-            rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p.batch_size)
+            chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p)
+            rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p)
             ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in eval_pairs])
             ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in eval_pairs])
             held = pair_metrics(p.beta * (chosen - ref_chosen), p.beta * (rejected - ref_rejected), chosen, rejected)
             final.update(eval_accuracy=held["accuracy"], eval_margin=held["margin"],
                          chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
         kl_prompts = [r["prompt"] for r in ctx.rows("eval")] if ctx.has("eval") \
-            else sorted({r["prompt"] for r in eval_pairs})
-        if kl_prompts:
-            reference = load_policy(ctx.path("policy"), p.dtype).to(acc.device).requires_grad_(False)
-            final["kl"] = kl_to_reference(policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
+            else list({prompt_key(r["prompt"]): r["prompt"] for r in eval_pairs}.values())
+        if kl_prompts:  # the reference: reloaded for this only, or the policy with its LoRA adapters off
+            reference = None if p.lora else load_policy(ctx.path("policy"), p).to(acc.device).requires_grad_(False)
+            final["kl"] = kl_to_reference(acc, policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
             del reference
-    return {**final, **evaluate(ctx, opt.model, tokenizer)}
+    final |= evaluate(ctx, opt.model, tokenizer)
+    save_model(ctx, opt.model, tokenizer)
+    return final

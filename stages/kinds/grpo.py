@@ -54,9 +54,9 @@ from stages.rewards import (
     routed_reward,
     score_components,
 )
-from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs, sample
-from stages.training import (OptimParams, PolicyEvalParams, disable_dropout, evaluate, micro_batches, minibatches,
-                             prepare_optimization, save_model)
+from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
+from stages.training import (LoraTrainingParams, PolicyEvalParams, disable_dropout, evaluate, micro_batches,
+                             minibatches, prepare_optimization, reference_logprobs, save_model)
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
@@ -66,13 +66,14 @@ OutcomeEstimator = named(OUTCOME_ESTIMATORS, "advantage estimator")
 LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
 
 
-class Params(OptimParams, PolicyEvalParams):
+class Params(LoraTrainingParams, PolicyEvalParams):
     iterations: int = 20  # rollout + update rounds
     prompts_per_step: int = 16  # prompts (groups) per rollout, global across processes
     samples_per_prompt: int = 8  # G: responses per prompt
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
     minibatch_size: int = 64  # samples per optimiser step, global across processes
     max_new_tokens: int = 24  # response budget
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
     lr: float = 1e-4  # AdamW learning rate
     advantage: Literal["outcome", "process"] = "outcome"  # outcome or rule-based process supervision
@@ -124,7 +125,7 @@ class Params(OptimParams, PolicyEvalParams):
 
 
 INPUTS = {
-    "policy": Input("initial policy, also the frozen KL reference"),
+    "policy": Input("initial policy, also the frozen KL reference (with LoRA: the policy with adapters off)"),
     "prompts": Input("RL prompts; every other column (answer, language, task…) is passed to the rewards",
                      columns=("prompt",)),
     "reward": Input("trained reward model, for the `reward_model` reward", required=False),
@@ -168,14 +169,16 @@ def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: 
     """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
     accuracy, format, and `reward_<name>` for each reward component}."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
-    samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature)
+    samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
+                     max_prompt_length=p.max_prompt_length)
     response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
     total, components = score_components(reward_fns, p.rewards, samples.completions, **columns)
     accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
     formatted = format_reward(samples.completions)
-    return [{"row": row, "completion": completion, "response_ids": ids, "reward": total[i],
+    return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
+             "reward": total[i],
              "truncated": ids[-1:] != [tokenizer.eos_token_id], "accuracy": accuracy[i], "format": formatted[i],
              **{f"reward_{name}": values[i] for name, values in components.items()}}
             for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
@@ -265,19 +268,21 @@ def run(ctx: StageContext) -> dict[str, float]:
     if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
         raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
     tokenizer = load_tokenizer(ctx.path("policy"))
-    reference = load_policy(ctx.path("policy"), p.dtype).eval().requires_grad_(False).to(device) \
-        if p.kl_coef > 0 else None
+    keep_reference = p.kl_coef > 0 and p.lora is None  # with LoRA the reference is the policy with adapters off
+    reference = load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device) if keep_reference \
+        else None
     scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
     reward_fns = build_rewards(p, scorer)
     local_samples = p.prompts_per_step // acc.num_processes * p.samples_per_prompt
     local_minibatch = p.minibatch_size // acc.num_processes
     total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
-    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p.dtype), p.lr, total_steps)
+    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
     disable_dropout(policy.model)
     seed_sampling(ctx.seed, acc)
 
     initial = evaluate(ctx, policy.model, tokenizer)
     prompt_rows = [{**row, ROW_ID: i} for i, row in enumerate(ctx.rows("prompts"))]
+    truncated_prompts = count_long_prompts(tokenizer, [r["prompt"] for r in prompt_rows], p.max_prompt_length)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
     seen: list[int] = []
@@ -304,15 +309,16 @@ def run(ctx: StageContext) -> dict[str, float]:
         # this rank's share of the groups: old and reference log-probs in eval mode, at the sampling temperature
         local = shard(samples, acc)
         seen += [s["row"][ROW_ID] for s in local[::p.samples_per_prompt]]
-        batch = pair_batch([encode_prompt(tokenizer, s["row"]["prompt"]) for s in local],
-                           [s["response_ids"] for s in local], tokenizer.pad_token_id).to(device)
+        batch = pair_batch([s["prompt_ids"] for s in local], [s["response_ids"] for s in local],
+                           tokenizer.pad_token_id).to(device)
         mask = batch.response_mask.float()
         advantages = local_rows(acc, advantages, mask)
         response_loss_mask = loss_mask(local, mask, p.mask_truncated)
         with torch.no_grad():
             policy.model.eval()
             old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
-            ref_logp = response_logprobs(reference, batch, temperature=p.temperature) if reference else None
+            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature) \
+                if p.kl_coef > 0 else None
             policy.model.train()
 
         # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode
@@ -323,7 +329,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                                              p.clip_high, p.agg_mode, p.max_new_tokens)
             stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
-            if reference is not None:
+            if ref_logp is not None:
                 kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
                 loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
                 stats["kl"] = masked_mean(kl.detach(), mb_mask).item()
@@ -341,6 +347,6 @@ def run(ctx: StageContext) -> dict[str, float]:
         ctx.tracker.log(it, metrics, p.iterations)
 
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
+    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
     save_model(ctx, policy.model, tokenizer)
-    final = evaluate(ctx, policy.model, tokenizer)
     return {**final, **{f"initial_{k}": v for k, v in initial.items()}}

@@ -11,15 +11,15 @@ import random
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, seed_sampling, shard, write_trace
-from stages.kinds import Input, StageParams, named
+from stages.kinds import Input, named
 from stages.labelers import LABELERS
-from stages.models import load_policy, load_tokenizer
+from stages.models import ModelParams, load_policy, load_tokenizer
 from stages.text import sample
 
 Labeler = named(LABELERS, "labeler")
 
 
-class Params(StageParams):
+class Params(ModelParams):
     prompts: int = 600  # prompts to collect comparisons on (global: each process samples its share)
     responses_per_prompt: int = 4  # K responses ranked per prompt
     eval_fraction: float = 0.2  # share of the prompts written to `eval`
@@ -39,7 +39,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     tokenizer = load_tokenizer(ctx.path("policy"))
     acc = ctx.accelerator
-    model = load_policy(ctx.path("policy")).to(acc.device)
+    model = load_policy(ctx.path("policy"), p).to(acc.device)
     seed_sampling(ctx.seed, acc)
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
     ids = shard(random.Random(ctx.seed).sample(range(len(prompts)), min(p.prompts, len(prompts))), acc)

@@ -35,20 +35,22 @@ from stages.distributed import (check_divisible, full_parameters, gather_rows, g
 from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
-from stages.text import response_logprobs, sample, text_lm_loss
-from stages.training import (OptimParams, PolicyEvalParams, disable_dropout, evaluate, kl_to_reference, micro_batches, minibatches,
-                             prepare_optimization, save_model)
+from stages.text import PairBatch, count_long_prompts, response_logprobs, sample, text_lm_loss
+from stages.training import (LoraTrainingParams, PolicyEvalParams, adapters_disabled, disable_dropout, evaluate,
+                             kl_to_reference, micro_batches, minibatches, prepare_optimization, reference_logprobs,
+                             save_model)
 
 AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
 
 
-class Params(OptimParams, PolicyEvalParams):
+class Params(LoraTrainingParams, PolicyEvalParams):
     iterations: int = 30  # rollout + update rounds
     rollout_prompts: int = 64  # prompts per rollout, global across processes
     samples_per_prompt: int = 1  # responses per prompt (> 1 for the group-based estimators)
     ppo_epochs: int = 4  # passes over each rollout buffer
     minibatch_size: int = 16  # samples per optimiser step, global across processes
     max_new_tokens: int = 12  # response budget
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
     lr: float = 5e-5  # policy AdamW learning rate
     value_lr: float = 1e-4  # value model AdamW learning rate
@@ -68,8 +70,10 @@ class Params(OptimParams, PolicyEvalParams):
 
 
 INPUTS = {
-    "policy": Input("initial policy; the frozen reference is loaded from the same checkpoint"),
-    "reward": Input("reward model (its stored normalization bias is applied)"),
+    "policy": Input("initial policy; the frozen reference is loaded from the same checkpoint (with LoRA: the "
+                    "policy with adapters off)"),
+    "reward": Input("reward model (its stored normalization bias is applied); with LoRA and GAE it is also the "
+                    "value model's base, and scores with the value adapters off"),
     "prompts": Input("RL prompts", columns=("prompt",)),
     "ptx": Input("pretraining corpus for the ptx term", required=False, columns=("text",)),
     "lm_eval": Input("held-out pretraining text: final `ptx_lm_loss` (the alignment tax)", required=False,
@@ -86,25 +90,37 @@ def run(ctx: StageContext) -> dict[str, float]:
     check_divisible("rollout_prompts", p.rollout_prompts, acc)
     check_divisible("minibatch_size", p.minibatch_size, acc, p.gradient_accumulation_steps)
     tokenizer = load_tokenizer(ctx.path("policy"))
-    reference = load_policy(ctx.path("policy"), p.dtype).eval().requires_grad_(False).to(device)
-    reward_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p.dtype)
-    reward_model = reward_model.eval().requires_grad_(False).to(device)
-    bias = reward_bias(ctx.path("reward"))
     use_values = p.advantage_estimator == "gae"
+    shared_base = p.lora is not None  # reference = policy with adapters off; RM = value model with adapters off
+    reference = None if shared_base else load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device)
+    bias = reward_bias(ctx.path("reward"))
 
     local_samples = p.rollout_prompts // acc.num_processes * p.samples_per_prompt
     local_minibatch = p.minibatch_size // acc.num_processes
     total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
-    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p.dtype), p.lr, total_steps)
-    if use_values:
-        value = prepare_optimization(
-            ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p.dtype), p.value_lr, total_steps)
+    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
     disable_dropout(policy.model)
     if use_values:
+        value = prepare_optimization(
+            ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p), p.value_lr, total_steps)
         disable_dropout(value.model)
+    if use_values and shared_base:
+        reward_model = None
+    else:
+        reward_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p)
+        reward_model = reward_model.eval().requires_grad_(False).to(device)
+
+    def reward_scores(batch: PairBatch) -> torch.Tensor:
+        if reward_model is not None:
+            return last_token_scores(reward_model, batch.ids, batch.attention_mask, bias)
+        with adapters_disabled(acc, value.model):
+            return last_token_scores(value.model, batch.ids, batch.attention_mask, bias)
+
+    trained = [policy.model, value.model] if use_values else [policy.model]
     seed_sampling(ctx.seed, acc)
 
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
+    truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
     ptx_stream = itertools.cycle(shard(ptx_texts, acc)) if ptx_texts else None
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
@@ -117,24 +133,25 @@ def run(ctx: StageContext) -> dict[str, float]:
         seen += batch_ids
         repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
         with full_parameters(acc, policy.model) as model:
-            batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature).batch.to(device)
+            batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
+                           max_prompt_length=p.max_prompt_length).batch.to(device)
         mask = batch.response_mask.float()
 
         # 2. score in eval mode: r_t = −β·KL_t, plus the RM score on the last response token
         with torch.no_grad():
-            policy.model.eval()
+            for model in trained:
+                model.eval()
             old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
-            ref_logp = response_logprobs(reference, batch, temperature=p.temperature)
-            scores = last_token_scores(reward_model, batch.ids, batch.attention_mask, bias)
+            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature)
+            scores = reward_scores(batch)
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
             if use_values:
-                value.model.eval()
                 old_values = token_values(value.model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
                 old_values = old_values * mask
-                value.model.train()
-            policy.model.train()
+            for model in trained:
+                model.train()
 
             # 3. advantages, on the batch gathered from every rank (whitening and baselines are batch statistics)
             all_mask = gather_rows(acc, mask)
@@ -189,16 +206,15 @@ def run(ctx: StageContext) -> dict[str, float]:
         ctx.tracker.log(it, {**metrics, "kl_coef": kl_coef}, p.iterations)
 
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
-    save_model(ctx, policy.model, tokenizer)
-    final = evaluate(ctx, policy.model, tokenizer)
+    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
     with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
         if ctx.has("eval"):
             eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
-            final["kl"] = kl_to_reference(model, reference, tokenizer, eval_prompts, p.max_new_tokens)
+            final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens)
             eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
             with torch.no_grad():
-                final["reward"] = last_token_scores(reward_model, eval_samples.ids, eval_samples.attention_mask,
-                                                    bias).mean().item()
+                final["reward"] = reward_scores(eval_samples).mean().item()
     if ctx.has("lm_eval"):
         final["ptx_lm_loss"] = final.pop("lm_eval_loss")
+    save_model(ctx, policy.model, tokenizer)
     return final

@@ -16,10 +16,10 @@ from pydantic import field_validator
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, seed_sampling, shard, write_trace
-from stages.kinds import Input, StageParams
-from stages.models import load_policy, load_tokenizer
+from stages.kinds import Input
+from stages.models import ModelParams, load_policy, load_tokenizer
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
-from stages.text import sample
+from stages.text import prompt_key, sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
 Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]
@@ -52,7 +52,7 @@ def dedup(completions: list[str], columns: dict[str, list[Any]], p: "Params") ->
     """Only the first copy of a (prompt, completion) pair."""
     seen: set[tuple[str, str]] = set()
     keep = []
-    for prompt, completion in zip(columns["prompt"], completions):
+    for prompt, completion in zip(map(prompt_key, columns["prompt"]), completions):
         keep.append((prompt, completion) not in seen)
         seen.add((prompt, completion))
     return keep
@@ -61,11 +61,12 @@ def dedup(completions: list[str], columns: dict[str, list[Any]], p: "Params") ->
 FILTERS: dict[str, Filter] = {f.__name__: f for f in (correct, formatted, language_consistent, not_repetitive, dedup)}
 
 
-class Params(StageParams):
+class Params(ModelParams):
     prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
     samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt
     max_new_tokens: int = 24  # response budget
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = 1.0  # sampling temperature
     filters: list[str] = ["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # all must pass
     min_language_consistency: float = 1.0  # `language_consistent` threshold
@@ -103,7 +104,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     tokenizer = load_tokenizer(ctx.path("policy"))
     acc = ctx.accelerator
-    model = load_policy(ctx.path("policy")).to(acc.device)
+    model = load_policy(ctx.path("policy"), p).to(acc.device)
     seed_sampling(ctx.seed, acc)
     rows = ctx.rows("prompts")
     ids = list(range(len(rows))) if p.prompts is None else \
@@ -113,20 +114,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", local_ids)
     repeated = [row for row in shard(rows, acc) for _ in range(p.samples_per_prompt)]
     completions = gather_list(sample(model, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens,
-                                     p.temperature).completions, acc)
+                                     p.temperature, max_prompt_length=p.max_prompt_length).completions, acc)
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     columns = {key: [row.get(key) for row in repeated] for key in rows[0]}
     keep, rates = accept(completions, columns, p)
 
-    kept: dict[str, list[str]] = {}
+    kept: dict[str, list[dict[str, Any]]] = {}
     for row, completion, ok in zip(repeated, completions, keep):
-        if ok and len(kept.setdefault(row["prompt"], [])) < p.max_per_prompt:
-            kept[row["prompt"]].append(completion)
-    sft = [{"prompt": prompt, "response": r} for prompt, responses in kept.items() for r in responses]
+        if ok and len(kept.setdefault(prompt_key(row["prompt"]), [])) < p.max_per_prompt:
+            kept[prompt_key(row["prompt"])].append({"prompt": row["prompt"], "response": completion})
+    sft = [pair for pairs in kept.values() for pair in pairs]
     general = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.rows("general")] \
         if ctx.has("general") else []
     if acc.is_main_process:
         write_jsonl(sft + general, ctx.outputs["sft"])
-    n_prompts = len({row["prompt"] for row in rows})
+    n_prompts = len({prompt_key(row["prompt"]) for row in rows})
     return {"acceptance_rate": sum(keep) / len(keep), "prompts_without_sample": n_prompts - len(kept),
             "kept": len(sft), "general": len(general), **rates}

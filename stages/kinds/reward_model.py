@@ -18,53 +18,70 @@ from stages.context import StageContext
 from stages.distributed import full_parameters, write_trace
 from stages.kinds import Input
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
-from stages.text import encode_prompt, encode_response, pair_batch
-from stages.training import OptimParams, prepare_optimization, save_model, steps_per_epoch, train_epochs
+from stages.text import completion_text, encode_prompt, encode_response, encode_row, fit_rows, pair_batch
+from stages.training import LoraTrainingParams, prepare_optimization, save_model, steps_per_epoch, train_epochs
 
 Ranked = tuple[str, list[str], list[int]]
 
 
-class Params(OptimParams):
+class Params(LoraTrainingParams):
     epochs: int = 4  # passes over the comparisons
     batch_size: int = 16  # prompts per optimiser step (each with all its K responses), global across processes
     lr: float = 5e-4  # AdamW learning rate
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
+    max_length: int | None = None  # prompt + response tokens kept (response cut from the right); None: all
 
 
 INPUTS = {
     "base": Input("model to initialise from (InstructGPT: the SFT model)", required=False),
-    "comparisons": Input("ranked responses: {prompt, responses, ranks} or {prompt, chosen, rejected}",
-                         columns=("prompt",)),
+    "comparisons": Input("ranked responses: {prompt, responses, ranks} or {prompt, chosen, rejected}, as text or "
+                         "chat messages (TRL's conversational preference format)", columns=("prompt",)),
     "eval_comparisons": Input("held-out comparisons for eval_accuracy", required=False, columns=("prompt",)),
-    "demos": Input("SFT demonstrations; normalization makes their mean reward 0", columns=("prompt", "response")),
+    "demos": Input("SFT demonstrations ({prompt, response} or chat {messages}); normalization makes their mean "
+                   "reward 0", columns=("prompt", "response"), or_columns=("messages",)),
 }
 OUTPUTS = {"model": "model"}
 
 
 def as_ranked(row: dict[str, Any]) -> Ranked:
-    """A comparison row as (prompt, responses, ranks); a chosen/rejected pair is K = 2."""
+    """A comparison row as (prompt, response texts, ranks); a chosen/rejected pair is K = 2."""
     if "responses" in row:
-        return row["prompt"], list(row["responses"]), list(row["ranks"])
-    return row["prompt"], [row["chosen"], row["rejected"]], [0, 1]
+        return row["prompt"], [completion_text(r) for r in row["responses"]], list(row["ranks"])
+    return row["prompt"], [completion_text(row["chosen"]), completion_text(row["rejected"])], [0, 1]
 
 
-def by_k(rows: list[Ranked]) -> list[list[Ranked]]:
+Encoded = tuple[list[int], list[list[int]], list[int]]  # prompt ids, each response's ids, ranks
+
+
+def encode_comparisons(tokenizer, rows: list[Ranked], source: str, max_prompt_length: int | None,
+                       max_length: int | None) -> tuple[list[Encoded], int]:
+    """Every comparison tokenized once and fitted to the length budgets; and how many were truncated."""
+    encoded, truncated = [], 0
+    for prompt, responses, ranks in rows:
+        pairs, cut = fit_rows([(encode_prompt(tokenizer, prompt), encode_response(tokenizer, r), None)
+                               for r in responses], source, max_prompt_length, max_length)
+        encoded.append((pairs[0][0], [response for _, response, _ in pairs], ranks))
+        truncated += cut > 0
+    return encoded, truncated
+
+
+def by_k(rows: list[Encoded]) -> list[list[Encoded]]:
     """The comparisons grouped by K (one forward pass holds N prompts × K responses)."""
-    groups: dict[int, list[Ranked]] = defaultdict(list)
+    groups: dict[int, list[Encoded]] = defaultdict(list)
     for row in rows:
         groups[len(row[1])].append(row)
     return list(groups.values())
 
 
-def score_comparisons(model, tokenizer, rows: list[Ranked], device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_comparisons(model, tokenizer, rows: list[Encoded], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [N, K] and ranks [N, K] of N comparisons with the same K, in one forward pass."""
-    prompt_ids = [encode_prompt(tokenizer, prompt) for prompt, responses, _ in rows for _ in responses]
-    response_ids = [encode_response(tokenizer, r) for _, responses, _ in rows for r in responses]
-    batch = pair_batch(prompt_ids, response_ids, tokenizer.pad_token_id).to(device)
+    batch = pair_batch([prompt for prompt, responses, _ in rows for _ in responses],
+                       [r for _, responses, _ in rows for r in responses], tokenizer.pad_token_id).to(device)
     scores = last_token_scores(model, batch.ids, batch.attention_mask)
     return scores.view(len(rows), -1), torch.tensor([ranks for _, _, ranks in rows], device=device)
 
 
-def kwise_loss(model, tokenizer, rows: list[Ranked], device) -> tuple[torch.Tensor, dict[str, float]]:
+def kwise_loss(model, tokenizer, rows: list[Encoded], device) -> tuple[torch.Tensor, dict[str, float]]:
     """K-wise Bradley–Terry loss over comparisons of any K (one forward per K, weighted by prompts)."""
     loss, correct, pairs = 0.0, 0.0, 0
     for group in by_k(rows):
@@ -73,11 +90,11 @@ def kwise_loss(model, tokenizer, rows: list[Ranked], device) -> tuple[torch.Tens
         n_pairs = int((ranks[:, :, None] < ranks[:, None, :]).sum())
         correct += pairwise_accuracy(scores, ranks).item() * n_pairs
         pairs += n_pairs
-    return loss, {"loss": float(loss), "accuracy": correct / max(pairs, 1)}
+    return loss, {"loss": loss.item(), "accuracy": correct / max(pairs, 1)}
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[Ranked], device, batch_size: int) -> float:
+def accuracy(model, tokenizer, rows: list[Encoded], device, batch_size: int) -> float:
     """Pairwise accuracy over all non-tied pairs of all comparisons."""
     correct, pairs = 0.0, 0
     for group in by_k(rows):
@@ -90,13 +107,13 @@ def accuracy(model, tokenizer, rows: list[Ranked], device, batch_size: int) -> f
 
 
 @torch.no_grad()
-def demo_scores(model, tokenizer, demos, device, batch_size: int = 128) -> torch.Tensor:
+def demo_scores(model, tokenizer, demos: list[tuple[list[int], list[int], Any]], device,
+                batch_size: int = 128) -> torch.Tensor:
+    """Scores [M] of encoded demonstrations (`encode_row`: {prompt, response} or chat {messages})."""
     scores = []
     for start in range(0, len(demos), batch_size):
         chunk = demos[start:start + batch_size]
-        batch = pair_batch([encode_prompt(tokenizer, d["prompt"]) for d in chunk],
-                           [encode_response(tokenizer, d["response"]) for d in chunk],
-                           tokenizer.pad_token_id).to(device)
+        batch = pair_batch([d[0] for d in chunk], [d[1] for d in chunk], tokenizer.pad_token_id).to(device)
         scores.append(last_token_scores(model, batch.ids, batch.attention_mask))
     return torch.cat(scores)
 
@@ -105,8 +122,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     tokenizer = load_tokenizer(ctx.model_path("base"))
-    model = load_scalar_head_model(ctx.model_path("base"), tokenizer.pad_token_id, p.dtype)
-    train = [as_ranked(r) for r in ctx.rows("comparisons")]
+    model = load_scalar_head_model(ctx.model_path("base"), tokenizer.pad_token_id, p)
+    train, truncated = encode_comparisons(tokenizer, [as_ranked(r) for r in ctx.rows("comparisons")],
+                                          ctx.source("comparisons"), p.max_prompt_length, p.max_length)
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -115,15 +133,17 @@ def run(ctx: StageContext) -> dict[str, float]:
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
                                                                  loss_fn))
 
+    demos, _ = fit_rows([encode_row(tokenizer, r) for r in ctx.rows("demos")], ctx.source("demos"),
+                        p.max_prompt_length, p.max_length)
     with full_parameters(acc, opt.model) as full:  # every rank computes the same bias and metrics
-        demos = ctx.rows("demos")
         bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
-        full.config.update({REWARD_BIAS_KEY: bias})
-        metrics = {"normalization_bias": bias,
+        acc.unwrap_model(opt.model).config.update({REWARD_BIAS_KEY: bias})
+        metrics = {"normalization_bias": bias, "truncated_rows": truncated,
                    "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
                    "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
         if ctx.has("eval_comparisons"):
-            held_out = [as_ranked(r) for r in ctx.rows("eval_comparisons")]
+            held_out, _ = encode_comparisons(tokenizer, [as_ranked(r) for r in ctx.rows("eval_comparisons")],
+                                             ctx.source("eval_comparisons"), p.max_prompt_length, p.max_length)
             metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
-    save_model(ctx, opt.model, tokenizer)
+    save_model(ctx, opt.model, tokenizer, merge=True)  # the head and the normalization bias travel in one model
     return metrics
