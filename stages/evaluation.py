@@ -12,14 +12,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages import instruct_task, rewards
-from stages.text import encode_text, sample, text_lm_loss
+from stages.text import encode_text, prompt_text, sample, text_lm_loss
 
 Evaluator = Callable[[list[dict[str, Any]], list[str]], dict[str, float]]
 
 
 def instruct_gold(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
     """Mean hidden gold score of the embedded instruction task, and mean response length in words."""
-    scores = [instruct_task.gold_score(r["prompt"], c) for r, c in zip(rows, completions)]
+    scores = [instruct_task.gold_score(prompt_text(r["prompt"]), c) for r, c in zip(rows, completions)]
     return {"gold_score": sum(scores) / len(scores),
             "mean_response_length": sum(len(c.split()) for c in completions) / len(completions)}
 

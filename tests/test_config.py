@@ -124,3 +124,35 @@ def test_cli_exits_2_and_writes_nothing(project):
     assert result.returncode == 2
     assert "stage 'sft'" in result.stderr and "unknown stage kind 'sftt'" in result.stderr
     assert sorted(p.name for p in project.iterdir()) == before
+
+
+def hub_layout_config(chat_columns: dict[str, str]) -> dict:
+    return {"pipelines": {"demo": {
+        "defaults": {"seed": 0, "model": "some/model"},
+        "datasets": {"chat": {"path": "chat", "split": "train", "columns": chat_columns},
+                     "flat": {"path": "demos.jsonl", "columns": {"prompt": "question", "response": "answer"}},
+                     "prefs": {"path": "prefs", "split": "train"}},
+        "stages": [{"name": "sft_chat", "kind": "sft", "inputs": {"data": "datasets.chat"}},
+                   {"name": "sft_flat", "kind": "sft", "inputs": {"data": "datasets.flat"}},
+                   {"name": "rm", "kind": "reward_model",
+                    "inputs": {"base": "sft_chat.model", "comparisons": "datasets.prefs", "demos": "datasets.chat"}}],
+    }}}
+
+
+def test_hub_layout_folders_and_flat_files_share_the_column_mapping(project: Path):
+    from datasets import Dataset
+
+    for name, row in (("chat", {"conversation": [{"role": "user", "content": "hi"}]}),
+                      ("prefs", {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+                                 "rejected": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "b"}]})):
+        (project / name / "data").mkdir(parents=True)
+        Dataset.from_list([row]).to_parquet(project / name / "data/train-00000-of-00001.parquet")
+    resolved = resolve(write(project, hub_layout_config({"messages": "conversation"})))
+    assert resolved["demo"]["sft_chat"]["inputs"]["data"]["columns"] == {"messages": "conversation"}
+
+    with pytest.raises(ConfigError) as raised:
+        resolve(write(project, hub_layout_config({"messages": "conversations"})))
+    message = str(raised.value)
+    for part in ("pipelines.yaml", "'demo'", "'sft_chat'", "inputs.data", "'conversations'", "chat"):
+        assert part in message, message

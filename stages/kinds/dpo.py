@@ -70,9 +70,11 @@ class Params(LoraTrainingParams, PolicyEvalParams):
 INPUTS = {
     "policy": Input("initial policy, also the frozen reference π_ref (the SFT model)"),
     "comparisons": Input("preferences: {prompt, responses, ranks}, {prompt, chosen, rejected} or "
-                         "{prompt, completion, label} (label true = desirable)", columns=("prompt",)),
+                         "{prompt, completion, label} (label true = desirable), as text or chat messages; chosen / "
+                         "rejected conversations without a prompt column too", columns=("prompt",),
+                         or_columns=("chosen", "rejected")),
     "eval_comparisons": Input("held-out preferences, same formats (default: `eval_fraction` of the comparisons' "
-                              "prompts)", required=False, columns=("prompt",)),
+                              "prompts)", required=False, columns=("prompt",), or_columns=("chosen", "rejected")),
     "eval": Input("held-out prompts for the evaluator and the KL (default for the KL: the held-out comparisons' "
                   "prompts)", required=False, columns=("prompt",)),
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
@@ -222,11 +224,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     if ctx.has("eval_comparisons"):
         held_out_rows = ctx.rows("eval_comparisons")
     else:
-        prompts = sorted({prompt_key(r["prompt"]) for r in rows})
+        prompts = sorted({prompt_key(as_ranked(r)[0]) for r in rows})
         rng.shuffle(prompts)
         held_out = set(prompts[:int(len(prompts) * p.eval_fraction)])
-        held_out_rows = [r for r in rows if prompt_key(r["prompt"]) in held_out]
-        rows = [r for r in rows if prompt_key(r["prompt"]) not in held_out]
+        held_out_rows = [r for r in rows if prompt_key(as_ranked(r)[0]) in held_out]
+        rows = [r for r in rows if prompt_key(as_ranked(r)[0]) not in held_out]
     columns = ("completion", "kl_completion") if p.loss == "kto" else ("chosen", "rejected")
     train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
     eval_pairs = preference_pairs(held_out_rows)

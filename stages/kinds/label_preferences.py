@@ -14,7 +14,7 @@ from stages.distributed import gather_list, seed_sampling, shard, write_trace
 from stages.kinds import Input, named
 from stages.labelers import LABELERS
 from stages.models import ModelParams, load_policy, load_tokenizer
-from stages.text import sample
+from stages.text import prompt_text, sample
 
 Labeler = named(LABELERS, "labeler")
 
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     rows = []
     for i, prompt in enumerate(prompts):
         responses = samples.completions[i * k:(i + 1) * k]
-        rows.append({"prompt": prompt, "responses": responses, "ranks": label(prompt, responses)})
+        rows.append({"prompt": prompt, "responses": responses, "ranks": label(prompt_text(prompt), responses)})
     rows = gather_list(rows, acc)
     all_tied = sum(len(set(row["ranks"])) == 1 for row in rows)
     n_eval = int(len(rows) * p.eval_fraction)

@@ -35,8 +35,10 @@ class Params(LoraTrainingParams):
 INPUTS = {
     "base": Input("model to initialise from (InstructGPT: the SFT model)", required=False),
     "comparisons": Input("ranked responses: {prompt, responses, ranks} or {prompt, chosen, rejected}, as text or "
-                         "chat messages (TRL's conversational preference format)", columns=("prompt",)),
-    "eval_comparisons": Input("held-out comparisons for eval_accuracy", required=False, columns=("prompt",)),
+                         "chat messages (TRL's preference formats, implicit prompt too)", columns=("prompt",),
+                         or_columns=("chosen", "rejected")),
+    "eval_comparisons": Input("held-out comparisons for eval_accuracy", required=False, columns=("prompt",),
+                              or_columns=("chosen", "rejected")),
     "demos": Input("SFT demonstrations ({prompt, response} or chat {messages}); normalization makes their mean "
                    "reward 0", columns=("prompt", "response"), or_columns=("messages",)),
 }
@@ -44,10 +46,18 @@ OUTPUTS = {"model": "model"}
 
 
 def as_ranked(row: dict[str, Any]) -> Ranked:
-    """A comparison row as (prompt, response texts, ranks); a chosen/rejected pair is K = 2."""
+    """A comparison row as (prompt, response texts, ranks); a chosen/rejected pair is K = 2. Without a `prompt`
+    column, chosen and rejected are whole conversations (TRL's implicit-prompt format): their shared turns are the
+    prompt."""
     if "responses" in row:
         return row["prompt"], [completion_text(r) for r in row["responses"]], list(row["ranks"])
-    return row["prompt"], [completion_text(row["chosen"]), completion_text(row["rejected"])], [0, 1]
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    return prompt, [completion_text(chosen), completion_text(rejected)], [0, 1]
 
 
 Encoded = tuple[list[int], list[list[int]], list[int]]  # prompt ids, each response's ids, ranks
