@@ -90,7 +90,8 @@ def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, t
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model, optimizer = ctx.accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
+    trainable = [w for w in model.parameters() if w.requires_grad]  # with LoRA: the adapters (and a head)
+    model, optimizer = ctx.accelerator.prepare(model, torch.optim.AdamW(trainable, lr=lr))
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=math.ceil(p.warmup_ratio * total_steps),
                               num_training_steps=max(total_steps, 1))
     return Optimization(ctx, model, optimizer, scheduler, p.max_grad_norm)

@@ -66,7 +66,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     kl_target: float = 1.0  # target KL per response for the adaptive β
     kl_horizon: int = 10000  # horizon of the adaptive β
     ptx_coef: float = 1.0  # λ_ptx: weight of the pretraining LM loss (0: plain PPO)
-    ptx_batch_size: int = 16  # pretraining texts per policy micro-batch
+    ptx_batch_size: int = 16  # pretraining texts per policy optimiser step, global across processes
 
 
 INPUTS = {
@@ -123,6 +123,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
     ptx_stream = itertools.cycle(shard(ptx_texts, acc)) if ptx_texts else None
+    if ptx_texts:
+        check_divisible("ptx_batch_size", p.ptx_batch_size, acc, p.gradient_accumulation_steps)
+    ptx_micro = p.ptx_batch_size // (acc.num_processes * p.gradient_accumulation_steps)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
     kl_coef, seen = p.kl_coef, []
@@ -172,7 +175,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
             if ptx_stream is not None:
-                lm = text_lm_loss(policy.model, tokenizer, [next(ptx_stream) for _ in range(p.ptx_batch_size)])
+                lm = text_lm_loss(policy.model, tokenizer, [next(ptx_stream) for _ in range(ptx_micro)])
                 loss = loss + p.ptx_coef * lm
                 stats["ptx_loss"] = lm.item()
             return loss, stats
