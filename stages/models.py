@@ -136,9 +136,11 @@ def _load(auto_class, path: str, options: ModelParams | None, **config_overrides
     kwargs = {"dtype": resolve_dtype(options.dtype), "trust_remote_code": options.trust_remote_code}
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
-    if config_overrides:
-        kwargs["config"] = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code,
-                                                      **config_overrides)
+    if config_overrides:  # set as attributes: config classes drop unknown keyword arguments
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        kwargs["config"] = config
     return auto_class.from_pretrained(path, **kwargs)
 
 

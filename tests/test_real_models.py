@@ -148,3 +148,20 @@ def test_readme_real_model_pipeline_runs_end_to_end(fixtures: Path, tmp_path: Pa
     assert 0 <= metrics["reward_model"]["eval_accuracy"] <= 1
     for stage in ("sft", "ppo", "grpo"):
         assert (tmp_path / f"artifacts/tiny-qwen/{stage}/model" / ADAPTER_CONFIG).exists()
+
+
+def test_a_sequence_classification_reward_model_loads_as_the_scalar_head(fixtures: Path, tmp_path: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.models import last_token_scores, load_scalar_head_model
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(fixtures / "qwen2", num_labels=1).eval()
+    rm.save_pretrained(tmp_path / "rm")  # what TRL's RewardTrainer writes: score.weight, no bias
+    tokenizer = load_tokenizer(str(fixtures / "qwen2"))
+    head = load_scalar_head_model(str(tmp_path / "rm"), tokenizer.pad_token_id).eval()
+    assert head.score.bias is None and head.dropout.p == 0.0
+    ids = torch.tensor([tokenizer("name two colors red blue")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(last_token_scores(head, ids, torch.ones_like(ids)), rm(input_ids=ids).logits[:, 0],
+                              atol=1e-5)
