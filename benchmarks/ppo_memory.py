@@ -48,6 +48,9 @@ def child(stage: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--accumulation", type=int, default=4,
+                        help="gradient_accumulation_steps (micro-batches of 8/N samples): activations, the same in "
+                             "both runs, shrink with it, so the figure is mostly models, gradients, optimizer state")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
@@ -63,12 +66,13 @@ def main() -> None:
         n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
             model).parameters())
         inputs = {"policy": "datasets.model", "reward": "datasets.model", "prompts": "datasets.prompts"}
+        ppo = {**PPO, "gradient_accumulation_steps": args.accumulation}
         config = {"pipelines": {"memory": {
             "defaults": {"seed": 0},
             "datasets": {"model": {"path": "qwen2"}, "prompts": {"path": "prompts", "split": "train"}},
-            "stages": [{"name": "full", "kind": "ppo", "inputs": inputs, "params": PPO},
+            "stages": [{"name": "full", "kind": "ppo", "inputs": inputs, "params": ppo},
                        {"name": "lora", "kind": "ppo", "inputs": inputs,
-                        "params": {**PPO, "lora": {"r": 16, "alpha": 32}}}]}}}
+                        "params": {**ppo, "lora": {"r": 16, "alpha": 32}}}]}}}
         (root / "pipelines.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-m", "flows.cli", "sync"], cwd=root, env=env, check=True,
@@ -78,7 +82,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", stage], cwd=root, env=env, check=True,
                                  capture_output=True, text=True).stdout
             results[stage] = json.loads(out.strip().splitlines()[-1])
-        print(f"ppo stage, Qwen2 layout, {n_params / 1e6:.1f} M parameters (fp32):")
+        print(f"ppo stage, Qwen2 layout, {n_params / 1e6:.1f} M parameters (fp32), "
+              f"gradient_accumulation_steps {args.accumulation}:")
         for stage, r in results.items():
             print(f"  {stage}: RSS after imports {r['import_rss_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB, "
                   f"models + gradients + optimizer state + activations {r['peak_rss_mb'] - r['import_rss_mb']:.0f} MB")
