@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence, TypeVar
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
+                               gather_object)
 
 T = TypeVar("T")
 TRACE_DIR_ENV = "RL4LLM_TRACE_DIR"  # when set, each rank writes the row ids it trained on there (tests read them)
@@ -29,7 +30,10 @@ def build_accelerator(config_file: str) -> Accelerator:
     config = yaml.safe_load(Path(config_file).read_text()) or {}
     mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or str(config.get("mixed_precision", "no"))
     on_cpu = not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision)
+    # LLMs have no running-statistics buffers (only constants such as rotary frequencies): DDP need not broadcast
+    # them before every forward, which PPO (several forwards per step) would pay for in collectives
+    no_buffer_sync = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision, kwargs_handlers=[no_buffer_sync])
     if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         # accelerate only turns FSDP on for GPU-like devices; FSDP2 (`fully_shard`) itself runs on CPU with gloo.
         accelerator.state.distributed_type = DistributedType.FSDP
