@@ -82,6 +82,11 @@ INPUTS = {
 OUTPUTS = {"model": "model", "reference_logps": "reference_logps"}
 
 
+def row_prompt(row: Row) -> Prompt:
+    """A preference row's prompt (for implicit-prompt conversations: their shared turns)."""
+    return row["prompt"] if "prompt" in row else as_ranked(row)[0]
+
+
 def group_labelled(rows: list[Row]) -> list[Row]:
     """Rows {prompt, completion, label} grouped by prompt into ranked rows (desirable rank 0, undesirable rank 1)."""
     groups: dict[str, list[Row]] = defaultdict(list)
@@ -224,11 +229,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     if ctx.has("eval_comparisons"):
         held_out_rows = ctx.rows("eval_comparisons")
     else:
-        prompts = sorted({prompt_key(as_ranked(r)[0]) for r in rows})
+        prompts = sorted({prompt_key(row_prompt(r)) for r in rows})
         rng.shuffle(prompts)
         held_out = set(prompts[:int(len(prompts) * p.eval_fraction)])
-        held_out_rows = [r for r in rows if prompt_key(as_ranked(r)[0]) in held_out]
-        rows = [r for r in rows if prompt_key(as_ranked(r)[0]) not in held_out]
+        held_out_rows = [r for r in rows if prompt_key(row_prompt(r)) in held_out]
+        rows = [r for r in rows if prompt_key(row_prompt(r)) not in held_out]
     columns = ("completion", "kl_completion") if p.loss == "kto" else ("chosen", "rejected")
     train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
     eval_pairs = preference_pairs(held_out_rows)
