@@ -24,8 +24,11 @@ from tests.real_layout import build_hub_datasets, build_qwen2
 
 
 class Tracker:
+    def __init__(self):
+        self.logged: list[dict[str, float]] = []
+
     def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
-        pass
+        self.logged.append(metrics)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,18 @@ def test_a_sequence_classification_reward_model_loads_as_the_scalar_head(fixture
     with torch.no_grad():
         assert torch.allclose(last_token_scores(head, ids, torch.ones_like(ids)), rm(input_ids=ids).logits[:, 0],
                               atol=1e-5)
+
+
+def test_lora_dpo_takes_the_reference_from_the_adapters_off(fixtures: Path, tmp_path: Path):
+    torch.manual_seed(0)  # the adapters' initialisation
+    ctx = stage_context("dpo", {"epochs": 3, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
+                        {"policy": {"path": str(fixtures / "qwen2")},
+                         "comparisons": {"path": str(fixtures / "preferences"), "split": "train"}}, tmp_path)
+    metrics = get_kind("dpo").run(ctx)
+    losses = [m["loss"] for m in ctx.tracker.logged]
+    assert losses[0] == pytest.approx(0.693147, abs=1e-5)  # untrained adapters: π = π_ref, h = 0, -log σ(0)
+    third = len(losses) // 3
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third  # the last epoch fits better than the first
+    assert "eval_accuracy" in metrics
+    stored = [json.loads(line) for line in (tmp_path / "reference_logps/train.jsonl").read_text().splitlines()]
+    assert stored and not any(key.startswith("ref_") for key in stored[0])  # nothing precomputed

@@ -12,7 +12,8 @@ The losses live in `stages.algorithms` (`preference_loss`, `kto_loss`); this sta
      unpairs them (better → desirable, worse → undesirable) or reads `{prompt, completion, label}` rows as they are;
   2. reference: π_ref is the initial policy, so Σ_t log π_ref(y_t | x, y_<t) of every completion is computed once,
      before the first update, and written to `reference_logps/{train,eval}.jsonl`; no reference model is held while
-     training;
+     training. With LoRA, π_ref is the policy with its adapters off: reference log-probs are computed per batch and
+     nothing is stored (the output then holds the pairs alone);
   3. KTO's z0: the paper's estimator — each example's prompt is paired with another example's completion (a fixed
      derangement, so its reference log-prob is precomputed too), and z0 = max(0, mean over the global batch of
      log π(y'|x) - log π_ref(y'|x)) on those mismatched pairs, detached;
@@ -40,8 +41,8 @@ from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, Prompt, encode_prompt, encode_response, fit, pair_batch, prompt_key, \
     response_logprobs
-from stages.training import LoraTrainingParams, PolicyEvalParams, evaluate, kl_to_reference, prepare_optimization, \
-    save_model, steps_per_epoch, train_epochs
+from stages.training import (LoraTrainingParams, PolicyEvalParams, adapters_disabled, evaluate, kl_to_reference,
+                             prepare_optimization, save_model, steps_per_epoch, train_epochs)
 
 Row = dict[str, Any]
 
@@ -79,7 +80,7 @@ INPUTS = {
                   "prompts)", required=False, columns=("prompt",)),
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
 }
-OUTPUTS = {"model": "model", "reference_logps": "reference_logps"}
+OUTPUTS = {"model": "model", "reference_logps": "reference_logps"}  # the pairs, with their stored reference log-probs
 
 
 def row_prompt(row: Row) -> Prompt:
@@ -176,8 +177,8 @@ def collate(tokenizer, columns: tuple[str, str], p: Params, rows: list[Row]) -> 
     first, second = columns
     return {"sequences": encode(tokenizer, [r["prompt"] for r in rows] * 2,
                                 [r[first] for r in rows] + [r[second] for r in rows], p),
-            "ref_logps": torch.tensor([r[f"ref_{first}_logps"] for r in rows] +
-                                      [r[f"ref_{second}_logps"] for r in rows]),
+            "ref_logps": torch.tensor([r[f"ref_{first}_logps"] for r in rows] + [r[f"ref_{second}_logps"] for r in rows])
+            if f"ref_{first}_logps" in rows[0] else None,  # None: LoRA, computed with the adapters off
             "desirable": torch.tensor([r.get("desirable", True) for r in rows])}
 
 
@@ -238,10 +239,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
     eval_pairs = preference_pairs(held_out_rows)
 
-    # 2. reference log-probs, once: π_ref = the policy before its first update
+    # 2. reference log-probs, once: π_ref = the policy before its first update (with LoRA: adapters off, per batch)
     truncated = count_truncated(tokenizer, train, columns, p, ctx.source("comparisons"))
-    train = with_reference_logps(policy, tokenizer, train, columns, p, acc)
-    eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p, acc)
+    if p.lora is None:
+        train = with_reference_logps(policy, tokenizer, train, columns, p, acc)
+        eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p, acc)
     if acc.is_main_process:
         write_jsonl(train, ctx.outputs["reference_logps"] / "train.jsonl")
         if eval_pairs:
@@ -252,8 +254,13 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate(tokenizer, columns, p, [train[i] for i in ids.tolist()])
-        logps = sequence_logps(opt.model, batch["sequences"].to(acc.device))
-        ref_logps = batch["ref_logps"].to(acc.device)
+        sequences = batch["sequences"].to(acc.device)
+        if batch["ref_logps"] is None:
+            with torch.no_grad(), adapters_disabled(acc, opt.model):
+                ref_logps = sequence_logps(opt.model, sequences)
+        else:
+            ref_logps = batch["ref_logps"].to(acc.device)
+        logps = sequence_logps(opt.model, sequences)
         if p.loss == "kto":
             loss, metrics = kto_step(p, logps, ref_logps, batch["desirable"].to(acc.device), acc)
         else:
@@ -270,8 +277,13 @@ def run(ctx: StageContext) -> dict[str, float]:
             prompts = [r["prompt"] for r in eval_pairs]
             chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p)
             rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p)
-            ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in eval_pairs])
-            ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in eval_pairs])
+            if p.lora is None:
+                ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in eval_pairs])
+                ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in eval_pairs])
+            else:
+                with adapters_disabled(acc, policy):
+                    ref_chosen = score(policy, tokenizer, prompts, [r["chosen"] for r in eval_pairs], p)
+                    ref_rejected = score(policy, tokenizer, prompts, [r["rejected"] for r in eval_pairs], p)
             held = pair_metrics(p.beta * (chosen - ref_chosen), p.beta * (rejected - ref_rejected), chosen, rejected)
             final.update(eval_accuracy=held["accuracy"], eval_margin=held["margin"],
                          chosen_logps=held["chosen_logps"], rejected_logps=held["rejected_logps"])
