@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from accelerate import Accelerator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from stages.algorithms import masked_sum
 from stages.context import StageContext

@@ -11,6 +11,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+class Tracker:
+    """A stage tracker that records what a stage logs (instead of MLflow)."""
+
+    def __init__(self):
+        self.logged: list[dict[str, float]] = []
+
+    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
+        self.logged.append(metrics)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run fastest single-threaded, and results do not depend on the core count."""

@@ -15,14 +15,7 @@ from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind, grpo
 from stages.models import build_tiny_llama, build_word_tokenizer, save
-
-
-class Tracker:
-    def __init__(self):
-        self.logged: list[dict[str, float]] = []
-
-    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
-        self.logged.append(metrics)
+from tests.conftest import Tracker
 
 
 @pytest.fixture(scope="module")

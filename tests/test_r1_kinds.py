@@ -16,14 +16,7 @@ from stages.kinds import get_kind, rejection_sampling
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, verify_answer
 from stages.text import Samples
-
-
-class Tracker:
-    def __init__(self):
-        self.logged: list[dict[str, float]] = []
-
-    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
-        self.logged.append(metrics)
+from tests.conftest import Tracker
 
 
 def run_kind(kind_name: str, out: Path, inputs: dict[str, str], **params) -> tuple[dict[str, float], Tracker]:

@@ -19,16 +19,8 @@ from stages.kinds import get_kind
 from stages.models import ADAPTER_CONFIG, LoraParams, load_policy, load_tokenizer, with_lora
 from stages.text import encode_conversation, fit_rows, encode_row, response_logprobs, sample
 from stages.training import reference_logprobs
-from tests.conftest import REPO, make_project
+from tests.conftest import REPO, Tracker, make_project
 from tests.real_layout import build_hub_datasets, build_qwen2
-
-
-class Tracker:
-    def __init__(self):
-        self.logged: list[dict[str, float]] = []
-
-    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
-        self.logged.append(metrics)
 
 
 @pytest.fixture(scope="module")
