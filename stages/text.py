@@ -71,9 +71,9 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase,
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_template(tokenizer, messages[:i], True))
-        end = len(_template(tokenizer, messages[:i + 1], False))
-        if full[:start] != _template(tokenizer, messages[:i], True)[:start]:
+        before = _template(tokenizer, messages[:i], True)
+        start, end = len(before), len(_template(tokenizer, messages[:i + 1], False))
+        if full[:start] != before:
             raise ValueError("the chat template does not render a conversation's turns as prefixes of it")
         span = full[start:end]
         end = start + (span.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in span else len(span))
@@ -230,7 +230,9 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompt_rows = [encode_prompt(tokenizer, p)[-(max_prompt_length or 0):] for p in prompts]
+    prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
+    if max_prompt_length:
+        prompt_rows = [row[-max_prompt_length:] for row in prompt_rows]
     response_rows: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")

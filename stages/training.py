@@ -149,11 +149,30 @@ def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: 
     return seen
 
 
-def minibatches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Shuffled index minibatches covering range(n) once."""
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, size):
-        yield order[start:start + size]
+def rl_optimiser_steps(ctx: StageContext, samples_per_rank: int, minibatch_size: int, epochs: int,
+                       iterations: int) -> int:
+    """Optimiser steps of an RL run (for the LR schedule): `epochs` passes per iteration over this rank's
+    rollout samples in minibatches of the global `minibatch_size`."""
+    check_divisible("minibatch_size", minibatch_size, ctx.accelerator, ctx.params.gradient_accumulation_steps)
+    return iterations * epochs * -(-samples_per_rank // (minibatch_size // ctx.accelerator.num_processes))
+
+
+def update_on_buffer(ctx: StageContext, n_samples: int, minibatch_size: int, epochs: int,
+                     generator: torch.Generator, updates: list[tuple[Optimization, MicroLoss]]) -> dict[str, float]:
+    """The PPO-style update (PPO, GRPO): `epochs` passes over this rank's `n_samples` rollout samples in shuffled
+    minibatches (`minibatch_size` global, so `minibatch_size / N` here), one optimiser step of every (model, loss)
+    of `updates` per minibatch, each split into gradient-accumulation micro-batches. Returns the mean of each metric
+    over the steps, averaged over ranks."""
+    device, local_size = ctx.accelerator.device, minibatch_size // ctx.accelerator.num_processes
+    stats: dict[str, list[float]] = {}
+    for _ in range(epochs):
+        order = torch.randperm(n_samples, generator=generator)
+        for start in range(0, n_samples, local_size):
+            micro = micro_batches(order[start:start + local_size].to(device), ctx.params.gradient_accumulation_steps)
+            for opt, loss_fn in updates:
+                for key, value in opt.update(micro, loss_fn).items():
+                    stats.setdefault(key, []).append(value)
+    return global_means(ctx.accelerator, {k: sum(v) / len(v) for k, v in stats.items()})
 
 
 def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:

@@ -39,7 +39,7 @@ from stages.algorithms import (
     process_supervision_advantages,
 )
 from stages.context import StageContext
-from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows,
+from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
                                 seed_sampling, shard, write_trace)
 from stages.kinds import Input, named
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
@@ -55,8 +55,8 @@ from stages.rewards import (
     score_components,
 )
 from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
-from stages.training import (LoraTrainingParams, PolicyEvalParams, disable_dropout, evaluate, micro_batches,
-                             minibatches, prepare_optimization, reference_logprobs, save_model)
+from stages.training import (LoraTrainingParams, PolicyEvalParams, disable_dropout, evaluate, prepare_optimization,
+                             reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
@@ -264,7 +264,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     device = acc.device
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
-    check_divisible("minibatch_size", p.minibatch_size, acc, p.gradient_accumulation_steps)
     if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
         raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
     tokenizer = load_tokenizer(ctx.path("policy"))
@@ -273,9 +272,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         else None
     scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
     reward_fns = build_rewards(p, scorer)
-    local_samples = p.prompts_per_step // acc.num_processes * p.samples_per_prompt
-    local_minibatch = p.minibatch_size // acc.num_processes
-    total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
+    total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
+                                     p.minibatch_size, p.ppo_epochs, p.iterations)
     policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
     disable_dropout(policy.model)
     seed_sampling(ctx.seed, acc)
@@ -335,14 +333,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 stats["kl"] = masked_mean(kl.detach(), mb_mask).item()
             return loss, stats
 
-        stats: dict[str, list[float]] = {}
-        for _ in range(p.ppo_epochs):
-            for idx in minibatches(len(local), local_minibatch, generator):
-                step_stats = policy.update(micro_batches(idx.to(device), p.gradient_accumulation_steps), loss_fn)
-                for key, v in step_stats.items():
-                    stats.setdefault(key, []).append(v)
-
-        metrics |= global_means(acc, {k: sum(v) / len(v) for k, v in stats.items()})
+        metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator, [(policy, loss_fn)])
         metrics["response_length"] = full_mask.sum(1).mean().item()
         ctx.tracker.log(it, metrics, p.iterations)
 

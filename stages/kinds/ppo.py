@@ -37,8 +37,8 @@ from stages.models import last_token_scores, load_policy, load_scalar_head_model
     token_values
 from stages.text import PairBatch, count_long_prompts, response_logprobs, sample, text_lm_loss
 from stages.training import (LoraTrainingParams, PolicyEvalParams, adapters_disabled, disable_dropout, evaluate,
-                             kl_to_reference, micro_batches, minibatches, prepare_optimization, reference_logprobs,
-                             save_model)
+                             kl_to_reference, prepare_optimization, reference_logprobs, rl_optimiser_steps,
+                             save_model, update_on_buffer)
 
 AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
 
@@ -88,16 +88,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     device = acc.device
     check_divisible("rollout_prompts", p.rollout_prompts, acc)
-    check_divisible("minibatch_size", p.minibatch_size, acc, p.gradient_accumulation_steps)
     tokenizer = load_tokenizer(ctx.path("policy"))
     use_values = p.advantage_estimator == "gae"
     shared_base = p.lora is not None  # reference = policy with adapters off; RM = value model with adapters off
     reference = None if shared_base else load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device)
     bias = reward_bias(ctx.path("reward"))
 
-    local_samples = p.rollout_prompts // acc.num_processes * p.samples_per_prompt
-    local_minibatch = p.minibatch_size // acc.num_processes
-    total_steps = p.iterations * p.ppo_epochs * -(-local_samples // local_minibatch)
+    total_steps = rl_optimiser_steps(ctx, p.rollout_prompts // acc.num_processes * p.samples_per_prompt,
+                                     p.minibatch_size, p.ppo_epochs, p.iterations)
     policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
     disable_dropout(policy.model)
     if use_values:
@@ -167,7 +165,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 advantages = masked_whiten(advantages, all_mask)
             advantages, returns = local_rows(acc, advantages, mask), local_rows(acc, returns, mask)
 
-        # 4. update: minibatches of this rank's samples, each split into gradient-accumulation micro-batches
+        # 4. update: `ppo_epochs` passes of minibatches over this rank's samples, policy then value each step
         def policy_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb, mb_mask = batch.select(idx), mask[idx]
             logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
@@ -186,20 +184,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip_eps)
             return loss, {"value_loss": loss.item()}
 
-        stats: dict[str, list[float]] = {}
-        for _ in range(p.ppo_epochs):
-            for idx in minibatches(len(repeated), local_minibatch, generator):
-                micro = micro_batches(idx.to(device), p.gradient_accumulation_steps)
-                step_stats = policy.update(micro, policy_loss)
-                if use_values:
-                    step_stats |= value.update(micro, value_loss)
-                for key, v in step_stats.items():
-                    stats.setdefault(key, []).append(v)
+        updates = [(policy, policy_loss)] + ([(value, value_loss)] if use_values else [])
+        update_stats = update_on_buffer(ctx, len(repeated), p.minibatch_size, p.ppo_epochs, generator, updates)
 
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
-        metrics = global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
-                                     "response_length": mask.sum(1).mean().item(),
-                                     **{k: sum(v) / len(v) for k, v in stats.items()}})
+        metrics = {**global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
+                                        "response_length": mask.sum(1).mean().item()}), **update_stats}
         if use_values:
             metrics["explained_variance"] = float(explained_variance(
                 gather_rows(acc, old_values), gather_rows(acc, returns), all_mask))
