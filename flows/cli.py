@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from flows.config import ConfigError
 
 EXIT_CONFIG = 2
+EXIT_BUSY = 75  # EX_TEMPFAIL: the project is busy with another run; try again later
 
 
 def _resolved(args) -> tuple[Path, dict]:
@@ -47,6 +49,7 @@ def cmd_sync(args) -> str:
 def cmd_run(args) -> str:
     from flows import dvc
     from flows.config import config_hash
+    from flows.run_lock import run_lock
 
     root, resolved = _resolved(args)
     specs = _pipeline(args, resolved)
@@ -55,33 +58,53 @@ def cmd_run(args) -> str:
 
         raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
+    from flows import tracking
     from flows.flow import input_graph, pipeline_flow, select_stages
-    from flows.tracking import tracking_uri_default
+    from flows.prefect_server import prefect_api
+    from stages.runner import FRESH_ENV
 
     os.chdir(root)
-    dvc.ensure_repo(root)
-    dvc.sync(root, resolved)
-    tracking_uri_default(root)
-    order = list(specs)
-    chosen = select_stages(order, input_graph(specs), args.stage, args.downstream)
-    outcome = pipeline_flow(str(root), args.pipeline, specs, chosen, args.force, config_hash(specs))
+    with run_lock(root, args.pipeline):
+        dvc.ensure_repo(root)
+        dvc.sync(root, resolved)
+        tracking.tracking_uri_default(root)
+        tracking.fail_orphaned_runs()
+        if args.fresh:
+            os.environ[FRESH_ENV] = "1"
+        chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
+        try:
+            with prefect_api():
+                outcome = pipeline_flow(str(root), args.pipeline, specs, chosen, args.force, config_hash(specs))
+        except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
+            states = dvc.status(root, args.pipeline, specs)
+            if isinstance(error, subprocess.CalledProcessError) or any(states[s] != "up to date" for s in chosen):
+                raise
+            print(f"warning: {type(error).__name__} after every stage had finished: {error}", file=sys.stderr)
+            return f"{args.pipeline}: every stage finished; up to date: {', '.join(chosen)}"
     ran = [s for s, o in outcome.items() if o == "ran"]
     return (f"{args.pipeline}: " + (f"ran {', '.join(ran)}; " if ran else "nothing ran; ")
             + f"up to date: {', '.join(s for s in outcome if s not in ran) or 'none'}")
 
 
 def cmd_list(args) -> str:
-    from flows import dvc
+    from flows import dvc, tracking
     from flows.flow import input_graph
+    from stages.checkpoint import checkpoint_dir, resumable
 
     root, resolved = _resolved(args)
     dvc.ensure_repo(root)
     dvc.sync(root, resolved)
+    tracking.tracking_uri_default(root)
+    tracking.fail_orphaned_runs()
     lines = []
     for pipeline in [args.pipeline] if args.pipeline else list(resolved):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
         lines.append(pipeline)
         states = dvc.status(root, pipeline, specs)
+        for stage, spec in specs.items():
+            saved = resumable(checkpoint_dir(root, pipeline, stage, spec)) if states[stage] == "never run" else None
+            if saved:
+                states[stage] = f"interrupted (resumes from step {saved['step']}/{saved['total']})"
         for stage, upstream in input_graph(specs).items():
             stale = sorted(u for u in upstream if states[u] != "up to date")
             if stale and states[stage] == "up to date":
@@ -106,10 +129,10 @@ def cmd_compare(args) -> str:
 
 
 def cmd_stage(args) -> str:
-    from stages.runner import run_stage
+    from stages.runner import main as run_stage
 
-    metrics = run_stage(args.pipeline, args.stage, args.params_file)
-    return json.dumps(metrics, sort_keys=True)
+    run_stage([args.pipeline, args.stage, "--params-file", args.params_file])  # prints the metrics
+    return ""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", help="run only this stage")
     run.add_argument("--downstream", action="store_true", help="with --stage: also the stages that depend on it")
     run.add_argument("--force", action="store_true", help="rerun even if up to date")
+    run.add_argument("--fresh", action="store_true", help="ignore the checkpoints of interrupted stages")
     run.set_defaults(fn=cmd_run)
     listing = sub.add_parser("list", help="pipelines, stages and their status")
     listing.add_argument("pipeline", nargs="?")
@@ -148,15 +172,40 @@ def execute(argv: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from flows.run_lock import ProjectBusy
+
+    signal.signal(signal.SIGTERM, _terminated)
+    args = parser().parse_args(argv)
     try:
-        print(execute(argv))
+        report = args.fn(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except ProjectBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BUSY)
     except subprocess.CalledProcessError as e:
         print(f"error: `{' '.join(e.cmd)}` failed with exit code {e.returncode} (its output is above)",
               file=sys.stderr)
         sys.exit(1)
+    except BaseException as e:
+        signum = getattr(e, "signum", None) or getattr(e, "signal", None) or (
+            signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
+        if signum is None:
+            raise
+        config = "" if args.config == "pipelines.yaml" else f" -c {args.config}"
+        resume = f"; resume with `rl4llm{config} run {args.pipeline}`" if args.command == "run" else ""
+        print(f"interrupted ({signal.Signals(signum).name}): {e or 'stopped'}{resume}", file=sys.stderr)
+        sys.exit(128 + signum)
+    if report:
+        print(report)
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM outside a stage: stop like Ctrl-C does (as an exception, so runs end as KILLED)."""
+    from stages.loop import Interrupted
+
+    raise Interrupted(signum, "stopped by SIGTERM")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import yaml
 import stages
 from flows.config import ARTIFACTS
 from stages.kinds import KIND_MODULES
+from stages.loop import Interrupted
+from stages.processes import run_child
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
 HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"
@@ -108,7 +111,14 @@ def ensure_repo(root: Path) -> None:
 
 
 def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str]) -> None:
-    dvc(root, "repro", "--single-item", *(["--force"] if force else []), dvc_name(pipeline, stage), env=env)
+    """`dvc repro` of one stage, in its own process group and dying with us. Our SIGINT or SIGTERM reaches the
+    stage as SIGINT (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`."""
+    cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), dvc_name(pipeline, stage)]
+    code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, cwd=root, env={**os.environ, **env})
+    if received is not None:
+        raise Interrupted(received, f"{pipeline}/{stage}: stopped by {signal.Signals(received).name}")
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -42,8 +42,8 @@ def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], st
                 if not ran:
                     tracking.log_skipped_stage(Path(root), parent, pipeline, stage, specs[stage])
                 logger.info("%s.%s: %s", pipeline, stage, "ran" if ran else "up to date, skipped")
-    except BaseException:
-        tracking.end_parent_run("FAILED")
+    except BaseException as error:
+        tracking.end_parent_run(tracking.end_status(error))
         raise
     tracking.end_parent_run()
     ran = [s for s, o in outcome.items() if o == "ran"]

@@ -11,8 +11,10 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from stages.runner import METRICS_FILE, tree_hash
-from stages.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, configure_mlflow, flatten
+from stages.checkpoint import tree_hash
+from stages.runner import METRICS_FILE
+from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
+                             owner_tags)
 
 
 def git_commit(root: Path) -> str | None:
@@ -27,7 +29,7 @@ def tracking_uri_default(root: Path) -> None:
 
 def start_parent_run(root: Path, pipeline: str, config_hash: str) -> str:
     configure_mlflow()
-    tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true"}
+    tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags()}
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
@@ -37,6 +39,41 @@ def start_parent_run(root: Path, pipeline: str, config_hash: str) -> str:
 
 def end_parent_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status=status)
+
+
+def end_status(error: BaseException) -> str:
+    """KILLED for an interrupt (SIGINT, SIGTERM), FAILED for anything else."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) or hasattr(error, "signum") or hasattr(error, "signal") \
+        else "FAILED"
+
+
+def fail_orphaned_runs() -> list[str]:
+    """Mark FAILED the runs left RUNNING by processes of this host that no longer exist (a SIGKILLed run or
+    stage). Returns their ids."""
+    configure_mlflow()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return []
+    host = owner_tags()[HOST_TAG]
+    orphans = [run for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+               if run.data.tags.get(HOST_TAG) == host and not alive(int(run.data.tags.get(PID_TAG, "0")))]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "rl4llm.ended_by", "its process was gone")
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [run.info.run_id for run in orphans]
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ class StageContext:
     model: str | None  # pipeline/stage default model (HF id or path), used when no model input is wired
     accelerator: Accelerator
     tracker: StageRun
+    checkpoint_dir: Path | None = None  # where the training loop checkpoints (None: it does not)
 
     def has(self, name: str) -> bool:
         return name in self.inputs

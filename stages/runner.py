@@ -1,54 +1,59 @@
 """`rl4llm stage <pipeline> <stage>`: run one stage from its resolved spec in params.yaml.
 
-This is the command DVC runs. It behaves the same by hand: it reads only files (params.yaml and its inputs),
-writes only `artifacts/<pipeline>/<stage>/` (outputs + metrics.json), and logs one MLflow run. When the pipeline's
+This is the command DVC runs. It behaves the same by hand: it reads only files (params.yaml and its inputs), writes
+only `artifacts/<pipeline>/<stage>/` and the stage's checkpoint area, and logs one MLflow run. When the pipeline's
 accelerate config asks for more than one process it re-launches itself under `accelerate launch`.
+
+Crash safety: the stage writes into `artifacts/<pipeline>/.<stage>.partial/` and renames it into place only once it
+has finished, so a killed stage never leaves an output that looks complete; a training loop resumes from its last
+checkpoint (`stages/loop.py`); SIGINT / SIGTERM stop it after a checkpoint (exit 130 / 143, MLflow run KILLED); a
+non-finite loss, gradient or reward stops it (exit 1, run FAILED); bad input exits 2. Each failure prints one line
+of cause; the full traceback goes to `.rl4llm/logs/<pipeline>.<stage>.log`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
-import subprocess
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-import datasets
-import transformers
 import yaml
-from accelerate.utils import set_seed
 
-from stages.context import StageContext
-from stages.distributed import build_accelerator
-from stages.kinds import get_kind
-from stages.tracking import StageRun
+from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
+from stages.loop import Interrupted, NonFinite, check_finite, fault_point, install_stop_handlers
+from stages.processes import die_with_parent, run_child
 
 PARAMS_FILE = "params.yaml"
 RAN_MARKER_ENV = "RL4LLM_RAN_DIR"  # set by the flow: a stage that really runs leaves a marker file there
+FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
 METRICS_FILE = "metrics.json"
+ARTIFACTS = "artifacts"
+EXIT_BAD_INPUT = 2
 
 
 def load_spec(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, Any]:
     resolved = yaml.safe_load(Path(params_file).read_text()) or {}
     try:
         return resolved[pipeline][stage]
-    except KeyError:
-        raise SystemExit(f"{params_file}: no stage '{stage}' in pipeline '{pipeline}' "
+    except (KeyError, TypeError):
+        raise ValueError(f"{params_file}: no stage '{stage}' in pipeline '{pipeline}' "
                          f"(run `rl4llm sync` after editing pipelines.yaml)") from None
 
 
-def tree_hash(paths: list[Path]) -> str:
-    """sha256 over the files under `paths` (relative names and contents), to tag the MLflow run."""
-    digest = hashlib.sha256()
-    for root in sorted(paths):
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for file in files:
-            digest.update(str(file.relative_to(root.parent)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+def owned_output_dir(pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> Path:
+    """The stage's output directory, `artifacts/<pipeline>/<stage>` of this project, checked on the resolved
+    paths (a hand-edited params.yaml must not make a stage delete or write anywhere else)."""
+    expected = (Path.cwd() / ARTIFACTS / pipeline / stage).resolve()
+    claimed = [Path(spec["output_dir"]), *map(Path, spec["outputs"].values())]
+    if Path(spec["output_dir"]).resolve() != expected or not all(
+            p.resolve().is_relative_to(expected) and p.resolve() != expected for p in claimed[1:]):
+        raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in "
+                         f"{ARTIFACTS}/{pipeline}/{stage}/ (got {spec['output_dir']}, {list(spec['outputs'].values())})")
+    return expected
 
 
 def is_launched_worker() -> bool:
@@ -56,17 +61,33 @@ def is_launched_worker() -> bool:
 
 
 def launch_distributed(pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> None:
+    """`accelerate launch` of this stage on N processes; a signal we get is passed on, and its exit is ours."""
     cmd = ["accelerate", "launch", "--config_file", spec["accelerate_config"],
            "-m", "stages.runner", pipeline, stage, "--params-file", params_file]
-    subprocess.run(cmd, check=True)
+    code, received = run_child(cmd)
+    if received is not None:
+        raise Interrupted(received, f"{pipeline}/{stage}: stopped by signal {received}")
+    if code != 0:
+        raise SystemExit(code)
 
 
 def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, float]:
     spec = load_spec(pipeline, stage, params_file)
-    output_dir = Path(spec["output_dir"])
+    output_dir = owned_output_dir(pipeline, stage, spec, params_file)
+    root = Path.cwd()
     if spec["num_processes"] > 1 and not is_launched_worker():
         launch_distributed(pipeline, stage, spec, params_file)
         return json.loads((output_dir / METRICS_FILE).read_text())
+    install_stop_handlers()
+
+    import datasets  # the training stack loads after the checks above
+    import transformers
+    from accelerate.utils import set_seed
+
+    from stages.context import StageContext
+    from stages.distributed import build_accelerator
+    from stages.kinds import get_kind
+    from stages.tracking import StageRun
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -74,26 +95,41 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     set_seed(spec["seed"])
     kind = get_kind(spec["kind"])
     params = kind.params(**spec["params"])
+    checkpoints = checkpoint_dir(root, pipeline, stage, spec)
+    staging = output_dir.parent / f".{output_dir.name}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        output_dir.mkdir(parents=True)
+        if os.environ.get(FRESH_ENV):
+            remove(stage_checkpoints(root, pipeline, stage))
+        remove(staging)
+        staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
     tracker = StageRun(pipeline, stage, spec["kind"], spec["params"], is_main=accelerator.is_main_process)
     ctx = StageContext(
         pipeline=pipeline, stage=stage, seed=spec["seed"], params=params, inputs=spec["inputs"],
-        outputs={name: Path(path) for name, path in spec["outputs"].items()}, output_dir=output_dir,
-        model=spec.get("model"), accelerator=accelerator, tracker=tracker,
+        outputs={name: staging / Path(path).resolve().relative_to(output_dir)
+                 for name, path in spec["outputs"].items()},
+        output_dir=staging, model=spec.get("model"), accelerator=accelerator, tracker=tracker,
+        checkpoint_dir=checkpoints,
     )
     try:
         metrics = kind.run(ctx)
+        check_finite(f"{pipeline}/{stage} final metrics", metrics)
+    except Interrupted:
+        tracker.end("KILLED")
+        raise
     except BaseException:
-        tracker.fail()
+        tracker.end("FAILED")
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        tracker.finish(metrics, {"output_hash": tree_hash(list(ctx.outputs.values())), "skipped": "false"})
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        fault_point("publish", 0)
+        remove(output_dir)
+        staging.rename(output_dir)
+        remove(stage_checkpoints(root, pipeline, stage))
+        outputs = [Path(p) for p in spec["outputs"].values()]
+        tracker.finish(metrics, {"output_hash": tree_hash(outputs), "skipped": "false"})
         if os.environ.get(RAN_MARKER_ENV):
             marker = Path(os.environ[RAN_MARKER_ENV]) / f"{pipeline}.{stage}"
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -101,13 +137,39 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     return metrics
 
 
+def log_file(pipeline: str, stage: str) -> Path:
+    return Path(STATE_DIR) / "logs" / f"{pipeline}.{stage}.log"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the stage; on failure print one line of cause and exit 130 / 143 (interrupted), 2 (bad input) or 1."""
     parser = argparse.ArgumentParser(prog="rl4llm stage", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline")
     parser.add_argument("stage")
     parser.add_argument("--params-file", default=PARAMS_FILE)
     args = parser.parse_args(argv)
-    print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
+    die_with_parent()  # DVC (or the launcher) gone: stop at the next step boundary, with a checkpoint
+    label = f"{args.pipeline}/{args.stage}"
+    try:
+        print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
+    except Interrupted as e:
+        print(f"{e}; resume with `rl4llm run {args.pipeline}`", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except NonFinite as e:
+        spec = load_spec(args.pipeline, args.stage, args.params_file)
+        kept = resumable(checkpoint_dir(Path.cwd(), args.pipeline, args.stage, spec))
+        print(f"error: {e}; nothing published" + (f", last good checkpoint: step {kept['step']}" if kept else ""),
+              file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {label}: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except Exception as e:
+        log = log_file(args.pipeline, args.stage)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        print(f"error: {label} failed: {type(e).__name__}: {e} (full traceback: {log})", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The pipeline flow opens the parent run and passes its id in `RL4LLM_PARENT_RUN_I
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -17,6 +18,11 @@ PARENT_RUN_ENV = "RL4LLM_PARENT_RUN_ID"
 EXPERIMENT_ENV = "RL4LLM_EXPERIMENT"
 DEFAULT_EXPERIMENT = "rl4llm"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+HOST_TAG, PID_TAG = "rl4llm.host", "rl4llm.pid"  # which process owns a RUNNING run (stale ones are marked FAILED)
+
+
+def owner_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
 def configure_mlflow() -> None:
@@ -45,7 +51,8 @@ class StageRun:
             configure_mlflow()
             parent = os.environ.get(PARENT_RUN_ENV)
             run = mlflow.start_run(run_name=stage, parent_run_id=parent or None,
-                                   tags={"pipeline": pipeline, "stage": stage, "stage_kind": kind})
+                                   tags={"pipeline": pipeline, "stage": stage, "stage_kind": kind,
+                                         **owner_tags()})
             self.run_id = run.info.run_id
             mlflow.log_params(flatten(params))
         self._started = time.monotonic()
@@ -76,6 +83,11 @@ class StageRun:
         mlflow.set_tags(tags)
         mlflow.end_run()
 
-    def fail(self) -> None:
+    def tag(self, tags: dict[str, str]) -> None:
         if self.is_main:
-            mlflow.end_run(status="FAILED")
+            mlflow.set_tags(tags)
+
+    def end(self, status: str) -> None:
+        """End the run as FAILED or KILLED (an interrupt)."""
+        if self.is_main:
+            mlflow.end_run(status=status)

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from accelerate import Accelerator
+from pydantic import PositiveInt
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from stages.algorithms import masked_sum
@@ -17,6 +18,7 @@ from stages.context import StageContext
 from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means
 from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
 from stages.kinds import StageParams, named
+from stages.loop import TrainingLoop, check_finite
 from stages.models import LoraParams, ModelParams, save, with_lora
 from stages.text import PairBatch, Prompt, response_logprobs, sample
 
@@ -32,6 +34,8 @@ class OptimParams(ModelParams):
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step; the global batch stays the same
     max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
+    checkpoint_every: PositiveInt = 50  # optimiser steps (RL kinds: iterations) between resumable checkpoints
+    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept while the stage runs (all removed when it ends)
 
 
 class LoraTrainingParams(OptimParams):
@@ -61,11 +65,12 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     max_grad_norm: float | None
+    prefix: str = ""  # of the logged gradient norm (e.g. `value_` for a value model)
 
     def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss) -> dict[str, float]:
         """Accumulate the gradients of `loss_fn` over `micro_batches` (each weighted 1/len), then clip, step the
         optimiser and the schedule. Gradients sync across processes on the last micro-batch only. Returns the mean
-        of the micro-batches' metrics on this rank."""
+        of the micro-batches' metrics on this rank and the gradient norm; a non-finite one stops before the step."""
         acc, totals = self.ctx.accelerator, {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
@@ -74,16 +79,19 @@ class Optimization:
                 acc.backward(loss / len(micro_batches))
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
-        if self.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
+        totals[f"{self.prefix}grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        check_finite(f"{self.ctx.pipeline}/{self.ctx.stage}", totals)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
         return totals
 
 
-def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, total_steps: int) -> Optimization:
-    """AdamW + the `lr_scheduler` over `total_steps` optimiser steps, prepared by accelerate (DDP / FSDP2 / AMP)."""
+def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, total_steps: int,
+                         prefix: str = "") -> Optimization:
+    """AdamW + the `lr_scheduler` over `total_steps` optimiser steps, prepared by accelerate (DDP / FSDP2 / AMP);
+    the schedule is registered with accelerate so that checkpoints hold it."""
     p: OptimParams = ctx.params
     if getattr(p, "lora", None) is not None:
         model = with_lora(model, p.lora)
@@ -94,7 +102,8 @@ def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, t
     model, optimizer = ctx.accelerator.prepare(model, torch.optim.AdamW(trainable, lr=lr))
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=math.ceil(p.warmup_ratio * total_steps),
                               num_training_steps=max(total_steps, 1))
-    return Optimization(ctx, model, optimizer, scheduler, p.max_grad_norm)
+    ctx.accelerator.register_for_checkpointing(scheduler)
+    return Optimization(ctx, model, optimizer, scheduler, p.max_grad_norm, prefix)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -138,14 +147,17 @@ def steps_per_epoch(ctx: StageContext, n_rows: int, batch_size: int) -> int:
 def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: int, epochs: int,
                  loss_fn: MicroLoss) -> list[int]:
     """The supervised loop: `epochs` passes of shuffled global batches over rows 0..n_rows-1, one optimiser step
-    each, metrics averaged over ranks and logged. Returns the row ids this rank trained on (in order)."""
-    total, step, seen = epochs * steps_per_epoch(ctx, n_rows, batch_size), 0, []
-    for epoch in range(epochs):
-        for micro in epoch_batches(ctx, n_rows, batch_size, epoch):
-            metrics = opt.update(micro, loss_fn)
-            seen += [int(i) for chunk in micro for i in chunk]
-            step += 1
-            ctx.tracker.log(step, global_means(ctx.accelerator, metrics), total)
+    each, metrics averaged over ranks; resumable (`TrainingLoop`). Returns the row ids this rank trained on."""
+    loop = TrainingLoop(ctx, epochs * steps_per_epoch(ctx, n_rows, batch_size))
+    seen = loop.resume({"seen": []})["seen"]
+    batches = (micro for epoch in range(epochs) for micro in epoch_batches(ctx, n_rows, batch_size, epoch))
+    for _ in range(loop.start):  # the data order is a function of (seed, epoch): skip the steps already taken
+        next(batches)
+    for step in loop.steps():
+        micro = next(batches)
+        metrics = opt.update(micro, loss_fn)
+        seen += [int(i) for chunk in micro for i in chunk]
+        loop.end_step(step, global_means(ctx.accelerator, metrics), {"seen": seen})
     return seen
 
 

@@ -22,7 +22,7 @@ import random
 from typing import Any, Literal
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import PositiveInt, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from stages import reasoning_task
@@ -42,6 +42,7 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
                                 seed_sampling, shard, write_trace)
 from stages.kinds import Input, named
+from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.rewards import (
     REWARDS,
@@ -68,6 +69,7 @@ LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
 
 class Params(LoraTrainingParams, PolicyEvalParams):
     iterations: int = 20  # rollout + update rounds
+    checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
     prompts_per_step: int = 16  # prompts (groups) per rollout, global across processes
     samples_per_prompt: int = 8  # G: responses per prompt
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
@@ -283,14 +285,16 @@ def run(ctx: StageContext) -> dict[str, float]:
     truncated_prompts = count_long_prompts(tokenizer, [r["prompt"] for r in prompt_rows], p.max_prompt_length)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
-    seen: list[int] = []
-    for it in range(1, p.iterations + 1):
+    loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
+    seen: list[int] = loop.resume({"seen": []})["seen"]
+    for it in loop.steps():
         # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
         samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns)
         if not samples:  # every sampled group was dropped: nothing to learn from
-            ctx.tracker.log(it, {"dropped_groups": dropped}, p.iterations)
+            loop.end_step(it, {"dropped_groups": dropped}, {"seen": seen})
             continue
         metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
+        check_finite(loop.label, {"reward": metrics["reward"]})
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
         full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
                                tokenizer.pad_token_id).response_mask.float().to(device)
@@ -335,7 +339,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
         metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator, [(policy, loss_fn)])
         metrics["response_length"] = full_mask.sum(1).mean().item()
-        ctx.tracker.log(it, metrics, p.iterations)
+        loop.end_step(it, metrics, {"seen": seen})
 
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
     final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}

@@ -11,11 +11,12 @@ Each iteration:
 
 from __future__ import annotations
 
-import itertools
 import random
 from typing import Literal
 
 import torch
+from pydantic import PositiveInt
+
 from stages.algorithms import (
     ADVANTAGE_ESTIMATORS,
     adaptive_kl_coef,
@@ -33,6 +34,7 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows,
                                 seed_sampling, shard, write_trace)
 from stages.kinds import Input, named
+from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
 from stages.text import PairBatch, count_long_prompts, response_logprobs, sample, text_lm_loss
@@ -65,6 +67,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     adaptive_kl: bool = False  # adapt β towards `kl_target` (Ziegler et al. 2019)
     kl_target: float = 1.0  # target KL per response for the adaptive β
     kl_horizon: int = 10000  # horizon of the adaptive β
+    checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
     ptx_coef: float = 1.0  # λ_ptx: weight of the pretraining LM loss (0: plain PPO)
     ptx_batch_size: int = 16  # pretraining texts per policy optimiser step, global across processes
 
@@ -99,8 +102,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
     disable_dropout(policy.model)
     if use_values:
-        value = prepare_optimization(
-            ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p), p.value_lr, total_steps)
+        value = prepare_optimization(ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p),
+                                     p.value_lr, total_steps, prefix="value_")
         disable_dropout(value.model)
     if use_values and shared_base:
         reward_model = None
@@ -120,15 +123,21 @@ def run(ctx: StageContext) -> dict[str, float]:
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
     truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
-    ptx_stream = itertools.cycle(shard(ptx_texts, acc)) if ptx_texts else None
+    ptx_local = shard(ptx_texts, acc)
     if ptx_texts:
         check_divisible("ptx_batch_size", p.ptx_batch_size, acc, p.gradient_accumulation_steps)
     ptx_micro = p.ptx_batch_size // (acc.num_processes * p.gradient_accumulation_steps)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
-    kl_coef, seen = p.kl_coef, []
+    loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
+    state = loop.resume({"kl_coef": p.kl_coef, "seen": [], "ptx_position": 0})
+    kl_coef, seen = state["kl_coef"], state["seen"]
 
-    for it in range(1, p.iterations + 1):
+    def ptx_batch() -> list[str]:  # the next texts of this rank's share of the corpus, cycling
+        start, state["ptx_position"] = state["ptx_position"], state["ptx_position"] + ptx_micro
+        return [ptx_local[i % len(ptx_local)] for i in range(start, start + ptx_micro)]
+
+    for it in loop.steps():
         # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
         batch_ids = shard(rng.sample(range(len(prompts)), min(p.rollout_prompts, len(prompts))), acc)
         seen += batch_ids
@@ -145,6 +154,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
             ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature)
             scores = reward_scores(batch)
+            check_finite(loop.label, {"reward": scores.mean().item()})
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
@@ -172,8 +182,8 @@ def run(ctx: StageContext) -> dict[str, float]:
             loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
             stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
-            if ptx_stream is not None:
-                lm = text_lm_loss(policy.model, tokenizer, [next(ptx_stream) for _ in range(ptx_micro)])
+            if ptx_texts:
+                lm = text_lm_loss(policy.model, tokenizer, ptx_batch())
                 loss = loss + p.ptx_coef * lm
                 stats["ptx_loss"] = lm.item()
             return loss, stats
@@ -196,7 +206,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         if p.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(repeated) *
                                        acc.num_processes)
-        ctx.tracker.log(it, {**metrics, "kl_coef": kl_coef}, p.iterations)
+        loop.end_step(it, {**metrics, "kl_coef": kl_coef}, {**state, "kl_coef": kl_coef})
 
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
     final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}

@@ -1,0 +1,62 @@
+"""Child processes that never outlive the run: each one dies with its parent (Linux `PR_SET_PDEATHSIG`), and a
+parent waiting on a child passes SIGINT / SIGTERM on to it and waits for it to stop cleanly (a stage checkpoints)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies (no-op off Linux). If the parent is
+    already gone, act as if the signal came now."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), signum)
+
+
+def run_child(cmd: list[str], forward: int | None = None, new_group: bool = False,
+              **popen: Any) -> tuple[int, int | None]:
+    """Run `cmd` to completion; it gets SIGTERM if we die. A SIGINT or SIGTERM we receive meanwhile is passed on
+    (as `forward`, default the same signal; to its whole group with `new_group`) and we keep waiting for it.
+    Returns (its exit code, the signal we received or None). With `new_group` it is in its own process group, so a
+    terminal's Ctrl-C reaches only us and we decide what it gets."""
+    received: list[int] = []
+    child = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=new_group, **popen)
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        target = forward or signum
+        if new_group:
+            os.killpg(child.pid, target)
+        else:
+            child.send_signal(target)
+
+    previous = _handle((signal.SIGINT, signal.SIGTERM), pass_on)
+    try:
+        code = child.wait()
+    finally:
+        _restore(previous)
+    return code, (received[0] if received else None)
+
+
+def _handle(signums: tuple[int, ...], handler: Callable) -> dict[int, Any]:
+    """Install `handler` where we can (signal handlers belong to the main thread); the previous handlers."""
+    try:
+        return {s: signal.signal(s, handler) for s in signums}
+    except ValueError:
+        return {}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
