@@ -60,6 +60,7 @@ def cmd_run(args) -> str:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
     from flows import tracking
     from flows.flow import input_graph, pipeline_flow, select_stages
+    from flows.preflight import check_tracking_server
     from flows.prefect_server import prefect_api
     from stages.runner import FRESH_ENV
 
@@ -68,6 +69,7 @@ def cmd_run(args) -> str:
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)
         tracking.tracking_uri_default(root)
+        check_tracking_server(os.environ["MLFLOW_TRACKING_URI"])
         tracking.fail_orphaned_runs()
         if args.fresh:
             os.environ[FRESH_ENV] = "1"

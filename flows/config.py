@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -19,8 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stages import data
 from stages.kinds import KIND_MODULES, Input, StageKind, get_kind
 
-NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"  # matched whole: pydantic's (Rust) `$` and re.fullmatch reject "sft\n"
 ARTIFACTS = "artifacts"
+MAX_ALIAS_NODES = 10_000  # nodes a YAML document may add through aliases (a "billion laughs" adds billions)
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's (models.ADAPTER_CONFIG)
 
 
 class ConfigError(Exception):
@@ -29,8 +33,8 @@ class ConfigError(Exception):
     def __init__(self, file: str, message: str, pipeline: str | None = None, stage: str | None = None,
                  key: str | None = None):
         self.file, self.pipeline, self.stage, self.key = file, pipeline, stage, key
-        where = [f"pipeline '{pipeline}'" if pipeline else "", f"stage '{stage}'" if stage else "",
-                 f"key '{key}'" if key else ""]
+        where = [f"pipeline {pipeline!r}" if pipeline else "", f"stage {stage!r}" if stage else "",
+                 f"key {key!r}" if key else ""]
         super().__init__(f"{file}: {', '.join(w for w in where if w)}: {message}".replace(": : ", ": "))
 
 
@@ -102,15 +106,54 @@ def _error_from_pydantic(file: str, raw: dict, err: ValidationError) -> ConfigEr
     return ConfigError(file, message, pipeline, stage, key)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """Nodes under `node` with every alias expanded, memoised per node (so the cost is the document's size)."""
+    if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise yaml.YAMLError("a recursive alias: a node that contains itself")
+        return sizes[id(node)]
+    sizes[id(node)] = None
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects documents whose aliases expand to more than MAX_ALIAS_NODES extra nodes."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        sizes: dict[int, int | None] = {}
+        if _expanded_size(node, sizes) - len(sizes) > MAX_ALIAS_NODES:
+            raise yaml.YAMLError(f"aliases expand to more than {MAX_ALIAS_NODES:,} nodes; an alias bomb?")
+        return node
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document at `path`, or a ValueError saying why not (missing, a directory, not UTF-8, invalid YAML
+    with its line and column, aliases expanding too far)."""
+    try:
+        return yaml.load(data.decode_utf8(path.read_bytes()), Loader=_Loader)
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except IsADirectoryError:
+        raise ValueError("a directory, not a file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"{where}invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ValueError("invalid YAML (nested too deeply)") from None
+
+
 def load(path: str | Path) -> ConfigFile:
     """Parse and schema-check pipelines.yaml (structure only; see `resolve` for the semantic checks)."""
     file = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(file, "file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(file, f"invalid YAML: {e}") from None
+        raw = _read_yaml(Path(path))
+    except ValueError as e:
+        raise ConfigError(file, str(e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(file, "expected a mapping with a top-level 'pipelines' key")
     try:
@@ -118,8 +161,8 @@ def load(path: str | Path) -> ConfigFile:
     except ValidationError as e:
         raise _error_from_pydantic(file, raw, e) from None
     for name in config.pipelines:
-        if not re.match(NAME, name):
-            raise ConfigError(file, f"pipeline names must match {NAME}", name)
+        if not re.fullmatch(NAME, name):
+            raise ConfigError(file, f"pipeline name {name!r} must match {NAME}")
     return config
 
 
@@ -141,25 +184,83 @@ def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpe
 
 
 def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, Any], declared: Input):
-    path = root / dataset["path"]
-    if not data.is_local(dataset["path"]):
+    """A local input read once: a model directory (for an input the kind reads no columns from), else a dataset
+    whose every row holds the columns `declared` needs (through the column mapping), with values of the right type."""
+    name, split, path = dataset["path"], dataset.get("split"), root / dataset["path"]
+    if not data.is_local(name, root):
         return  # an HF dataset id: checked when the stage loads it
+    if not (declared.columns or declared.or_columns) and path.suffix not in data.LOCAL_FORMATS and \
+            not any(path.glob(f"**/{split or 'train'}-*")):
+        return _check_model_dir(file, where, name, path)
     if not path.exists():
-        raise ConfigError(file, f"dataset file not found: {dataset['path']}", **where)
-    present = set(data.local_columns(str(path), dataset.get("split")))
+        raise ConfigError(file, f"dataset file not found: {name}", **where)
     mapped = dataset.get("columns") or {}
-    for ours, theirs in mapped.items():
-        if theirs not in present:
-            raise ConfigError(file, f"column '{theirs}' (mapped to '{ours}') not in {dataset['path']}; "
-                                    f"{nearest(theirs, present)}", **where)
-    available = (present - set(mapped.values())) | set(mapped)
-    if declared.or_columns and set(declared.or_columns) <= available:
-        return
-    for column in declared.columns:
-        if column not in available:
-            alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
-            raise ConfigError(file, f"dataset {dataset['path']} has no column '{column}'{alternative} (map one with "
-                                    f"columns: {{{column}: <its column>}}); columns: {sorted(present)}", **where)
+    try:
+        rows = data.local_rows(path, split, name)
+        first = next(rows)
+        present = set(first[1])
+        for ours, theirs in mapped.items():
+            if theirs not in present:
+                raise ConfigError(file, f"column '{theirs}' (mapped to '{ours}') not in {name}; "
+                                        f"{nearest(theirs, present)}", **where)
+        available = (present - set(mapped.values())) | set(mapped)
+        required = declared.columns
+        if declared.or_columns and set(declared.or_columns) <= available:
+            required = declared.or_columns
+        for column in required:
+            if column not in available:
+                alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
+                raise ConfigError(file, f"dataset {name} has no column '{column}'{alternative} (map one with "
+                                        f"columns: {{{column}: <its column>}}); columns: {sorted(present)}", **where)
+        for row_where, row in itertools.chain([first], rows):
+            data.check_row(row, row_where, {*required, *mapped}, mapped)
+    except ValueError as e:
+        raise ConfigError(file, str(e), **where) from None
+
+
+def _check_model_dir(file: str, where: dict, name: str, path: Path) -> None:
+    """A local model: a directory holding a readable config.json (or a LoRA adapter's adapter_config.json)."""
+    if not path.is_dir():
+        raise ConfigError(file, f"model directory not found: {name}" if not path.exists() else
+                                f"model {name} is a file, not a save_pretrained directory", **where)
+    config = next((path / c for c in MODEL_CONFIGS if (path / c).exists()), None)
+    if config is None:
+        raise ConfigError(file, f"model directory {name} has no config.json (not a save_pretrained directory)",
+                          **where)
+    label = f"{name}/{config.name}"
+    try:
+        parsed = json.loads(data.decode_utf8(config.read_bytes(), label))
+    except json.JSONDecodeError as e:
+        raise ConfigError(file, f"{label} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})", **where) \
+            from None
+    except ValueError as e:  # not UTF-8
+        raise ConfigError(file, str(e), **where) from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(file, f"{label}: expected a JSON object, got {data.short_repr(parsed)}", **where)
+
+
+def _check_accelerate_config(file: str, root: Path, where: dict, name: str) -> int:
+    """An accelerate config file: a YAML mapping with a valid `num_processes` (returned) and `mixed_precision`."""
+    where = {**where, "key": "accelerate_config"}
+    if not (root / name).exists():
+        raise ConfigError(file, f"accelerate config not found: {name}", **where)
+    try:
+        config = _read_yaml(root / name) or {}
+    except ValueError as e:
+        raise ConfigError(file, f"accelerate config {name}: {e}", **where) from None
+    if not isinstance(config, dict):
+        raise ConfigError(file, f"accelerate config {name}: expected a YAML mapping, got {data.short_repr(config)}",
+                          **where)
+    processes = config.get("num_processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(file, f"accelerate config {name}: num_processes must be a positive integer, got "
+                                f"{data.short_repr(processes)}", **where)
+    precision = config.get("mixed_precision", "no")
+    if precision not in MIXED_PRECISION:
+        hint = " (quote it: 'no')" if precision is False else ""
+        raise ConfigError(file, f"accelerate config {name}: mixed_precision must be one of "
+                                f"{', '.join(MIXED_PRECISION)}, got {data.short_repr(precision)}{hint}", **where)
+    return processes
 
 
 def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +274,7 @@ def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(file, f"{first['msg']} (got {first.get('input')!r})",
+        raise ConfigError(file, f"{first['msg']} (got {data.short_repr(first.get('input'))})",
                           **{**where, "key": f"params.{key}"}) from None
 
 
@@ -224,10 +325,10 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
 
             settings = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
                         for k in Overridable.model_fields}
+            if settings["model"] and data.is_local(settings["model"], root):  # not an HF id
+                _check_model_dir(file, {**where, "key": "model"}, settings["model"], root / settings["model"])
             accelerate_config = settings["accelerate_config"] or "infra/accelerate/single.yaml"
-            if not (root / accelerate_config).exists():
-                raise ConfigError(file, f"accelerate config not found: {accelerate_config}", **where,
-                                  key="accelerate_config")
+            num_processes = _check_accelerate_config(file, root, where, accelerate_config)
             output_dir = f"{ARTIFACTS}/{pipeline}/{stage.name}"
             outputs = {name: f"{output_dir}/{rel}" for name, rel in kind.outputs.items()}
             produced[stage.name] = outputs
@@ -237,8 +338,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 "model": settings["model"],
                 "tokenizer": settings["tokenizer"],
                 "accelerate_config": accelerate_config,
-                "num_processes": int((yaml.safe_load((root / accelerate_config).read_text()) or {})
-                                     .get("num_processes", 1)),
+                "num_processes": num_processes,
                 "inputs": inputs,
                 "output_dir": output_dir,
                 "outputs": outputs,

@@ -118,9 +118,27 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return "auto" if name == "auto" else DTYPES[name]
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Raise a ValueError naming any *.safetensors file of the model directory `path` that is truncated or corrupt:
+    its 8-byte header length, JSON header and tensor extents must account for the file's size exactly."""
+    for file in sorted(Path(path).glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = f.read(header_len) if 8 + header_len <= size else b""
+        try:
+            tensors = [t for key, t in json.loads(header).items() if key != "__metadata__"]
+            end = 8 + header_len + max((int(t["data_offsets"][1]) for t in tensors), default=0)
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+            raise ValueError(f"{file}: truncated or corrupt safetensors file (unreadable header)") from None
+        if end != size:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({size} bytes; its header says {end})")
+
+
 def _load(auto_class, path: str, options: ModelParams | None, **config_overrides) -> PreTrainedModel:
     """`auto_class.from_pretrained` of a checkpoint or of a LoRA adapter directory (its adapters merged into the
     base it names), with the stage's dtype, attention implementation and trust_remote_code."""
+    check_safetensors(path)
     adapter = Path(path, ADAPTER_CONFIG)
     if adapter.exists():
         from peft import PeftConfig, PeftModel

@@ -1,0 +1,343 @@
+"""Bad input, named, at once: broken data files, accelerate configs, model directories, alias bombs and names fail
+before anything trains or is written, naming the file, the line or row and the column; `rl4llm` exits 2."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, resolve
+from flows.preflight import check_tracking_server
+from stages import data
+from tests.conftest import REPO
+from tests.test_config import BASE, write
+
+GOOD = {"question": "name two animals", "answer": "cat dog"}
+
+
+def lines(*rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def config_with(edit=None) -> dict:
+    config = copy.deepcopy(BASE)
+    if edit:
+        edit(config["pipelines"]["demo"])
+    return config
+
+
+def error_of(project: Path, config: dict | None = None, files: dict[str, str | bytes] | None = None,
+             raw: str | None = None) -> ConfigError:
+    """The ConfigError `resolve` raises on BASE (or `config`, or the YAML text `raw`) with `files` written."""
+    path = write(project, config or BASE)
+    for name, content in (files or {}).items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    if raw is not None:
+        path.write_text(raw)
+    with pytest.raises(ConfigError) as raised:
+        resolve(path)
+    return raised.value
+
+
+def use(path: str, **dataset):
+    return lambda p: p["datasets"]["demos"].update(path=path, **dataset)
+
+
+def chat_folder(project: Path, rows: list[dict]) -> None:
+    from datasets import Dataset
+
+    (project / "chat/data").mkdir(parents=True)
+    Dataset.from_list(rows).to_parquet(project / "chat/data/train-00000-of-00001.parquet")
+
+
+BAD_DATA = {
+    "empty file": ({"demos.jsonl": ""}, None, "demos.jsonl: no rows"),
+    "malformed JSON line": ({"demos.jsonl": lines(GOOD, GOOD, '{"question": "q", "answer": }')}, None,
+                            "demos.jsonl line 3: invalid JSON (Expecting value"),
+    "not a JSON object": ({"demos.jsonl": lines(GOOD, "[1, 2]")}, None,
+                          "demos.jsonl line 2: expected a JSON object, got [1, 2]"),
+    "not UTF-8": ({"demos.jsonl": lines(GOOD).encode() + b'{"question": "caf\xe9", "answer": "x"}\n'}, None,
+                  "demos.jsonl line 2 column 18: not UTF-8 (byte 0xe9)"),
+    ".json not JSON": ({"demos.json": "question: answer\n"}, use("demos.json"),
+                       "demos.json line 1 column 1: invalid JSON (Expecting value)"),
+    ".json missing column": ({"demos.json": json.dumps([GOOD, {"question": "q"}])}, use("demos.json"),
+                             "demos.json row 2: column 'answer' (mapped to 'response') missing"),
+    "mapped column missing on line 3": ({"demos.jsonl": lines(GOOD, GOOD, {"question": "q"})}, None,
+                                        "demos.jsonl line 3: column 'answer' (mapped to 'response') missing"),
+    "mapped column null": ({"demos.jsonl": lines(GOOD, {"question": "q", "answer": None})}, None,
+                           "demos.jsonl line 2: column 'answer' (mapped to 'response') missing"),
+    "required column missing": ({"plain.jsonl": lines({"prompt": "p", "response": "r"}, {"prompt": "p"})},
+                                use("plain.jsonl", columns={}), "plain.jsonl line 2: column 'response' missing"),
+    "wrong type on line 2": ({"demos.jsonl": lines(GOOD, {"question": "q", "answer": 42})}, None,
+                             "demos.jsonl line 2: column 'answer' (mapped to 'response') must be a string or a "
+                             "list of {role, content} messages, got 42"),
+    "prompt a number": ({"plain.jsonl": lines({"prompt": 7, "response": "r"})}, use("plain.jsonl", columns={}),
+                        "plain.jsonl line 1: column 'prompt' must be a string or a list of {role, content} "
+                        "messages, got 7"),
+    "csv missing value": ({"demos.csv": "question,answer\nq,a\nq\n"}, use("demos.csv"),
+                          "demos.csv line 3: column 'answer' (mapped to 'response') missing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
+def test_bad_local_data_is_named_by_file_line_and_column(project: Path, case: str):
+    files, edit, expected = BAD_DATA[case]
+    error = error_of(project, config_with(edit), files)
+    assert expected in str(error), str(error)
+    assert (error.pipeline, error.stage, error.key) == ("demo", "sft", "inputs.data")
+
+
+def test_bad_chat_messages_in_a_hub_layout_folder_name_the_parquet_row(project: Path):
+    good = {"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    chat_folder(project, [good, good, {"conversation": [{"role": "user", "content": None}]}])
+    chat = {"path": "chat", "columns": {"messages": "conversation"}}
+    sft = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.chat"}}
+    config = config_with(lambda p: p.update(datasets={"chat": chat}, stages=[sft]))
+    message = str(error_of(project, config))
+    assert "chat/data/train-00000-of-00001.parquet row 3: column 'conversation' (mapped to 'messages') must be a " \
+           "list of {role, content} messages" in message, message
+
+
+def test_hub_rows_are_checked_when_a_stage_loads_them(monkeypatch):
+    from datasets import Dataset
+
+    chat = [{"role": "user", "content": "hi"}]
+    rows = [{"messages": chat, "answer": "a"}, {"messages": [{"role": "user", "content": None}], "answer": "a"}]
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: Dataset.from_list(rows))
+    spec = {"path": "someone/chat", "split": "train", "columns": {"response": "answer"}}
+    with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'messages' must be a list of"):
+        data.load_rows(spec)
+    rows[1] = {"messages": chat, "answer": None}
+    with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'response' missing"):
+        data.load_rows(spec)
+    rows[1] = {"messages": chat, "answer": "a"}
+    assert len(data.load_rows(spec, required=["messages"])) == 2
+
+
+BAD_ACCELERATE = {
+    "a directory": (None, "accelerate config infra/bad: a directory, not a file"),
+    "not YAML": ("num_processes: [1\n", "accelerate config infra/bad: line 2 column 1: invalid YAML"),
+    "not a mapping": ("- 1\n", "accelerate config infra/bad: expected a YAML mapping, got [1]"),
+    "num_processes two": ("num_processes: two\n", "num_processes must be a positive integer, got 'two'"),
+    "num_processes 0": ("num_processes: 0\n", "num_processes must be a positive integer, got 0"),
+    "num_processes -1": ("num_processes: -1\n", "num_processes must be a positive integer, got -1"),
+    "num_processes true": ("num_processes: true\n", "num_processes must be a positive integer, got True"),
+    "mixed_precision fp32": ("mixed_precision: fp32\n",
+                             "mixed_precision must be one of no, fp16, bf16, fp8, got 'fp32'"),
+    "mixed_precision unquoted no": ("mixed_precision: no\n", "got False (quote it: 'no')"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ACCELERATE, ids=list(BAD_ACCELERATE))
+def test_bad_accelerate_config(project: Path, case: str):
+    content, expected = BAD_ACCELERATE[case]
+    if content is None:
+        (project / "infra/bad").mkdir()
+    else:
+        (project / "infra/bad").write_text(content)
+    error = error_of(project, config_with(lambda p: p["stages"][0].update(accelerate_config="infra/bad")))
+    assert expected in str(error), str(error)
+    assert (error.pipeline, error.stage, error.key) == ("demo", "sft", "accelerate_config")
+
+
+def test_valid_accelerate_configs_resolve_with_their_process_count(project: Path):
+    resolved = resolve(write(project, config_with(lambda p: p["stages"][0].update(
+        accelerate_config="infra/accelerate/fsdp_cpu_2proc.yaml"))))
+    assert resolved["demo"]["sft"]["num_processes"] == 2 and resolved["demo"]["rm"]["num_processes"] == 1
+
+
+BAD_MODELS = {
+    "missing directory": ("./models/missing", None, "model directory not found: ./models/missing"),
+    "no config.json": ("models/empty", {"models/empty/model.safetensors": b""},
+                       "model directory models/empty has no config.json"),
+    "config.json not JSON": ("models/broken", {"models/broken/config.json": '{"model_type": llama}'},
+                             "models/broken/config.json line 1 column 16: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS, ids=list(BAD_MODELS))
+def test_bad_local_model_directory(project: Path, case: str):
+    model, files, expected = BAD_MODELS[case]
+    error = error_of(project, config_with(lambda p: p["defaults"].update(model=model)), files)
+    assert expected in str(error), str(error)
+    assert (error.pipeline, error.stage, error.key) == ("demo", "sft", "model")
+
+
+def test_a_model_input_wired_to_a_local_directory_is_checked(project: Path):
+    (project / "models/empty").mkdir(parents=True)
+    config = config_with(lambda p: (p["datasets"].update(base={"path": "./models/empty"}),
+                                    p["stages"][0]["inputs"].update(base="datasets.base")))
+    error = error_of(project, config)
+    assert error.key == "inputs.base" and "model directory ./models/empty has no config.json" in str(error)
+
+
+def test_hub_ids_and_good_model_directories_pass(project: Path, tiny_model_dir: Path):
+    for model in ("Qwen/Qwen2-0.5B", str(tiny_model_dir)):
+        assert resolve(write(project, config_with(lambda p: p["defaults"].update(model=model))))
+
+
+def test_a_truncated_safetensors_file_is_named_before_from_pretrained(tiny_model_dir: Path, tmp_path: Path):
+    from stages.models import check_safetensors, load_policy
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    check_safetensors(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated or corrupt safetensors file"):
+        load_policy(str(model))
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated or corrupt safetensors file \(unreadable"):
+        check_safetensors(model)
+
+
+def test_a_safetensors_file_written_by_safetensors_passes_and_any_cut_fails(tmp_path: Path):
+    import torch
+    from safetensors.torch import save_file
+
+    from stages.models import check_safetensors
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(5)}, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    check_safetensors(tmp_path)
+    whole = (tmp_path / "x.safetensors").read_bytes()
+    for cut in (1, 20, len(whole) - 9, len(whole) - 4):
+        (tmp_path / "x.safetensors").write_bytes(whole[:-cut])
+        with pytest.raises(ValueError, match="x.safetensors: truncated or corrupt"):
+            check_safetensors(tmp_path)
+
+
+def alias_bomb(levels: int = 9, refs: int = 9) -> str:
+    """A "billion laughs" in a param value: `levels` nested anchors of `refs` aliases each (refs ** levels lols)."""
+    anchors = ["&a0 [" + ", ".join(["lol"] * refs) + "]"]
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * refs) + "]" for i in range(1, levels + 1)]
+    return yaml.safe_dump(BASE).replace("lr: 0.01", f"lr: [{', '.join(anchors)}]")
+
+
+def test_a_yaml_alias_bomb_is_rejected_at_once(project: Path):
+    assert "*a8" in alias_bomb()
+    started = time.perf_counter()
+    error = error_of(project, raw=alias_bomb())
+    assert time.perf_counter() - started < 10  # ~0.01 s; it took 161 s and 3.9 GB when the error printed the value
+    assert "aliases expand to more than 10,000 nodes" in str(error)
+
+
+def test_a_recursive_alias_is_rejected(project: Path):
+    error = error_of(project, raw=yaml.safe_dump(BASE).replace("lr: 0.01", "lr: &a [*a]"))
+    assert "invalid YAML (a recursive alias" in str(error)
+
+
+def test_error_messages_print_bounded_values(project: Path):
+    error = error_of(project, config_with(lambda p: p["stages"][0]["params"].update(lr="x" * 100_000)))
+    assert error.key == "params.lr" and "(got 'xxx" in str(error) and len(str(error)) < 400
+
+
+def test_a_pipeline_name_with_a_trailing_newline_is_rejected(project: Path):
+    config = copy.deepcopy(BASE)
+    config["pipelines"]["demo\n"] = config["pipelines"].pop("demo")
+    error = error_of(project, config)
+    assert "pipeline name 'demo\\n' must match" in str(error)
+
+
+def test_a_stage_name_with_a_trailing_newline_is_rejected(project: Path):
+    error = error_of(project, config_with(lambda p: p["stages"][0].update(name="sft\n")))
+    assert (error.stage, error.key) == ("sft\n", "name") and "stage 'sft\\n'" in str(error)
+
+
+def test_invalid_pipelines_yaml_names_line_and_column(project: Path):
+    error = error_of(project, raw="pipelines:\n  demo:\n    stages: [\n")
+    assert str(error).startswith(f"{project / 'pipelines.yaml'}: line 4 column 1: invalid YAML")
+
+
+def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def tree(project: Path) -> list[str]:
+    return sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+
+
+def test_cli_run_exits_2_on_a_bad_data_line_and_writes_nothing(project: Path):
+    write(project, BASE)
+    (project / "demos.jsonl").write_text(lines(GOOD, GOOD, {"question": "q", "answer": ["a"]}))
+    before = tree(project)
+    result = cli(project, "run", "demo")
+    assert result.returncode == 2, result.stderr
+    assert "demos.jsonl line 3: column 'answer' (mapped to 'response') must be a string" in result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+
+
+@pytest.mark.parametrize("case", ["num_processes two", "alias bomb"])
+def test_cli_validate_exits_2_on_a_bad_accelerate_config_or_alias_bomb(project: Path, case: str):
+    path = write(project, config_with(lambda p: p["stages"][0].update(accelerate_config="infra/bad.yaml")))
+    (project / "infra/bad.yaml").write_text("num_processes: two\n")
+    if case == "alias bomb":
+        path.write_text(alias_bomb())
+    before = tree(project)
+    result = cli(project, "validate")
+    assert result.returncode == 2, result.stderr
+    expected = "num_processes must be a positive integer, got 'two'" if case == "num_processes two" else \
+        "aliases expand to more than 10,000 nodes"
+    assert "pipelines.yaml" in result.stderr and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_named_with_the_cause():
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as raised:
+        check_tracking_server(uri, timeout_s=2)
+    assert time.perf_counter() - started < 10
+    assert str(raised.value).startswith(f"{uri}: MLflow tracking server not reachable (") and "refused" in \
+        str(raised.value)
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_tracking_server_answering_health(status: int):
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}/"
+    try:
+        if status == 200:
+            check_tracking_server(uri)
+        else:
+            with pytest.raises(ConfigError, match="not reachable \\(HTTP 503"):
+                check_tracking_server(uri)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_tracking_database_in_a_missing_directory(tmp_path: Path):
+    check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match="directory does not exist"):
+        check_tracking_server(uri)
