@@ -1,0 +1,150 @@
+"""`rl4llm run` under stress: one writer per project, Ctrl-C on the whole process group, SIGKILL of the run (no
+process outlives it, no MLflow run stays RUNNING), and the next run resumes the interrupted stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows.run_lock import LOCK_FILE, run_lock
+from stages import instruct_task
+from stages.checkpoint import CHECKPOINTS, complete_checkpoints
+from tests.conftest import make_project
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def write_project(root: Path, model: Path, epochs: int = 1) -> Path:
+    rng = random.Random(0)
+    prompts = [instruct_task.make_prompt(rng) for _ in range(64)]
+    rows = [{"prompt": p, "response": " ".join(rng.sample(instruct_task.ALL_WORDS, 2))} for p in prompts]
+    (root / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_project(root)
+    stage = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"},
+             "params": {"epochs": epochs, "batch_size": 2, "lr": 0.01, "checkpoint_every": 5}}
+    config = {"pipelines": {"safe": {"defaults": {"seed": 0, "model": str(model)},
+                                     "datasets": {"demos": {"path": "demos.jsonl"}}, "stages": [stage]}}}
+    (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def env(root: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def test_a_second_run_exits_at_once_naming_the_holder_while_validate_and_list_work(tmp_path, tiny_model_dir):
+    root = write_project(tmp_path, tiny_model_dir)
+    with run_lock(root, "safe"):
+        started = time.monotonic()
+        second = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 75
+        assert f"pid {os.getpid()}" in second.stderr and "pipeline 'safe'" in second.stderr
+        assert time.monotonic() - started < 30  # no stage, no Prefect server
+        for command in (["validate"], ["list", "safe"]):
+            assert subprocess.run([*CLI, *command], cwd=root, env=env(root), capture_output=True,
+                                  timeout=120).returncode == 0
+    assert not (root / "artifacts").exists()
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).parent.mkdir(parents=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "h", "pipeline": "p", "started": "t"}))
+    with run_lock(tmp_path, "safe"):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    return {pid for pid in pids if running(pid)}
+
+
+def start_run(root: Path) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, "run", "safe"], cwd=root, env=env(root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_checkpoint_after(root: Path, step: int, process: subprocess.Popen) -> set[int]:
+    """Wait until the stage has a checkpoint past `step`; returns the run's processes at that moment."""
+    area, deadline = root / CHECKPOINTS / "safe" / "sft", time.monotonic() + 300
+    while True:
+        steps = [s for key in (area.iterdir() if area.exists() else []) for s, _ in complete_checkpoints(key)]
+        if steps and max(steps) > step:
+            return descendants(process.pid)
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resumes(tmp_path, tiny_model_dir):
+    root = write_project(tmp_path, tiny_model_dir, epochs=12)  # 12 × 32 steps: long enough to interrupt
+
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+    first = start_run(root)
+    processes = wait_for_checkpoint_after(root, 0, first)
+    os.killpg(first.pid, signal.SIGINT)
+    out = first.communicate(timeout=180)[0]
+    assert first.returncode == 130, out[-3000:]
+    assert "resume with `rl4llm run safe`" in out
+    assert not alive(processes)
+
+    # SIGKILL of `rl4llm run` alone: dvc, the stage and the Prefect server go with it
+    second = start_run(root)
+    processes = wait_for_checkpoint_after(root, 5, second)
+    assert len(processes) >= 3  # Prefect server, dvc, the stage
+    second.kill()
+    second.wait()
+    deadline = time.monotonic() + 60
+    while alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(processes)
+
+    listing = subprocess.run([*CLI, "list", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
+                             timeout=120)
+    assert "interrupted (resumes from step" in listing.stdout
+
+    third = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "safe/sft: resuming from step" in third.stderr
+    assert (root / "artifacts/safe/sft/metrics.json").exists()
+    assert not (root / CHECKPOINTS / "safe" / "sft").exists()
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rl4llm").experiment_id], "",
+                              order_by=["attributes.start_time ASC"])
+    statuses = [(r.data.tags.get("mlflow.runName"), r.info.status) for r in runs]
+    assert statuses == [("safe", "KILLED"), ("sft", "KILLED"), ("safe", "FAILED"), ("sft", "KILLED"),
+                        ("safe", "FINISHED"), ("sft", "FINISHED")]
