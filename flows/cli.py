@@ -91,21 +91,26 @@ def cmd_run(args) -> str:
 def cmd_list(args) -> str:
     from flows import dvc, tracking
     from flows.flow import input_graph
+    from flows.run_lock import holder
     from stages.checkpoint import checkpoint_dir, resumable
 
     root, resolved = _resolved(args)
-    dvc.ensure_repo(root)
-    dvc.sync(root, resolved)
+    busy = holder(root)  # a run holds DVC's repository lock too: read dvc.lock instead of asking DVC
+    lines = [f"a run is in progress ({busy}); states as recorded in dvc.lock"] if busy else []
+    if not busy:
+        dvc.ensure_repo(root)
+        dvc.sync(root, resolved)
     tracking.tracking_uri_default(root)
     tracking.fail_orphaned_runs()
-    lines = []
     for pipeline in [args.pipeline] if args.pipeline else list(resolved):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
         lines.append(pipeline)
-        states = dvc.status(root, pipeline, specs)
+        states = dvc.status(root, pipeline, specs, live=not busy)
         for stage, spec in specs.items():
             saved = resumable(checkpoint_dir(root, pipeline, stage, spec)) if states[stage] == "never run" else None
-            if saved:
+            if busy and (root / spec["output_dir"]).with_name(f".{stage}.partial").exists():
+                states[stage] = "running" + (f" (checkpoint at step {saved['step']}/{saved['total']})" if saved else "")
+            elif saved:
                 states[stage] = f"interrupted (resumes from step {saved['step']}/{saved['total']})"
         for stage, upstream in input_graph(specs).items():
             stale = sorted(u for u in upstream if states[u] != "up to date")

@@ -121,11 +121,12 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
         raise subprocess.CalledProcessError(code, cmd)
 
 
-def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Per stage: 'up to date', 'stale' (and what changed) or 'never run' (no lock entry or no metrics.json)."""
+def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bool = True) -> dict[str, str]:
+    """Per stage: 'up to date', 'stale' (and what changed) or 'never run' (no lock entry or no metrics.json).
+    Not `live` (a run holds DVC's lock): 'up to date' means as recorded in dvc.lock, unchecked."""
     stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
-    report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}")
+    report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}") if live else {}
     lock_path = root / "dvc.lock"
     locked = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
     out = {}

@@ -45,6 +45,20 @@ def run_lock(root: Path, pipeline: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def holder(root: Path) -> str | None:
+    """Who holds the project's run lock (None: nobody), without taking it."""
+    path = root / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return describe(f.read())
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def describe(record: str) -> str:
     try:
         holder = json.loads(record)

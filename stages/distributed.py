@@ -41,6 +41,15 @@ def build_accelerator(config_file: str) -> Accelerator:
     return accelerator
 
 
+def prepare(acc: Accelerator, *objects: Any) -> Any:
+    """`acc.prepare`, keeping FSDP on where `build_accelerator` forced it (prepare re-derives the mode from the
+    device and would report a CPU run as MULTI_CPU, so checkpoints and state dicts would not gather the shards)."""
+    mode = acc.state.distributed_type
+    prepared = acc.prepare(*objects)
+    acc.state.distributed_type = mode
+    return prepared
+
+
 def is_fsdp(acc: Accelerator) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 

@@ -49,6 +49,8 @@ class NonFinite(Exception):
 
 def _request_stop(signum: int, _frame: Any) -> None:
     global _stop_signal
+    if _stop_signal is not None:  # already stopping (a second signal must not break the checkpoint or cleanup)
+        return
     _stop_signal = signum
     if not _loop_active:  # outside a training loop there is no step boundary to wait for
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")

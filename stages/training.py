@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from stages.algorithms import masked_sum
 from stages.context import StageContext
-from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means
+from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means, prepare
 from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
 from stages.kinds import StageParams, named
 from stages.loop import TrainingLoop, check_finite
@@ -99,7 +99,7 @@ def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, t
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable = [w for w in model.parameters() if w.requires_grad]  # with LoRA: the adapters (and a head)
-    model, optimizer = ctx.accelerator.prepare(model, torch.optim.AdamW(trainable, lr=lr))
+    model, optimizer = prepare(ctx.accelerator, model, torch.optim.AdamW(trainable, lr=lr))
     scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=math.ceil(p.warmup_ratio * total_steps),
                               num_training_steps=max(total_steps, 1))
     ctx.accelerator.register_for_checkpointing(scheduler)

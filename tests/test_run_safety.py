@@ -52,8 +52,10 @@ def test_a_second_run_exits_at_once_naming_the_holder_while_validate_and_list_wo
         assert f"pid {os.getpid()}" in second.stderr and "pipeline 'safe'" in second.stderr
         assert time.monotonic() - started < 30  # no stage, no Prefect server
         for command in (["validate"], ["list", "safe"]):
-            assert subprocess.run([*CLI, *command], cwd=root, env=env(root), capture_output=True,
-                                  timeout=120).returncode == 0
+            result = subprocess.run([*CLI, *command], cwd=root, env=env(root), capture_output=True, text=True,
+                                    timeout=120)
+            assert result.returncode == 0, result.stderr
+        assert "a run is in progress (pid" in result.stdout
     assert not (root / "artifacts").exists()
 
 
@@ -95,12 +97,17 @@ def start_run(root: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def newest_checkpoint(root: Path) -> int:
+    area = root / CHECKPOINTS / "safe" / "sft"
+    return max((s for key in (area.iterdir() if area.exists() else []) for s, _ in complete_checkpoints(key)),
+               default=0)
+
+
 def wait_for_checkpoint_after(root: Path, step: int, process: subprocess.Popen) -> set[int]:
     """Wait until the stage has a checkpoint past `step`; returns the run's processes at that moment."""
-    area, deadline = root / CHECKPOINTS / "safe" / "sft", time.monotonic() + 300
+    deadline = time.monotonic() + 300
     while True:
-        steps = [s for key in (area.iterdir() if area.exists() else []) for s, _ in complete_checkpoints(key)]
-        if steps and max(steps) > step:
+        if newest_checkpoint(root) > step:
             return descendants(process.pid)
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline
@@ -122,7 +129,7 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
 
     # SIGKILL of `rl4llm run` alone: dvc, the stage and the Prefect server go with it
     second = start_run(root)
-    processes = wait_for_checkpoint_after(root, 5, second)
+    processes = wait_for_checkpoint_after(root, newest_checkpoint(root), second)
     assert len(processes) >= 3  # Prefect server, dvc, the stage
     second.kill()
     second.wait()
