@@ -341,3 +341,20 @@ def test_a_tracking_database_in_a_missing_directory(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"
     with pytest.raises(ConfigError, match="directory does not exist"):
         check_tracking_server(uri)
+
+
+@pytest.mark.parametrize("output_dir, outputs", [
+    ("../outside", {"model": "../outside/model"}),
+    ("artifacts/demo/other", {"model": "artifacts/demo/other/model"}),
+    ("artifacts/demo/sft", {"model": "/etc/passwd"}),
+    ("artifacts/demo/sft", {"model": "artifacts/demo/sft"}),
+])
+def test_a_stage_writes_only_inside_its_own_output_directory(tmp_path, monkeypatch, output_dir, outputs):
+    from stages.runner import owned_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="must lie in artifacts/demo/sft/"):
+        owned_output_dir("demo", "sft", {"output_dir": output_dir, "outputs": outputs}, "params.yaml")
+    assert owned_output_dir("demo", "sft", {"output_dir": "artifacts/demo/sft",
+                                            "outputs": {"model": "artifacts/demo/sft/model"}}, "params.yaml") \
+        == tmp_path / "artifacts/demo/sft"

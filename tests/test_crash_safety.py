@@ -2,8 +2,8 @@
 bit-identical to a run that was never interrupted, and redoes only the steps after its last checkpoint; SIGINT stops
 it after a checkpoint (exit 130, MLflow run KILLED); a diverging run stops at the first non-finite step.
 
-Each case is a copy of a stage under another name (same spec, so the same seed and data order): `<kind>` runs
-uninterrupted, `<kind>_<case>` is killed at a fault point (`RL4LLM_FAULT=<point>:<step>`) and rerun.
+Each case is a copy of a stage under another name (same spec, so the same seed and data order): the original runs
+uninterrupted, the copy is killed at a fault point (`RL4LLM_FAULT=<point>:<step>`) and rerun.
 """
 
 from __future__ import annotations
@@ -40,15 +40,19 @@ GRPO = {"kind": "grpo", "inputs": {"policy": "sft.model", "prompts": "datasets.p
                    "reward_params": {"overlong": {"max_length": 5, "buffer": 3}}, "dynamic_sampling": True}}
 KINDS = {"sft": SFT, "ppo": PPO, "grpo": GRPO}
 TOTAL_STEPS = {"sft": 8, "ppo": 4, "grpo": 4}  # sft: 32 training rows / 8 per batch × 2 epochs
-# (stage copy, fault point, step of the checkpoint the rerun resumes from; 0: none, from the start)
-KILLS = [("ppo_before_first_checkpoint", "step:1", 0), ("ppo_between_checkpoints", "step:3", 2),
-         ("ppo_while_saving", "saving:2", 0), ("ppo_before_publishing", "publish:0", 2),
-         ("grpo_between_checkpoints", "step:3", 2), ("sft_between_checkpoints", "step:5", 4)]
+FSDP = "infra/accelerate/fsdp_cpu_2proc.yaml"  # two CPU processes, parameters and optimiser state sharded
+# (stage copy, the uninterrupted stage it copies, fault point, step of the checkpoint the rerun resumes from)
+KILLS = [("ppo_before_first_checkpoint", "ppo", "step:1", 0), ("ppo_between_checkpoints", "ppo", "step:3", 2),
+         ("ppo_while_saving", "ppo", "saving:2", 0), ("ppo_before_publishing", "ppo", "publish:0", 2),
+         ("grpo_between_checkpoints", "grpo", "step:3", 2), ("sft_between_checkpoints", "sft", "step:5", 4),
+         ("sft_fsdp_between_checkpoints", "sft_fsdp", "step:5", 4)]
 STAGES = [{"name": "sft", **SFT},
           {"name": "reward_model", "kind": "reward_model", "params": {"epochs": 1, "batch_size": 8},
            "inputs": {"comparisons": "datasets.comparisons", "demos": "datasets.demos"}},
-          {"name": "ppo", **PPO}, {"name": "grpo", **GRPO},
-          *({"name": name, **KINDS[name.split("_")[0]]} for name, _, _ in KILLS),
+          {"name": "ppo", **PPO}, {"name": "grpo", **GRPO}, {"name": "sft_fsdp", **SFT, "accelerate_config": FSDP},
+          *({"name": name, **KINDS[baseline.split("_")[0]]} for name, baseline, _, _ in KILLS
+            if not baseline.endswith("fsdp")),
+          {"name": "sft_fsdp_between_checkpoints", **SFT, "accelerate_config": FSDP},
           {"name": "sft_diverging", **SFT, "params": {**SFT["params"], "lr": 1e6, "max_grad_norm": None}},
           {"name": "ppo_interrupted", **PPO, "params": {**PPO["params"], "iterations": 200}}]
 
@@ -76,7 +80,7 @@ def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
                                       "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     subprocess.run([sys.executable, "-m", "flows.cli", "sync"], cwd=root, env=env(root), check=True, timeout=120)
-    for stage in ("sft", "reward_model", "ppo", "grpo"):
+    for stage in ("sft", "reward_model", "ppo", "grpo", "sft_fsdp"):
         run(root, stage)
     return root
 
@@ -110,17 +114,18 @@ def stage_runs(root: Path, stage: str) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
-@pytest.mark.parametrize("stage, fault, resumes_from", KILLS, ids=[k[0] for k in KILLS])
-def test_a_killed_stage_resumes_bit_identical(project: Path, stage: str, fault: str, resumes_from: int):
+@pytest.mark.parametrize("stage, baseline, fault, resumes_from", KILLS, ids=[k[0] for k in KILLS])
+def test_a_killed_stage_resumes_bit_identical(project: Path, stage: str, baseline: str, fault: str,
+                                              resumes_from: int):
     killed = run(project, stage, check=False, **{FAULT_ENV: fault})
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL or baseline.endswith("fsdp")  # 2 processes: the launcher fails
     assert not output(project, stage).exists()  # nothing published
     assert newest_checkpoint(project, stage) == resumes_from
 
     rerun = run(project, stage)
-    total = TOTAL_STEPS[stage.split("_")[0]]
+    total = TOTAL_STEPS[baseline.split("_")[0]]
     assert (f"crash/{stage}: resuming from step {resumes_from}/{total}" in rerun.stderr) == (resumes_from > 0)
-    uninterrupted = output(project, stage.split("_")[0])
+    uninterrupted = output(project, baseline)
     assert (output(project, stage) / "metrics.json").read_bytes() == (uninterrupted / "metrics.json").read_bytes()
     assert (output(project, stage) / "model/model.safetensors").read_bytes() == \
         (uninterrupted / "model/model.safetensors").read_bytes()
