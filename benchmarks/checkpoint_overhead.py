@@ -1,5 +1,5 @@
 """Checkpoint overhead of a stage: its wall time with the default `checkpoint_every` against no checkpoints, and the
-time spent saving (each `TrainingLoop` save timed), interleaved rounds in one process.
+time spent saving (each `TrainingLoop` save timed), interleaved rounds in one process after a warm-up round.
 
 Run from a project whose stage's inputs exist (e.g. after `rl4llm run instructgpt --stage reward_model` and its
 upstream):  python benchmarks/checkpoint_overhead.py --pipeline instructgpt --stage ppo --rounds 3
@@ -46,7 +46,7 @@ def main() -> None:
     saves = timed_saves()
     walls: dict[str, list[float]] = {"default": [], "none": []}
     save_totals: list[float] = []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds + 1):  # round 0 warms up (imports, allocator) and is not counted
         for setting, every in (("default", default_every), ("none", NEVER)):
             variant = copy.deepcopy(resolved)
             variant[args.pipeline][args.stage]["params"]["checkpoint_every"] = every
@@ -55,8 +55,10 @@ def main() -> None:
             saves.clear()
             started = time.perf_counter()
             runner.run_stage(args.pipeline, args.stage, str(params_file))
-            walls[setting].append(time.perf_counter() - started)
             params_file.unlink()
+            if round_ == 0:
+                continue
+            walls[setting].append(time.perf_counter() - started)
             if setting == "default":
                 save_totals.append(sum(saves))
                 print(f"checkpoints: {len(saves)} saves, {sum(saves):.2f} s", flush=True)
