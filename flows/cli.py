@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -173,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def execute(argv: list[str] | None = None) -> str:
-    """Run one command; returns what it reports (`main` prints it)."""
+    """Run one command and return what it reports (`main` also prints it and turns failures into exit codes)."""
     args = parser().parse_args(argv)
     return args.fn(args)
 
