@@ -91,7 +91,6 @@ def cmd_list(args) -> str:
     from flows import dvc, tracking
     from flows.flow import input_graph
     from flows.run_lock import holder
-    from stages.checkpoint import checkpoint_dir, resumable
 
     root, resolved = _resolved(args)
     busy = holder(root)  # a run holds DVC's repository lock too: read dvc.lock instead of asking DVC
@@ -100,23 +99,34 @@ def cmd_list(args) -> str:
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)
     tracking.tracking_uri_default(root)
-    tracking.fail_orphaned_runs()
+    orphans = tracking.fail_orphaned_runs()
+    if orphans:
+        lines.append(f"marked FAILED: {len(orphans)} MLflow run(s) left RUNNING by processes that are gone")
     for pipeline in [args.pipeline] if args.pipeline else list(resolved):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
         lines.append(pipeline)
         states = dvc.status(root, pipeline, specs, live=not busy)
         for stage, spec in specs.items():
-            saved = resumable(checkpoint_dir(root, pipeline, stage, spec)) if states[stage] == "never run" else None
-            if busy and (root / spec["output_dir"]).with_name(f".{stage}.partial").exists():
-                states[stage] = "running" + (f" (checkpoint at step {saved['step']}/{saved['total']})" if saved else "")
-            elif saved:
-                states[stage] = f"interrupted (resumes from step {saved['step']}/{saved['total']})"
+            if states[stage] == "never run":
+                states[stage] = _unpublished_state(root, pipeline, stage, spec, bool(busy))
         for stage, upstream in input_graph(specs).items():
             stale = sorted(u for u in upstream if states[u] != "up to date")
             if stale and states[stage] == "up to date":
                 states[stage] = f"stale (upstream: {', '.join(stale)})"
             lines.append(f"  {stage:<24} {specs[stage]['kind']:<24} {states[stage]}")
     return "\n".join(lines)
+
+
+def _unpublished_state(root: Path, pipeline: str, stage: str, spec: dict, busy: bool) -> str:
+    """A stage without a published output: running (a run is on and its staging directory exists), interrupted
+    with a checkpoint to resume from, or never run."""
+    from stages.checkpoint import checkpoint_dir, resumable
+
+    saved = resumable(checkpoint_dir(root, pipeline, stage, spec))
+    at = f"step {saved['step']}/{saved['total']}" if saved else ""
+    if busy and (root / spec["output_dir"]).with_name(f".{stage}.partial").exists():
+        return "running" + (f" (checkpoint at {at})" if saved else "")
+    return f"interrupted (resumes from {at})" if saved else "never run"
 
 
 def cmd_compare(args) -> str:
@@ -195,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(1)
     except BaseException as e:
-        signum = getattr(e, "signum", None) or getattr(e, "signal", None) or (
-            signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
+        from stages.processes import interrupt_signal
+
+        signum = interrupt_signal(e)
         if signum is None:
             raise
         config = "" if args.config == "pipelines.yaml" else f" -c {args.config}"
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _terminated(signum: int, _frame) -> None:
     """SIGTERM outside a stage: stop like Ctrl-C does (as an exception, so runs end as KILLED)."""
-    from stages.loop import Interrupted
+    from stages.processes import Interrupted
 
     raise Interrupted(signum, "stopped by SIGTERM")
 

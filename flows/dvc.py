@@ -20,8 +20,7 @@ import yaml
 import stages
 from flows.config import ARTIFACTS
 from stages.kinds import KIND_MODULES
-from stages.loop import Interrupted
-from stages.processes import run_child
+from stages.processes import Interrupted, run_child
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
 HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"

@@ -12,6 +12,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import tree_hash
+from stages.processes import interrupt_signal
 from stages.runner import METRICS_FILE
 from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
                              owner_tags)
@@ -43,8 +44,7 @@ def end_parent_run(status: str = "FINISHED") -> None:
 
 def end_status(error: BaseException) -> str:
     """KILLED for an interrupt (SIGINT, SIGTERM), FAILED for anything else."""
-    return "KILLED" if isinstance(error, KeyboardInterrupt) or hasattr(error, "signum") or hasattr(error, "signal") \
-        else "FAILED"
+    return "KILLED" if interrupt_signal(error) else "FAILED"
 
 
 def fail_orphaned_runs() -> list[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
 from stages import data
+from stages.kinds import Input
 from stages.tracking import StageRun
 
 
@@ -25,6 +26,12 @@ class StageContext:
     accelerator: Accelerator
     tracker: StageRun
     checkpoint_dir: Path | None = None  # where the training loop checkpoints (None: it does not)
+    declared: dict[str, Input] = field(default_factory=dict)  # the kind's INPUTS: the columns its data must hold
+
+    @property
+    def label(self) -> str:
+        """How messages name the stage: `pipeline/stage`."""
+        return f"{self.pipeline}/{self.stage}"
 
     def has(self, name: str) -> bool:
         return name in self.inputs
@@ -38,7 +45,8 @@ class StageContext:
         return f"input '{name}' ({spec['path']}" + (f", split {spec['split']})" if spec.get("split") else ")")
 
     def rows(self, name: str) -> list[dict[str, Any]]:
-        return data.load_rows(self.inputs[name])
+        declared = self.declared.get(name, Input(""))
+        return data.load_rows(self.inputs[name], declared.columns, declared.or_columns)
 
     def model_path(self, name: str) -> str:
         """The model input `name` if wired, else the pipeline's default `model`."""

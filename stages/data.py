@@ -63,14 +63,18 @@ def load(spec: dict[str, Any]) -> Dataset:
     return dataset.rename_columns(renames) if renames else dataset
 
 
-def load_rows(spec: dict[str, Any], required: Iterable[str] = ()) -> list[dict[str, Any]]:
+def load_rows(spec: dict[str, Any], columns: tuple[str, ...] = (),
+              or_columns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The rows of an input spec. Hub data (not checked by `rl4llm validate`) is checked here: each row must hold
-    the `required` and mapped columns (by the stage's names), and text columns text or chat messages."""
+    the mapped columns and the stage's `columns` (or all of `or_columns`, when the first row has them), by the
+    stage's names, and text columns must hold text or chat messages."""
     rows = load(spec).to_list()
     if not is_local(spec["path"]):
         source = f"{spec['path']} (split {spec.get('split') or 'train'})"
+        if or_columns and rows and all(c in rows[0] for c in or_columns):
+            columns = or_columns
         for number, row in enumerate(rows, 1):
-            check_row(row, f"{source} row {number}", {*required, *(spec.get("columns") or {})})
+            check_row(row, f"{source} row {number}", {*columns, *(spec.get("columns") or {})})
     return rows
 
 

@@ -4,6 +4,7 @@
     state = loop.resume({"kl_coef": kl_coef})          # the saved values, or these defaults
     for step in loop.steps():                           # from the step after the checkpoint
         ...
+        loop.saw(row_ids)                               # traced for the tests when RL4LLM_TRACE_DIR is set
         loop.end_step(step, metrics, {"kl_coef": kl_coef})
 
 `end_step` refuses non-finite metrics (the NaN guard), logs, and every `checkpoint_every` steps — or when SIGINT or
@@ -28,38 +29,15 @@ import torch
 
 from stages.checkpoint import PROGRESS_FILE, complete_checkpoints, remove
 from stages.context import StageContext
+from stages.distributed import TRACE_DIR_ENV, write_trace
+from stages.processes import Interrupted, defer_stops, stop_signal
 
 FAULT_ENV = "RL4LLM_FAULT"  # tests only: `<point>:<step>` makes the stage SIGKILL itself there
-_stop_signal: int | None = None  # the signal that asked the running loop to stop
-_loop_active = False
 current_step: tuple[int, int] | None = None  # (step, total) of the running loop, for error messages
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM stopped the stage (after a checkpoint when inside a training loop)."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 class NonFinite(Exception):
     """A loss, gradient norm or reward was NaN or infinite: the stage stops and publishes nothing."""
-
-
-def _request_stop(signum: int, _frame: Any) -> None:
-    global _stop_signal
-    if _stop_signal is not None:  # already stopping (a second signal must not break the checkpoint or cleanup)
-        return
-    _stop_signal = signum
-    if not _loop_active:  # outside a training loop there is no step boundary to wait for
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
-
-
-def install_stop_handlers() -> None:
-    """SIGINT and SIGTERM stop the stage at the next step boundary (at once outside a training loop)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _request_stop)
 
 
 def check_finite(label: str, values: dict[str, float]) -> None:
@@ -86,16 +64,12 @@ class TrainingLoop:
         self.keep = ctx.params.keep_checkpoints
         self.directory: Path | None = ctx.checkpoint_dir
         self.start = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.ctx.pipeline}/{self.ctx.stage}"
+        self.rows_seen: list[Any] | None = [] if os.environ.get(TRACE_DIR_ENV) else None
 
     def resume(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load the newest whole checkpoint, if any: models, optimisers, schedules and RNGs in place; returns its
-        loop state (else `defaults`)."""
-        global _loop_active
-        _loop_active = True
+        loop state (else `defaults`). From here on, SIGINT / SIGTERM wait for a step boundary."""
+        defer_stops(True)
         found = complete_checkpoints(self.directory) if self.directory else []
         if not found:
             return dict(defaults or {})
@@ -105,40 +79,50 @@ class TrainingLoop:
         saved = torch.load(path / f"loop_{acc.process_index}.pt", weights_only=False)
         for rng, state in zip(self.rngs, saved["rngs"]):
             rng.setstate(state) if isinstance(rng, random.Random) else rng.set_state(state)
+        self.rows_seen = saved["rows_seen"]
         if acc.is_main_process:
-            print(f"{self.label}: resuming from step {self.start}/{self.total}", file=sys.stderr, flush=True)
+            print(f"{self.ctx.label}: resuming from step {self.start}/{self.total}", file=sys.stderr, flush=True)
         self.ctx.tracker.tag({"resumed_from_step": str(self.start)})
         return saved["state"]
 
     def steps(self) -> Iterator[int]:
-        global _loop_active, current_step
-        _loop_active = True
+        """The steps still to take; when all are taken, the rows seen are traced (RL4LLM_TRACE_DIR)."""
+        global current_step
+        defer_stops(True)
         try:
             for step in range(self.start + 1, self.total + 1):
                 current_step = (step, self.total)
                 yield step
         finally:
-            _loop_active = False
+            defer_stops(False)
+            current_step = None
+        if self.rows_seen is not None:
+            write_trace(self.ctx.accelerator, f"{self.ctx.pipeline}.{self.ctx.stage}", self.rows_seen)
+
+    def saw(self, row_ids: list[Any]) -> None:
+        """Record the rows this rank trained on in this step (kept only when tracing)."""
+        if self.rows_seen is not None:
+            self.rows_seen += row_ids
 
     def end_step(self, step: int, metrics: dict[str, float], state: dict[str, Any] | None = None) -> None:
-        """After step `step`: refuse non-finite metrics, log them, checkpoint when due or asked to stop."""
-        check_finite(self.label, metrics)
+        """After step `step`: refuse non-finite metrics, log them, checkpoint when due or asked to stop (then
+        raise `Interrupted`). `state`: the loop's own values to resume with."""
+        check_finite(self.ctx.label, metrics)
         self.ctx.tracker.log(step, metrics, self.total)
         fault_point("step", step)
         stop = self._stop_requested()
-        if step < self.total and self.directory and (stop or step % self.every == 0):
+        if self.directory and (stop or (step % self.every == 0 and step < self.total)):
             self._save(step, state or {})
         if stop:
-            name = signal.Signals(stop).name
-            raise Interrupted(stop, f"{self.label}: stopped by {name} after step {step}/{self.total}"
-                              + ("; checkpoint saved" if step < self.total else ""))
+            raise Interrupted(stop, f"{self.ctx.label}: stopped by {signal.Signals(stop).name} after step "
+                                    f"{step}/{self.total}; checkpoint saved")
 
     def _stop_requested(self) -> int:
         """The stop signal, agreed by every rank (one asked: all stop at this boundary)."""
-        acc = self.ctx.accelerator
+        acc, mine = self.ctx.accelerator, stop_signal() or 0
         if acc.num_processes == 1:
-            return _stop_signal or 0
-        return int(acc.gather(torch.tensor([_stop_signal or 0], device=acc.device)).max().item())
+            return mine
+        return int(acc.gather(torch.tensor([mine], device=acc.device)).max().item())
 
     def _save(self, step: int, state: dict[str, Any]) -> None:
         acc = self.ctx.accelerator
@@ -148,7 +132,8 @@ class TrainingLoop:
         acc.wait_for_everyone()
         acc.save_state(str(partial), safe_serialization=False)
         rngs = [rng.getstate() if isinstance(rng, random.Random) else rng.get_state() for rng in self.rngs]
-        torch.save({"rngs": rngs, "state": state}, partial / f"loop_{acc.process_index}.pt")
+        torch.save({"rngs": rngs, "state": state, "rows_seen": self.rows_seen},
+                   partial / f"loop_{acc.process_index}.pt")
         fault_point("saving", step)
         acc.wait_for_everyone()
         if acc.is_main_process:

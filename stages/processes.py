@@ -1,5 +1,7 @@
-"""Child processes that never outlive the run: each one dies with its parent (Linux `PR_SET_PDEATHSIG`), and a
-parent waiting on a child passes SIGINT / SIGTERM on to it and waits for it to stop cleanly (a stage checkpoints)."""
+"""Processes and signals. Child processes never outlive the run: each one dies with its parent (Linux
+`PR_SET_PDEATHSIG`), and a parent waiting on a child passes SIGINT / SIGTERM on to it and waits for it to stop
+cleanly (a stage checkpoints). In a stage, SIGINT / SIGTERM raise `Interrupted` at once, or, while a training loop
+defers them, at its next step boundary."""
 
 from __future__ import annotations
 
@@ -11,6 +13,49 @@ import sys
 from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1
+_stop_signal: int | None = None  # the first SIGINT / SIGTERM this stage received
+_deferred = False  # a training loop is running: a stop waits for its next step boundary
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run or the stage (a training loop checkpoints first)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def interrupt_signal(error: BaseException) -> int | None:
+    """The signal an exception stopped on: `Interrupted`, KeyboardInterrupt (SIGINT), or an exception carrying its
+    `signal` (Prefect's TerminationSignal); None for any other failure."""
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    return getattr(error, "signum", None) or getattr(error, "signal", None)
+
+
+def _request_stop(signum: int, _frame: Any) -> None:
+    global _stop_signal
+    if _stop_signal is not None:  # already stopping: a second signal must not break the checkpoint or cleanup
+        return
+    _stop_signal = signum
+    if not _deferred:
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise `Interrupted` (once; at the next step boundary while stops are deferred)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _request_stop)
+
+
+def defer_stops(deferred: bool) -> None:
+    global _deferred
+    _deferred = deferred
+
+
+def stop_signal() -> int | None:
+    """The signal that asked this process to stop, if any."""
+    return _stop_signal
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
-from stages.loop import Interrupted, NonFinite, check_finite, fault_point, install_stop_handlers
-from stages.processes import die_with_parent, run_child
+from stages.loop import NonFinite, check_finite, fault_point
+from stages.processes import Interrupted, die_with_parent, install_stop_handlers, run_child
 
 PARAMS_FILE = "params.yaml"
 RAN_MARKER_ENV = "RL4LLM_RAN_DIR"  # set by the flow: a stage that really runs leaves a marker file there
@@ -110,11 +110,11 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         outputs={name: staging / Path(path).resolve().relative_to(output_dir)
                  for name, path in spec["outputs"].items()},
         output_dir=staging, model=spec.get("model"), accelerator=accelerator, tracker=tracker,
-        checkpoint_dir=checkpoints,
+        checkpoint_dir=checkpoints, declared=kind.inputs,
     )
     try:
         metrics = kind.run(ctx)
-        check_finite(f"{pipeline}/{stage} final metrics", metrics)
+        check_finite(f"{ctx.label} final metrics", metrics)
     except Interrupted:
         tracker.end("KILLED")
         raise
@@ -137,19 +137,15 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     return metrics
 
 
-def log_file(pipeline: str, stage: str) -> Path:
-    return Path(STATE_DIR) / "logs" / f"{pipeline}.{stage}.log"
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Run the stage; on failure print one line of cause and exit 130 / 143 (interrupted), 2 (bad input) or 1."""
+    """Run the stage; on failure print one line of cause and exit 130 / 143 (interrupted), 2 (bad input: a
+    ValueError or a missing file) or 1. The traceback of a failure goes to `.rl4llm/logs/<pipeline>.<stage>.log`."""
     parser = argparse.ArgumentParser(prog="rl4llm stage", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline")
     parser.add_argument("stage")
     parser.add_argument("--params-file", default=PARAMS_FILE)
     args = parser.parse_args(argv)
     die_with_parent()  # DVC (or the launcher) gone: stop at the next step boundary, with a checkpoint
-    label = f"{args.pipeline}/{args.stage}"
     try:
         print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
     except Interrupted as e:
@@ -161,15 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}; nothing published" + (f", last good checkpoint: step {kept['step']}" if kept else ""),
               file=sys.stderr)
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {label}: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
     except Exception as e:
-        log = log_file(args.pipeline, args.stage)
+        log = Path(STATE_DIR) / "logs" / f"{args.pipeline}.{args.stage}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc())
-        print(f"error: {label} failed: {type(e).__name__}: {e} (full traceback: {log})", file=sys.stderr)
-        sys.exit(1)
+        bad_input = isinstance(e, (ValueError, FileNotFoundError))
+        print(f"error: {args.pipeline}/{args.stage} {'bad input' if bad_input else 'failed'}: {type(e).__name__}: "
+              f"{e} (full traceback: {log})", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT if bad_input else 1)
 
 
 if __name__ == "__main__":

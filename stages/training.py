@@ -81,7 +81,7 @@ class Optimization:
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
         norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
         totals[f"{self.prefix}grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        check_finite(f"{self.ctx.pipeline}/{self.ctx.stage}", totals)
+        check_finite(self.ctx.label, totals)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -145,20 +145,19 @@ def steps_per_epoch(ctx: StageContext, n_rows: int, batch_size: int) -> int:
 
 
 def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: int, epochs: int,
-                 loss_fn: MicroLoss) -> list[int]:
+                 loss_fn: MicroLoss) -> None:
     """The supervised loop: `epochs` passes of shuffled global batches over rows 0..n_rows-1, one optimiser step
-    each, metrics averaged over ranks; resumable (`TrainingLoop`). Returns the row ids this rank trained on."""
+    each, metrics averaged over ranks; resumable (`TrainingLoop`)."""
     loop = TrainingLoop(ctx, epochs * steps_per_epoch(ctx, n_rows, batch_size))
-    seen = loop.resume({"seen": []})["seen"]
+    loop.resume()
     batches = (micro for epoch in range(epochs) for micro in epoch_batches(ctx, n_rows, batch_size, epoch))
     for _ in range(loop.start):  # the data order is a function of (seed, epoch): skip the steps already taken
         next(batches)
     for step in loop.steps():
         micro = next(batches)
         metrics = opt.update(micro, loss_fn)
-        seen += [int(i) for chunk in micro for i in chunk]
-        loop.end_step(step, global_means(ctx.accelerator, metrics), {"seen": seen})
-    return seen
+        loop.saw([int(i) for chunk in micro for i in chunk])
+        loop.end_step(step, global_means(ctx.accelerator, metrics))
 
 
 def rl_optimiser_steps(ctx: StageContext, samples_per_rank: int, minibatch_size: int, epochs: int,

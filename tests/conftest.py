@@ -30,6 +30,30 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def write_instruct_data(root: Path, n_prompts: int = 40) -> dict[str, dict]:
+    """Small instruction datasets as jsonl files in `root` (demos, comparisons, prompts, a corpus); returns their
+    pipelines.yaml `datasets` entries. The demos name their columns `instruction` and `output`, mapped as real
+    data often needs; every response has two words (equal lengths: a 2-process token mean equals the 1-process
+    one exactly)."""
+    import json
+    import random
+
+    from stages import instruct_task
+
+    rng, words = random.Random(0), instruct_task.ALL_WORDS
+    prompts = [instruct_task.make_prompt(rng) for _ in range(n_prompts)]
+    files = {"demos": [{"instruction": p, "output": " ".join(rng.sample(words, 2))} for p in prompts],
+             "comparisons": [{"prompt": p, "chosen": " ".join(rng.sample(words, 2)),
+                              "rejected": " ".join(rng.sample(words, 2))} for p in prompts],
+             "prompts": [{"prompt": p} for p in prompts],
+             "corpus": [{"text": " ".join(rng.sample(words, 6))} for _ in range(64)]}
+    for name, rows in files.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets = {name: {"path": f"{name}.jsonl"} for name in files}
+    datasets["demos"]["columns"] = {"prompt": "instruction", "response": "output"}
+    return datasets
+
+
 def make_project(root: Path, pipelines_file: Path | None = None) -> Path:
     """A project directory with infra/ (accelerate configs) and, if given, a pipelines.yaml. Returns its config."""
     shutil.copytree(REPO / "infra", root / "infra")

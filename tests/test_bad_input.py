@@ -124,7 +124,12 @@ def test_hub_rows_are_checked_when_a_stage_loads_them(monkeypatch):
     with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'response' missing"):
         data.load_rows(spec)
     rows[1] = {"messages": chat, "answer": "a"}
-    assert len(data.load_rows(spec, required=["messages"])) == 2
+    assert len(data.load_rows(spec, ("prompt",), or_columns=("messages",))) == 2  # chat rows: messages suffice
+    rows[1] = {"answer": "a"}
+    with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'messages' missing"):
+        data.load_rows(spec, ("prompt",), or_columns=("messages",))
+    with pytest.raises(ValueError, match=r"row 1: column 'prompt' missing"):
+        data.load_rows(spec, ("prompt",))
 
 
 BAD_ACCELERATE = {

@@ -8,9 +8,7 @@ uninterrupted, the copy is killed at a fault point (`RL4LLM_FAULT=<point>:<step>
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,10 +19,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from stages import instruct_task
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
 from stages.loop import FAULT_ENV
-from tests.conftest import make_project
+from tests.conftest import make_project, write_instruct_data
 
 pytestmark = pytest.mark.e2e
 
@@ -64,19 +61,9 @@ def stage_command(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("crash")
-    rng = random.Random(0)
-    words = instruct_task.ALL_WORDS
-    prompts = [instruct_task.make_prompt(rng) for _ in range(40)]
-    files = {"demos.jsonl": [{"prompt": p, "response": " ".join(rng.sample(words, 2))} for p in prompts],
-             "comparisons.jsonl": [{"prompt": p, "chosen": " ".join(rng.sample(words, 2)),
-                                    "rejected": " ".join(rng.sample(words, 2))} for p in prompts],
-             "prompts.jsonl": [{"prompt": p} for p in prompts],
-             "corpus.jsonl": [{"text": " ".join(rng.sample(words, 6))} for _ in range(64)]}
-    for name, rows in files.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets = write_instruct_data(root)
     make_project(root)
-    config = {"pipelines": {"crash": {"defaults": {"seed": 0, "model": str(tiny_model_dir)},
-                                      "datasets": {name.removesuffix(".jsonl"): {"path": name} for name in files},
+    config = {"pipelines": {"crash": {"defaults": {"seed": 0, "model": str(tiny_model_dir)}, "datasets": datasets,
                                       "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     subprocess.run([sys.executable, "-m", "flows.cli", "sync"], cwd=root, env=env(root), check=True, timeout=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import instruct_task
 from stages.distributed import TRACE_DIR_ENV
-from tests.conftest import make_project
+from tests.conftest import make_project, write_instruct_data
 
 pytestmark = pytest.mark.e2e
 
@@ -73,22 +71,10 @@ TRAINED = ["sft", "pretrain", "reward_model", "dpo", "distill", "label_preferenc
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("dist")
-    rng = random.Random(0)
-    words = instruct_task.ALL_WORDS
-    prompts = [instruct_task.make_prompt(rng) for _ in range(40)]
-    # equal response lengths: the 2-process token mean equals the 1-process one exactly
-    demos = [{"instruction": p, "output": " ".join(rng.sample(words, 2))} for p in prompts]
-    comparisons = [{"prompt": p, "chosen": " ".join(rng.sample(words, 2)), "rejected": " ".join(rng.sample(words, 2))}
-                   for p in prompts]
-    files = {"demos.jsonl": demos, "comparisons.jsonl": comparisons, "prompts.jsonl": [{"prompt": p} for p in prompts],
-             "corpus.jsonl": [{"text": " ".join(rng.sample(words, 6))} for _ in range(64)]}
-    for name, rows in files.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets = write_instruct_data(root)
     make_project(root)
     (root / "infra/accelerate/single_bf16.yaml").write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nmixed_precision: bf16\n")
-    datasets = {name.removesuffix(".jsonl"): {"path": name} for name in files}
-    datasets["demos"]["columns"] = {"prompt": "instruction", "response": "output"}
     config = {"pipelines": {"dist": {"defaults": {"seed": 0, "model": str(tiny_model_dir)}, "datasets": datasets,
                                      "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

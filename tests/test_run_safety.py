@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,23 +16,19 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.run_lock import LOCK_FILE, run_lock
-from stages import instruct_task
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
-from tests.conftest import make_project
+from tests.conftest import make_project, write_instruct_data
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
 
 def write_project(root: Path, model: Path, epochs: int = 1) -> Path:
-    rng = random.Random(0)
-    prompts = [instruct_task.make_prompt(rng) for _ in range(64)]
-    rows = [{"prompt": p, "response": " ".join(rng.sample(instruct_task.ALL_WORDS, 2))} for p in prompts]
-    (root / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets = write_instruct_data(root, n_prompts=64)
     make_project(root)
     stage = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"},
              "params": {"epochs": epochs, "batch_size": 2, "lr": 0.01, "checkpoint_every": 5}}
     config = {"pipelines": {"safe": {"defaults": {"seed": 0, "model": str(model)},
-                                     "datasets": {"demos": {"path": "demos.jsonl"}}, "stages": [stage]}}}
+                                     "datasets": {"demos": datasets["demos"]}, "stages": [stage]}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return root
 
@@ -60,8 +55,12 @@ def test_a_second_run_exits_at_once_naming_the_holder_while_validate_and_list_wo
 
 
 def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
-    (tmp_path / LOCK_FILE).parent.mkdir(parents=True)
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "h", "pipeline": "p", "started": "t"}))
+    """A holder SIGKILLed while it held the lock (its record is still in the file)."""
+    holder = subprocess.run([sys.executable, "-c", "import os, signal, pathlib; from flows.run_lock import run_lock\n"
+                             f"with run_lock(pathlib.Path('{tmp_path}'), 'other'): os.kill(os.getpid(), 9)"],
+                            timeout=60)
+    assert holder.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pipeline"] == "other"
     with run_lock(tmp_path, "safe"):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from stages.algorithms import kto_loss, kwise_pairs, masked_sum, preference_loss
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.distributed import full_parameters, gather_list, shard, write_trace
+from stages.distributed import full_parameters, gather_list, shard
 from stages.kinds import Input
 from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
@@ -267,8 +267,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             loss, metrics = pairwise_step(p, logps, ref_logps)
         return loss, {"loss": loss.item(), **metrics}
 
-    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
-                                                                 loss_fn))
+    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
 
     # 5. evaluate
     final: dict[str, float] = {"truncated_rows": truncated}

@@ -40,7 +40,7 @@ from stages.algorithms import (
 )
 from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
-                                seed_sampling, shard, write_trace)
+                                seed_sampling, shard)
 from stages.kinds import Input, named
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
@@ -286,15 +286,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
     loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
-    seen: list[int] = loop.resume({"seen": []})["seen"]
+    loop.resume()
     for it in loop.steps():
         # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
         samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns)
         if not samples:  # every sampled group was dropped: nothing to learn from
-            loop.end_step(it, {"dropped_groups": dropped}, {"seen": seen})
+            loop.end_step(it, {"dropped_groups": dropped})
             continue
         metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
-        check_finite(loop.label, {"reward": metrics["reward"]})
+        check_finite(ctx.label, {"reward": metrics["reward"]})
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
         full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
                                tokenizer.pad_token_id).response_mask.float().to(device)
@@ -310,7 +310,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
         # this rank's share of the groups: old and reference log-probs in eval mode, at the sampling temperature
         local = shard(samples, acc)
-        seen += [s["row"][ROW_ID] for s in local[::p.samples_per_prompt]]
+        loop.saw([s["row"][ROW_ID] for s in local[::p.samples_per_prompt]])
         batch = pair_batch([s["prompt_ids"] for s in local], [s["response_ids"] for s in local],
                            tokenizer.pad_token_id).to(device)
         mask = batch.response_mask.float()
@@ -339,9 +339,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
         metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator, [(policy, loss_fn)])
         metrics["response_length"] = full_mask.sum(1).mean().item()
-        loop.end_step(it, metrics, {"seen": seen})
+        loop.end_step(it, metrics)
 
-    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
     final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
     save_model(ctx, policy.model, tokenizer)
     return {**final, **{f"initial_{k}": v for k, v in initial.items()}}

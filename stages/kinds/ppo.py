@@ -32,7 +32,7 @@ from stages.algorithms import (
 )
 from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows,
-                                seed_sampling, shard, write_trace)
+                                seed_sampling, shard)
 from stages.kinds import Input, named
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
@@ -130,8 +130,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
     loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
-    state = loop.resume({"kl_coef": p.kl_coef, "seen": [], "ptx_position": 0})
-    kl_coef, seen = state["kl_coef"], state["seen"]
+    state = loop.resume({"kl_coef": p.kl_coef, "ptx_position": 0})
+    kl_coef = state["kl_coef"]
 
     def ptx_batch() -> list[str]:  # the next texts of this rank's share of the corpus, cycling
         start, state["ptx_position"] = state["ptx_position"], state["ptx_position"] + ptx_micro
@@ -140,7 +140,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     for it in loop.steps():
         # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
         batch_ids = shard(rng.sample(range(len(prompts)), min(p.rollout_prompts, len(prompts))), acc)
-        seen += batch_ids
+        loop.saw(batch_ids)
         repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
         with full_parameters(acc, policy.model) as model:
             batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
@@ -154,7 +154,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
             ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature)
             scores = reward_scores(batch)
-            check_finite(loop.label, {"reward": scores.mean().item()})
+            check_finite(ctx.label, {"reward": scores.mean().item()})
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
@@ -208,7 +208,6 @@ def run(ctx: StageContext) -> dict[str, float]:
                                        acc.num_processes)
         loop.end_step(it, {**metrics, "kl_coef": kl_coef}, {**state, "kl_coef": kl_coef})
 
-    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", seen)
     final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
     with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
         if ctx.has("eval"):

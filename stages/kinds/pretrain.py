@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from stages.context import StageContext
-from stages.distributed import write_trace
 from stages.evaluation import lm_loss
 from stages.kinds import Input
 from stages.models import DTYPES, build_tiny_llama, build_word_tokenizer
@@ -49,8 +48,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         loss = text_lm_loss(opt.model, tokenizer, [texts[i] for i in ids.tolist()])
         return loss, {"loss": loss.item()}
 
-    write_trace(ctx.accelerator, f"{ctx.pipeline}.{ctx.stage}",
-                train_epochs(ctx, opt, len(texts), p.batch_size, p.epochs, loss_fn))
+    train_epochs(ctx, opt, len(texts), p.batch_size, p.epochs, loss_fn)
     save_model(ctx, opt.model, tokenizer)
     metrics = {"parameters": n_parameters, "vocab_size": len(tokenizer)}
     if ctx.has("lm_eval"):

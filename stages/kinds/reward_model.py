@@ -15,7 +15,7 @@ import torch
 
 from stages.algorithms import bradley_terry_kwise_loss, normalization_bias, pairwise_accuracy
 from stages.context import StageContext
-from stages.distributed import full_parameters, write_trace
+from stages.distributed import full_parameters
 from stages.kinds import Input
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
 from stages.text import completion_text, encode_prompt, encode_response, encode_row, fit_rows, pair_batch
@@ -140,8 +140,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         return kwise_loss(opt.model, tokenizer, [train[i] for i in ids.tolist()], acc.device)
 
-    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
-                                                                 loss_fn))
+    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
 
     demos, _ = fit_rows([encode_row(tokenizer, r) for r in ctx.rows("demos")], ctx.source("demos"),
                         p.max_prompt_length, p.max_length)

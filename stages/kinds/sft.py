@@ -15,7 +15,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.algorithms import masked_mean
 from stages.context import StageContext
-from stages.distributed import write_trace
 from stages.kinds import Input
 from stages.models import load_policy, load_tokenizer
 from stages.text import PairBatch, encode_row, fit_rows, pair_batch, response_logprobs
@@ -78,8 +77,7 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
         return loss, metrics
 
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
-    write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", train_epochs(ctx, opt, len(train), p.batch_size, p.epochs,
-                                                                 loss_fn))
+    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
     metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
     if holdout:
         with torch.no_grad():
