@@ -17,7 +17,7 @@ demo: install
 
 # All tests, including the end-to-end pipeline runs.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not e2e"

@@ -61,9 +61,11 @@ def cmd_run(args) -> str:
     from flows.flow import input_graph, pipeline_flow, select_stages
     from flows.preflight import check_tracking_server
     from flows.prefect_server import prefect_api
+    from stages.processes import RUN_PID_ENV
     from stages.runner import FRESH_ENV
 
     os.chdir(root)
+    os.environ[RUN_PID_ENV] = str(os.getpid())
     with run_lock(root, args.pipeline):
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)

@@ -12,7 +12,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import tree_hash
-from stages.processes import interrupt_signal
+from stages.processes import interrupt_signal, process_alive
 from stages.runner import METRICS_FILE
 from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
                              owner_tags)
@@ -57,23 +57,12 @@ def fail_orphaned_runs() -> list[str]:
         return []
     host = owner_tags()[HOST_TAG]
     orphans = [run for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
-               if run.data.tags.get(HOST_TAG) == host and not alive(int(run.data.tags.get(PID_TAG, "0")))]
+               if run.data.tags.get(HOST_TAG) == host
+               and not process_alive(int(run.data.tags.get(PID_TAG, "0")))]
     for run in orphans:
         client.set_tag(run.info.run_id, "rl4llm.ended_by", "its process was gone")
         client.set_terminated(run.info.run_id, status="FAILED")
     return [run.info.run_id for run in orphans]
-
-
-def alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any]) -> None:

@@ -10,9 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1
+RUN_PID_ENV = "RL4LLM_RUN_PID"  # set by `rl4llm run`: its stages stop when that process is gone
 _stop_signal: int | None = None  # the first SIGINT / SIGTERM this stage received
 _deferred = False  # a training loop is running: a stop waits for its next step boundary
 
@@ -67,6 +70,41 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), signum)
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (Linux /proc; elsewhere, whether it can be signalled)."""
+    if pid <= 0:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def die_with_run(signum: int = signal.SIGTERM, poll_s: float = 0.5) -> None:
+    """`die_with_parent`, and `signum` too when the `rl4llm run` that started this process is gone (RUN_PID_ENV):
+    DVC runs a stage through `$SHELL -c`, and a shell such as dash stays between them without dying with DVC."""
+    die_with_parent(signum)
+    run_pid = int(os.environ.get(RUN_PID_ENV, "0"))
+    if run_pid <= 0 or run_pid == os.getpid():
+        return
+
+    def watch() -> None:
+        while process_alive(run_pid):
+            threading.Event().wait(poll_s)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name="rl4llm-run-watch", daemon=True).start()
 
 
 def run_child(cmd: list[str], forward: int | None = None, new_group: bool = False,

@@ -25,7 +25,7 @@ import yaml
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
 from stages.loop import NonFinite, check_finite, fault_point
-from stages.processes import Interrupted, die_with_parent, install_stop_handlers, run_child
+from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child
 
 PARAMS_FILE = "params.yaml"
 RAN_MARKER_ENV = "RL4LLM_RAN_DIR"  # set by the flow: a stage that really runs leaves a marker file there
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage")
     parser.add_argument("--params-file", default=PARAMS_FILE)
     args = parser.parse_args(argv)
-    die_with_parent()  # DVC (or the launcher) gone: stop at the next step boundary, with a checkpoint
+    die_with_run()  # DVC, the launcher or the run gone: stop at the next step boundary, with a checkpoint
     try:
         print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
     except Interrupted as e:

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.run_lock import LOCK_FILE, run_lock
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
+from stages.processes import RUN_PID_ENV, process_alive
 from tests.conftest import make_project, write_instruct_data
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -34,7 +35,9 @@ def write_project(root: Path, model: Path, epochs: int = 1) -> Path:
 
 
 def env(root: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    """DVC runs a stage through `$SHELL -c`: /bin/sh (dash on Debian) stays between DVC and the stage, and does
+    not die with DVC (as where SHELL is unset); the stage must still end with the run."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "SHELL": "/bin/sh"}
 
 
 def test_a_second_run_exits_at_once_naming_the_holder_while_validate_and_list_work(tmp_path, tiny_model_dir):
@@ -65,6 +68,19 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
+def test_a_stage_process_ends_when_its_run_is_gone_even_behind_a_shell():
+    run = subprocess.Popen(["sleep", "60"])  # stands in for `rl4llm run`
+    stage = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c 'from stages.processes import die_with_run; "
+                              "import time; die_with_run(); time.sleep(60)'; echo survived"],
+                             env={**os.environ, RUN_PID_ENV: str(run.pid)}, stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert stage.poll() is None
+    run.kill()
+    run.wait()
+    assert stage.wait(timeout=10) == 0 and stage.stdout.read() == "survived\n"  # the shell outlived its child
+    assert not process_alive(run.pid)
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -83,12 +99,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pids: set[int]) -> set[int]:
-    def running(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-    return {pid for pid in pids if running(pid)}
+    return {pid for pid in pids if process_alive(pid)}
 
 
 def start_run(root: Path) -> subprocess.Popen:
@@ -129,7 +140,7 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
     # SIGKILL of `rl4llm run` alone: dvc, the stage and the Prefect server go with it
     second = start_run(root)
     processes = wait_for_checkpoint_after(root, newest_checkpoint(root), second)
-    assert len(processes) >= 3  # Prefect server, dvc, the stage
+    assert len(processes) >= 4  # Prefect server, dvc, the shell DVC runs the stage in, the stage
     second.kill()
     second.wait()
     deadline = time.monotonic() + 60
@@ -139,7 +150,8 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
 
     listing = subprocess.run([*CLI, "list", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
                              timeout=120)
-    assert "interrupted (resumes from step" in listing.stdout
+    saved = sorted(str(p.relative_to(root)) for p in (root / CHECKPOINTS).rglob("progress.json"))
+    assert "interrupted (resumes from step" in listing.stdout, (listing.stdout, saved)
 
     third = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
                            timeout=600)
