@@ -1,4 +1,5 @@
-"""The `rl4llm` command: validate, sync, run, list, compare (flow side) and stage (what DVC runs)."""
+"""The `rl4llm` command: validate, sync, run, pull, list, versions, restore, compare, deploy (flow side) and stage
+(what DVC runs)."""
 
 from __future__ import annotations
 
@@ -47,46 +48,95 @@ def cmd_sync(args) -> str:
 
 def cmd_run(args) -> str:
     from flows import dvc
-    from flows.config import config_hash
-    from flows.run_lock import run_lock
 
     root, resolved = _resolved(args)
     specs = _pipeline(args, resolved)
-    if args.stage and args.stage not in specs:
+    if args.stage:
+        _stage(args, resolved)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
+    from flows.flow import input_graph, run_pipeline, select_stages
+    from flows.prefect_server import prefect_api
+
+    chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
+    try:
+        with prefect_api():
+            outcome = run_pipeline(root, resolved, args.pipeline, chosen, args.force, args.fresh,
+                                   True if args.push else None, os.path.relpath(Path(args.config).resolve(), root))
+    except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
+        if isinstance(error, (subprocess.CalledProcessError, ConfigError)) or not (root / ".dvc").exists():
+            raise
+        states = dvc.status(root, args.pipeline, specs)
+        if any(states[s] != "up to date" for s in chosen):
+            raise
+        print(f"warning: {type(error).__name__} after every stage had finished: {error}", file=sys.stderr)
+        return f"{args.pipeline}: every stage finished; up to date: {', '.join(chosen)}"
+    done = {kind: [s for s, o in outcome.items() if o == kind] for kind in ("ran", "restored", "skipped")}
+    return (f"{args.pipeline}: " + (f"ran {', '.join(done['ran'])}; " if done["ran"] else "nothing ran; ")
+            + (f"restored {', '.join(done['restored'])}; " if done["restored"] else "")
+            + f"up to date: {', '.join(done['skipped']) or 'none'}")
+
+
+def cmd_pull(args) -> str:
+    from flows import dvc
+
+    root, resolved = _resolved(args)
+    specs = _pipeline(args, resolved)
+    if args.stage:
+        _stage(args, resolved)
+    stages = [args.stage] if args.stage else list(specs)
+    if dvc.default_remote(root) is None:
+        raise ConfigError(args.config, "no default DVC remote to pull from (`dvc remote add -d <name> <url>`)",
+                          args.pipeline)
+    locked = [s for s in stages if dvc.lock_entry(root, args.pipeline, s)]
+    if locked:
+        dvc.pull(root, args.pipeline, locked)
+    missing = [s for s in stages if s not in locked]
+    return (f"{args.pipeline}: pulled {', '.join(locked) or 'nothing'}"
+            + (f"; never run (not in dvc.lock): {', '.join(missing)}" if missing else ""))
+
+
+def cmd_versions(args) -> str:
+    from flows import tracking
+    from flows.versions import current_version, format_versions, stage_versions
+
+    root, resolved = _resolved(args)
+    _stage(args, resolved)
+    tracking.tracking_uri_default(root)
+    return format_versions(args.pipeline, args.stage, stage_versions(args.pipeline, args.stage),
+                           current_version(root, args.pipeline, args.stage))
+
+
+def cmd_restore(args) -> str:
+    from flows import tracking
+    from flows.run_lock import run_lock
+    from flows.versions import restore
+
+    root, resolved = _resolved(args)
+    _stage(args, resolved)
+    tracking.tracking_uri_default(root)
+    with run_lock(root, args.pipeline):
+        version = restore(root, args.pipeline, args.stage, args.version, args.config)
+    return (f"{args.pipeline}/{args.stage}: restored version {version}; `rl4llm list {args.pipeline}` shows what is "
+            "stale against it")
+
+
+def cmd_deploy(args) -> str:
+    from flows.config import run_settings
+    from flows.deploy import deploy
+
+    root, resolved = _resolved(args)
+    _pipeline(args, resolved)
+    names = deploy(args.pipeline, run_settings(args.config)[args.pipeline], args.pool, args.source, args.config)
+    return "deployments: " + ", ".join(names)
+
+
+def _stage(args, resolved: dict) -> dict:
+    specs = _pipeline(args, resolved)
+    if args.stage not in specs:
         from flows.config import nearest
 
         raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows import tracking
-    from flows.flow import input_graph, pipeline_flow, select_stages
-    from flows.preflight import check_tracking_server
-    from flows.prefect_server import prefect_api
-    from stages.processes import RUN_PID_ENV
-    from stages.runner import FRESH_ENV
-
-    os.chdir(root)
-    os.environ[RUN_PID_ENV] = str(os.getpid())
-    with run_lock(root, args.pipeline):
-        dvc.ensure_repo(root)
-        dvc.sync(root, resolved)
-        tracking.tracking_uri_default(root)
-        check_tracking_server(os.environ["MLFLOW_TRACKING_URI"])
-        tracking.fail_orphaned_runs()
-        if args.fresh:
-            os.environ[FRESH_ENV] = "1"
-        chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
-        try:
-            with prefect_api():
-                outcome = pipeline_flow(str(root), args.pipeline, specs, chosen, args.force, config_hash(specs))
-        except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
-            states = dvc.status(root, args.pipeline, specs)
-            if isinstance(error, subprocess.CalledProcessError) or any(states[s] != "up to date" for s in chosen):
-                raise
-            print(f"warning: {type(error).__name__} after every stage had finished: {error}", file=sys.stderr)
-            return f"{args.pipeline}: every stage finished; up to date: {', '.join(chosen)}"
-    ran = [s for s, o in outcome.items() if o == "ran"]
-    return (f"{args.pipeline}: " + (f"ran {', '.join(ran)}; " if ran else "nothing ran; ")
-            + f"up to date: {', '.join(s for s in outcome if s not in ran) or 'none'}")
+    return specs[args.stage]
 
 
 def cmd_list(args) -> str:
@@ -165,7 +215,26 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--downstream", action="store_true", help="with --stage: also the stages that depend on it")
     run.add_argument("--force", action="store_true", help="rerun even if up to date")
     run.add_argument("--fresh", action="store_true", help="ignore the checkpoints of interrupted stages")
+    run.add_argument("--push", action="store_true", help="push each stage's outputs and run cache to the DVC remote")
     run.set_defaults(fn=cmd_run)
+    pull = sub.add_parser("pull", help="fetch a pipeline's outputs (as dvc.lock names them) from the DVC remote")
+    pull.add_argument("pipeline")
+    pull.add_argument("--stage", help="only this stage")
+    pull.set_defaults(fn=cmd_pull)
+    versions = sub.add_parser("versions", help="a stage's versions, newest first, with what changed")
+    versions.add_argument("pipeline")
+    versions.add_argument("stage")
+    versions.set_defaults(fn=cmd_versions)
+    restore = sub.add_parser("restore", help="put a stage version's outputs back (downstream stages become stale)")
+    restore.add_argument("pipeline")
+    restore.add_argument("stage")
+    restore.add_argument("version", help="a version from `rl4llm versions` (a unique prefix is enough)")
+    restore.set_defaults(fn=cmd_restore)
+    deploy = sub.add_parser("deploy", help="Prefect deployments of a pipeline and of its stages on work pools")
+    deploy.add_argument("pipeline")
+    deploy.add_argument("--pool", help="work pool of the pipeline flow (default: the pipeline's defaults.work_pool)")
+    deploy.add_argument("--source", help="where workers load the flows from (default: this package's directory)")
+    deploy.set_defaults(fn=cmd_deploy)
     listing = sub.add_parser("list", help="pipelines, stages and their status")
     listing.add_argument("pipeline", nargs="?")
     listing.set_defaults(fn=cmd_list)

@@ -58,12 +58,21 @@ class Overridable(Strict):
     accelerate_config: str | None = None
 
 
-class Defaults(Overridable):
+class Scheduling(Strict):
+    """Where and how a stage runs, set in `defaults` or per stage. Not part of the stage's spec: changing them never
+    makes a stage stale."""
+
+    work_pool: str | None = None  # Prefect work pool whose worker runs the stage (after `rl4llm deploy`)
+    retries: int | None = Field(default=None, ge=0)  # times Prefect retries a failed stage (default 0)
+    retry_delay_seconds: float | None = Field(default=None, ge=0)  # wait before a retry (default 10)
+
+
+class Defaults(Overridable, Scheduling):
     inputs: dict[str, str] = Field(default_factory=dict)  # given to every stage whose kind reads that input
     params: dict[str, Any] = Field(default_factory=dict)  # given to every stage whose kind has that param
 
 
-class StageSpec(Overridable):
+class StageSpec(Overridable, Scheduling):
     name: str = Field(pattern=NAME)
     kind: str
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -72,6 +81,8 @@ class StageSpec(Overridable):
 
 class PipelineSpec(Strict):
     description: str = ""
+    push: bool = False  # push each stage's outputs and DVC's run cache to the default remote as it finishes
+    final_policy: str | None = None  # the stage whose model is registered in MLflow (default: the last policy)
     defaults: Defaults = Field(default_factory=Defaults)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     stages: list[StageSpec]
@@ -344,7 +355,33 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 "outputs": outputs,
                 "params": params,
             }
+        if spec.final_policy is not None and "model" not in produced.get(spec.final_policy, {}):
+            raise ConfigError(file, f"'{spec.final_policy}' is not a stage of this pipeline with a model output",
+                              pipeline=pipeline, key="final_policy")
     return resolved
+
+
+def run_settings(path: str | Path) -> dict[str, dict[str, Any]]:
+    """{pipeline: {"push", "final_policy", "default_work_pool", "stages": {stage: {"work_pool", "retries",
+    "retry_delay_seconds"}}}} of a file `resolve` accepted (stage settings over the pipeline's defaults)."""
+    out = {}
+    for pipeline, spec in load(path).pipelines.items():
+        stages = {}
+        for stage in spec.stages:
+            chosen = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
+                      for k in Scheduling.model_fields}
+            stages[stage.name] = {**chosen, "retries": chosen["retries"] or 0,
+                                  "retry_delay_seconds": 10.0 if chosen["retry_delay_seconds"] is None
+                                  else chosen["retry_delay_seconds"]}
+        out[pipeline] = {"push": spec.push, "final_policy": spec.final_policy or _last_policy(spec),
+                         "default_work_pool": spec.defaults.work_pool, "stages": stages}
+    return out
+
+
+def _last_policy(spec: PipelineSpec) -> str | None:
+    """The last stage that trains a policy (a kind with a `model` output that is not a reward model)."""
+    policies = [s.name for s in spec.stages if "model" in get_kind(s.kind).outputs and s.kind != "reward_model"]
+    return policies[-1] if policies else None
 
 
 def config_hash(resolved_pipeline: dict[str, Any]) -> str:

@@ -8,12 +8,13 @@ and its code (the shared `stages/*.py` and its own kind module, when the package
 from __future__ import annotations
 
 import ast
+import configparser
 import json
 import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -23,6 +24,8 @@ from stages.kinds import KIND_MODULES
 from stages.processes import Interrupted, run_child
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
+DVC_HINTS = ("To track the changes with git", "To enable auto staging", "Use `dvc push`", "git add ",
+             "dvc config core.autostage", "dvc push")  # DVC's advice to its own users, not to ours
 HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"
 
 
@@ -70,7 +73,7 @@ def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> di
                 "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec["kind"]),
                 "params": [{PARAMS_FILE: [f"{pipeline}.{stage}"]}],
                 "outs": list(spec["outputs"].values()),
-                "metrics": [{f"{spec['output_dir']}/{METRICS_FILE}": {"cache": False}}],
+                "metrics": [f"{spec['output_dir']}/{METRICS_FILE}"],  # cached: pushed and pulled with the outputs
             }
     return {"stages": out}
 
@@ -109,20 +112,87 @@ def ensure_repo(root: Path) -> None:
     (root / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
 
 
-def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str]) -> None:
-    """`dvc repro` of one stage, in its own process group and dying with us. Our SIGINT or SIGTERM reaches the
-    stage as SIGINT (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`."""
-    cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), dvc_name(pipeline, stage)]
-    code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, cwd=root, env={**os.environ, **env})
+def _config(root: Path) -> configparser.ConfigParser:
+    """The project's DVC config (.dvc/config, then .dvc/config.local), read without starting DVC."""
+    config = configparser.ConfigParser()
+    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    return config
+
+
+def default_remote(root: Path) -> str | None:
+    """The name of the project's default DVC remote (`dvc remote add -d`), if any."""
+    return _config(root).get("core", "remote", fallback=None)
+
+
+def remote_url(root: Path) -> str | None:
+    name = default_remote(root)
+    return _config(root).get(f"'remote \"{name}\"'", "url", fallback=None) if name else None
+
+
+def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str],
+          on_line: Callable[[str], None] | None = None) -> None:
+    """`dvc repro` of one stage, in its own process group and dying with us. With a default remote, DVC first
+    pulls the run cache and the stage's missing inputs, and restores the outputs of a pushed run with the same
+    inputs, params and code instead of running it (`--pull`). Our SIGINT or SIGTERM reaches the stage as SIGINT
+    (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`. `on_line` gets
+    each line of output (DVC's and the stage's)."""
+    pull = ["--pull"] if default_remote(root) else []
+    cmd = ["dvc", "repro", "--single-item", *pull, *(["--force"] if force else []), dvc_name(pipeline, stage)]
+    shown = None if on_line is None else (lambda line: None if not line.strip() or line.strip().startswith(DVC_HINTS)
+                                          else on_line(line))
+    code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, on_line=shown, cwd=root,
+                               env={**os.environ, **env})
     if received is not None:
         raise Interrupted(received, f"{pipeline}/{stage}: stopped by {signal.Signals(received).name}")
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
 
 
+def push(root: Path, pipeline: str, stage: str) -> None:
+    """Push a stage's outputs and the run cache to the default remote."""
+    dvc(root, "push", "--run-cache", "-q", dvc_name(pipeline, stage), capture=True)
+
+
+def pull(root: Path, pipeline: str, stages: list[str]) -> None:
+    """Fetch the outputs dvc.lock names for `stages` from the default remote into the workspace; runs nothing."""
+    dvc(root, "pull", "-q", *[dvc_name(pipeline, s) for s in stages], capture=True)
+
+
+def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
+    """The stage's dvc.lock entry (cmd, deps, params, outs with their hashes), if it has one."""
+    lock = root / "dvc.lock"
+    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    return locked.get(dvc_name(pipeline, stage))
+
+
+def write_lock_entry(root: Path, pipeline: str, stage: str, entry: dict[str, Any]) -> None:
+    """Replace the stage's dvc.lock entry (atomically)."""
+    lock = root / "dvc.lock"
+    content = (yaml.safe_load(lock.read_text()) or {}) if lock.exists() else {}
+    content.setdefault("schema", "2.0")
+    content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
+    tmp = lock.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
+    tmp.replace(lock)
+
+
+def checkout(root: Path, pipeline: str, stage: str) -> None:
+    """Put the outputs dvc.lock names for the stage into the workspace: from the local cache, else the remote."""
+    try:
+        dvc(root, "checkout", "-q", "--force", dvc_name(pipeline, stage), capture=True)
+    except subprocess.CalledProcessError:
+        if not default_remote(root):
+            raise
+        dvc(root, "pull", "-q", "--force", dvc_name(pipeline, stage), capture=True)
+
+
+def outputs_present(root: Path, spec: dict[str, Any]) -> bool:
+    return (root / spec["output_dir"] / METRICS_FILE).exists()
+
+
 def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bool = True) -> dict[str, str]:
-    """Per stage: 'up to date', 'stale' (and what changed) or 'never run' (no lock entry or no metrics.json).
-    Not `live` (a run holds DVC's lock): 'up to date' means as recorded in dvc.lock, unchecked."""
+    """Per stage: 'up to date', 'stale' (and what changed), 'not pulled' (in dvc.lock, outputs not in the
+    workspace) or 'never run' (no lock entry). Not `live` (a run holds DVC's lock): 'up to date' means as recorded in dvc.lock, unchecked."""
     stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
     report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}") if live else {}
@@ -130,8 +200,10 @@ def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bo
     locked = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
     out = {}
     for stage, name in zip(stage_names, names):
-        if name not in locked or not (root / specs[stage]["output_dir"] / METRICS_FILE).exists():
+        if name not in locked:
             out[stage] = "never run"
+        elif not outputs_present(root, specs[stage]):
+            out[stage] = f"not pulled (`rl4llm pull {pipeline}`)" if default_remote(root) else "never run"
         elif name in report:
             out[stage] = "stale (" + describe_changes(report[name]) + ")"
         else:

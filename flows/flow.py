@@ -1,12 +1,17 @@
-"""The Prefect flow: one task per stage, in pipeline order; each task asks DVC to reproduce its stage.
+"""The Prefect flows: one task per stage, in pipeline order; each asks DVC to reproduce its stage, here or, for a
+stage that names a `work_pool`, as its own flow run on a worker of that pool.
 
 Prefect owns ordering, retries, logs and the UI; task caching is off because DVC alone decides staleness. The flow
-opens the MLflow parent run and hands its id to the stages through the environment.
+opens the MLflow parent run and hands its id to the stages through the environment. With a DVC remote, outputs
+move between machines through it: a worker pulls its stage's inputs and pushes its outputs and run cache, and the
+run restores them here from the remote (DVC's run cache) instead of running the stage again.
 """
 
 from __future__ import annotations
 
-import tempfile
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,34 +19,94 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc, tracking
-from stages.runner import RAN_MARKER_ENV
+from flows.config import ConfigError, config_hash, resolve, run_settings
+from stages.processes import RUN_PID_ENV
+from stages.runner import FRESH_ENV
 from stages.tracking import PARENT_RUN_ENV
 
-
-@task(cache_policy=NO_CACHE, retries=0)
-def reproduce_stage(root: str, pipeline: str, stage: str, force: bool, env: dict[str, str]) -> bool:
-    """`dvc repro --single-item <pipeline>.<stage>`; True if the stage really ran (False: DVC found it up to date
-    or restored it from its run cache)."""
-    dvc.repro(Path(root), pipeline, stage, force, env)
-    return (Path(env[RAN_MARKER_ENV]) / f"{pipeline}.{stage}").exists()
+PIPELINE_FLOW = "rl4llm-pipeline"
+STAGE_FLOW = "rl4llm-stage"
+PROJECT_ENV = "RL4LLM_PROJECT"  # on a worker: its clone of the project (default: the flow run's directory)
+STAGE_OUTPUT = logging.getLogger("rl4llm.stage")  # a stage's own output lines, sent to the Prefect API
 
 
-@flow(name="rl4llm-pipeline", log_prints=True)
+def _stream(line: str) -> None:
+    """One line of a stage's output: to the terminal as it was, and to the Prefect logs of the task."""
+    sys.stderr.write(line + "\n")  # not print: the flow's log_prints would log it a second time
+    sys.stderr.flush()
+    if not STAGE_OUTPUT.handlers:
+        from prefect.logging.handlers import APILogHandler
+
+        STAGE_OUTPUT.addHandler(APILogHandler())
+        STAGE_OUTPUT.setLevel(logging.INFO)
+        STAGE_OUTPUT.propagate = False  # the terminal already has the line
+    STAGE_OUTPUT.info(line)
+
+
+def _reproduce(root: Path, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
+               push: bool) -> str:
+    """`dvc repro` of one stage here, then push it if asked. Returns 'ran', 'restored' (outputs were missing and
+    DVC brought them from the remote or its run cache) or 'skipped' (up to date)."""
+    present = dvc.outputs_present(root, spec)
+    dvc.repro(root, pipeline, stage, force, env, on_line=_stream)
+    if push:
+        dvc.push(root, pipeline, stage)
+    if tracking.stage_run(env[PARENT_RUN_ENV], stage):
+        return "ran"
+    return "skipped" if present else "restored"
+
+
+@task(cache_policy=NO_CACHE)
+def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
+                    push: bool) -> str:
+    """The stage in this process's project (see `_reproduce`)."""
+    return _reproduce(Path(root), pipeline, stage, spec, force, env, push)
+
+
+@task(cache_policy=NO_CACHE)
+def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
+                   push: bool, work_pool: str, pipeline_hash: str) -> str:
+    """The stage as a flow run of its deployment on a worker of `work_pool`; its outputs come back here through
+    the DVC remote (restored from the run cache the worker pushed)."""
+    from prefect.deployments import run_deployment
+
+    name = f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}"
+    flow_run = run_deployment(name, parameters={"pipeline": pipeline, "stage": stage, "force": force, "env": env,
+                                                "pipeline_hash": pipeline_hash}, timeout=None)
+    if not flow_run.state.is_completed():
+        raise RuntimeError(f"{pipeline}/{stage}: flow run '{flow_run.name}' on work pool '{work_pool}' ended "
+                           f"{flow_run.state.name}: {flow_run.state.message or 'see its logs in Prefect'}")
+    return _reproduce(Path(root), pipeline, stage, spec, False, env, push)
+
+
+@flow(name=PIPELINE_FLOW, log_prints=True)
 def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], stages_to_run: list[str],
-                  force: bool, config_hash: str) -> dict[str, str]:
-    """Reproduce `stages_to_run` of `pipeline` in order. Returns {stage: 'ran' | 'skipped'}."""
+                  force: bool, settings: dict[str, Any]) -> dict[str, str]:
+    """Reproduce `stages_to_run` of `pipeline` in order. Returns {stage: 'ran' | 'restored' | 'skipped'}."""
     logger = get_run_logger()
-    parent = tracking.start_parent_run(Path(root), pipeline, config_hash)
+    project = Path(root)
+    pipeline_hash = config_hash(specs)
+    parent = tracking.start_parent_run(project, pipeline, pipeline_hash)
+    env = {PARENT_RUN_ENV: parent, RUN_PID_ENV: str(os.getpid())}
+    push = settings["push"] and dvc.default_remote(project) is not None
     outcome: dict[str, str] = {}
+    run_ids: dict[str, str] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="rl4llm-ran-") as ran_dir:
-            env = {PARENT_RUN_ENV: parent, RAN_MARKER_ENV: ran_dir}
-            for stage in stages_to_run:
-                ran = reproduce_stage.with_options(name=f"{pipeline}.{stage}")(root, pipeline, stage, force, env)
-                outcome[stage] = "ran" if ran else "skipped"
-                if not ran:
-                    tracking.log_skipped_stage(Path(root), parent, pipeline, stage, specs[stage])
-                logger.info("%s.%s: %s", pipeline, stage, "ran" if ran else "up to date, skipped")
+        for stage in stages_to_run:
+            chosen = settings["stages"][stage]
+            options = dict(name=f"{pipeline}.{stage}", retries=chosen["retries"],
+                           retry_delay_seconds=chosen["retry_delay_seconds"], retry_condition_fn=_worth_retrying)
+            if chosen["work_pool"]:
+                outcome[stage] = dispatch_stage.with_options(**options)(
+                    root, pipeline, stage, specs[stage], force, env, push, chosen["work_pool"], pipeline_hash)
+            else:
+                outcome[stage] = reproduce_stage.with_options(**options)(root, pipeline, stage, specs[stage], force,
+                                                                         env, push)
+            run_ids[stage] = tracking.record_stage(project, parent, pipeline, stage, specs[stage], outcome[stage])
+            logger.info("%s.%s: %s", pipeline, stage, outcome[stage])
+        final = settings["final_policy"]
+        if final in run_ids:
+            tracking.register_policy(project, parent, pipeline, final, specs[final], run_ids[final])
     except BaseException as error:
         tracking.end_parent_run(tracking.end_status(error))
         raise
@@ -50,6 +115,83 @@ def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], st
     logger.info("%s: %s", pipeline, f"ran {', '.join(ran)}" if ran else
                 f"all {len(outcome)} stages up to date, nothing ran")
     return outcome
+
+
+def _worth_retrying(_task, _task_run, state) -> bool:
+    """Retry failures, not interrupts or bad input (those would fail the same way again)."""
+    from stages.processes import interrupt_signal
+
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except BaseException as error:
+        return interrupt_signal(error) is None
+    return False
+
+
+def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[str], force: bool = False,
+                 fresh: bool = False, push: bool | None = None, config_file: str = "pipelines.yaml") -> dict[str, str]:
+    """What `rl4llm run` does once the command line is read: take the project's run lock, generate dvc.yaml and
+    params.yaml, check the tracking server, then run the pipeline flow."""
+    from flows.preflight import check_tracking_server
+    from flows.run_lock import run_lock
+
+    specs = resolved[pipeline]
+    settings = run_settings(root / config_file)[pipeline]
+    if push is not None:
+        settings["push"] = push
+    os.chdir(root)
+    os.environ[RUN_PID_ENV] = str(os.getpid())
+    with run_lock(root, pipeline):
+        dvc.ensure_repo(root)
+        dvc.sync(root, resolved)
+        tracking.tracking_uri_default(root)
+        check_tracking_server(os.environ["MLFLOW_TRACKING_URI"])
+        tracking.fail_orphaned_runs()
+        pools = {settings["stages"][s]["work_pool"] for s in stages_to_run} - {None}
+        if (settings["push"] or pools) and not dvc.default_remote(root):
+            raise ConfigError(config_file, "pushing outputs and running stages on work pools need a default DVC "
+                                           "remote (`dvc remote add -d <name> <url>`)", pipeline,
+                              key="push" if settings["push"] else "work_pool")
+        if fresh:
+            os.environ[FRESH_ENV] = "1"
+        return pipeline_flow(str(root), pipeline, specs, stages_to_run, force, settings)
+
+
+def project_root() -> Path:
+    """Where this process's project is: RL4LLM_PROJECT (a worker's clone), else the working directory."""
+    return Path(os.environ.get(PROJECT_ENV) or os.getcwd()).resolve()
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipeline_hash: str) -> str:
+    """One stage on a worker, in its clone of the project: the same pipelines.yaml as the run that sent it (else
+    it refuses), inputs pulled from the DVC remote, outputs and run cache pushed back when it finishes."""
+    root = project_root()
+    resolved = resolve(root / "pipelines.yaml")
+    if config_hash(resolved.get(pipeline, {})) != pipeline_hash:
+        raise ConfigError(str(root / "pipelines.yaml"), "this worker's project differs from the run's (update "
+                                                        "its checkout)", pipeline, stage)
+    from flows.run_lock import run_lock
+
+    os.chdir(root)
+    tracking.tracking_uri_default(root)
+    with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
+        dvc.ensure_repo(root)
+        dvc.sync(root, resolved)
+        return _reproduce(root, pipeline, stage, resolved[pipeline][stage], force, env, push=True)
+
+
+@flow(name=f"{PIPELINE_FLOW}-deployment", log_prints=True)
+def deployed_pipeline(pipeline: str, stage: str | None = None, downstream: bool = False,
+                      force: bool = False) -> dict[str, str]:
+    """A pipeline run started from its deployment (`rl4llm deploy`), in the worker's clone of the project."""
+    root = project_root()
+    resolved = resolve(root / "pipelines.yaml")
+    specs = resolved[pipeline]
+    return run_pipeline(root, resolved, pipeline, select_stages(list(specs), input_graph(specs), stage, downstream),
+                        force)
 
 
 def select_stages(order: list[str], graph: dict[str, set[str]], stage: str | None, downstream: bool) -> list[str]:
@@ -69,4 +211,3 @@ def input_graph(specs: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
     producers = {path: stage for stage, spec in specs.items() for path in spec["outputs"].values()}
     return {stage: {producers[i["path"]] for i in spec["inputs"].values() if i["path"] in producers}
             for stage, spec in specs.items()}
-

@@ -22,17 +22,23 @@ class ProjectBusy(Exception):
 
 
 @contextmanager
-def run_lock(root: Path, pipeline: str) -> Iterator[None]:
+def run_lock(root: Path, pipeline: str, on_behalf_of: int | None = None) -> Iterator[None]:
     """Hold the project's run lock for the duration; `ProjectBusy` if another live process holds it. A lock left by
-    a process that has died is free: the kernel drops a file lock with its holder."""
+    a process that has died is free: the kernel drops a file lock with its holder. `on_behalf_of`: the pid of a run
+    on this host that sent us its stage and waits for it; its lock is ours too."""
     path = root / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / ".gitignore").write_text("*\n")  # run state (checkpoints, logs, this lock) stays out of git
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ProjectBusy(f"another `rl4llm run` is running in {root}: {describe(f.read())}; wait for it to "
+            record = f.read()
+            if on_behalf_of and _held_by(record, on_behalf_of):
+                yield
+                return
+            raise ProjectBusy(f"another `rl4llm run` is running in {root}: {describe(record)}; wait for it to "
                               f"end or stop it (Ctrl-C)") from None
         f.truncate(0)
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "pipeline": pipeline,
@@ -57,6 +63,14 @@ def holder(root: Path) -> str | None:
             return describe(f.read())
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
+
+
+def _held_by(record: str, pid: int) -> bool:
+    try:
+        held = json.loads(record)
+        return held["pid"] == pid and held["host"] == socket.gethostname()
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def describe(record: str) -> str:

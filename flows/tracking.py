@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,11 +12,16 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from flows import dvc
 from stages.checkpoint import tree_hash
 from stages.processes import interrupt_signal, process_alive
 from stages.runner import METRICS_FILE
 from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
                              owner_tags)
+
+
+VERSION_TAG = "rl4llm.version"  # a stage run's version: a hash of its outputs' DVC hashes
+LOCK_ARTIFACT = "dvc.lock.json"  # a stage run's dvc.lock entry
 
 
 def git_commit(root: Path) -> str | None:
@@ -65,12 +71,36 @@ def fail_orphaned_runs() -> list[str]:
     return [run.info.run_id for run in orphans]
 
 
-def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any]) -> None:
-    """A child run for a stage DVC found up to date: its params and last metrics, tagged `skipped`."""
+def stage_run(parent_run_id: str, stage: str) -> str | None:
+    """The run in which `stage` really ran (not skipped, not restored) under this parent run, if any."""
+    client = MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = "
+                                            f"'{stage}' and tags.skipped = 'false'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def record_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
+                 outcome: str) -> str:
+    """After DVC reproduced a stage: its run (a new child run if it was skipped or restored) gets the stage's
+    lineage. Returns the run id."""
+    run_id = stage_run(parent_run_id, stage) if outcome == "ran" else None
+    if run_id is None:
+        run_id = log_skipped_stage(root, parent_run_id, pipeline, stage, spec, outcome)
+    entry = dvc.lock_entry(root, pipeline, stage)
+    if entry is not None:
+        record_lineage(root, run_id, spec, entry)
+    return run_id
+
+
+def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
+                      outcome: str = "skipped") -> str:
+    """A child run for a stage DVC found up to date or restored: its params and last metrics, tagged `skipped`
+    (and `outcome`). Returns its id."""
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
     tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": stage, "pipeline": pipeline, "stage": stage,
-            "stage_kind": spec["kind"], "skipped": "true",
+            "stage_kind": spec["kind"], "skipped": "true", "outcome": outcome,
             "output_hash": tree_hash([root / p for p in spec["outputs"].values()])}
     run = client.create_run(experiment, run_name=stage, tags=tags)
     for key, value in flatten(spec["params"]).items():
@@ -79,6 +109,73 @@ def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str,
     for key, value in json.loads(metrics_file.read_text()).items():
         client.log_metric(run.info.run_id, f"final/{key}", float(value))
     client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def version_id(entry: dict[str, Any]) -> str:
+    """A stage version's name: a hash of its outputs' DVC hashes (same outputs, same version)."""
+    digests = sorted(f"{out['path']}:{out.get('md5')}" for out in entry.get("outs", []))
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:10]
+
+
+def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Name in the run exactly which data and model versions the stage used and made: each input as an MLflow
+    dataset whose digest is its DVC hash (a Hub dataset: by name), each output's DVC hash as a tag `dvc.<output>`,
+    the version (`rl4llm.version`), and the stage's dvc.lock entry as the artifact `dvc.lock.json` (what
+    `rl4llm restore` puts back)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    client = MlflowClient()
+    deps = {dep["path"]: dep.get("md5") for dep in entry.get("deps", [])}
+    datasets = []
+    for name, given in spec["inputs"].items():
+        path = given["path"]
+        if path in deps:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": all are local files
+                source = resolve_dataset_source(str((root / path).resolve()))
+        else:
+            source = HTTPDatasetSource(f"https://huggingface.co/datasets/{path}")
+        dataset = MetaDataset(source, name=name, digest=deps.get(path))
+        datasets.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", name)]))
+    client.log_inputs(run_id, datasets)
+    outs = {out["path"]: out.get("md5") for out in entry.get("outs", [])}
+    for name, path in spec["outputs"].items():
+        client.set_tag(run_id, f"dvc.{name}", outs.get(path, ""))
+    client.set_tag(run_id, VERSION_TAG, version_id(entry))
+    client.log_dict(run_id, entry, LOCK_ARTIFACT)
+
+
+def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
+                    run_id: str) -> str | None:
+    """Register the pipeline's final policy (`final_policy`'s model) in the MLflow Model Registry as a version
+    of `<pipeline>-policy`, unless that exact model (DVC hash) is already one; its source is the model's place in
+    the DVC remote and its tags name its lineage. Returns the registry version."""
+    entry = dvc.lock_entry(root, pipeline, stage)
+    model = spec["outputs"]["model"]
+    md5 = next((out.get("md5") for out in (entry or {}).get("outs", []) if out["path"] == model), None)
+    if md5 is None:
+        return None
+    client = MlflowClient()
+    name = f"{pipeline}-policy"
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, tags={"pipeline": pipeline}, description=f"final policy of {pipeline}")
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("dvc.md5") == md5:
+            return version.version
+    parent = client.get_run(parent_run_id).data.tags
+    inputs = {dataset.tags[0].value: dataset.dataset.digest for dataset in client.get_run(run_id).inputs.dataset_inputs}
+    tags = {"pipeline": pipeline, "stage": stage, "dvc.md5": md5, VERSION_TAG: version_id(entry),
+            "config_hash": parent.get("config_hash", ""), "git_commit": parent.get("git_commit", ""),
+            **{f"input.{key}": digest for key, digest in inputs.items()}}
+    remote = dvc.remote_url(root) or "local-cache"
+    source = f"dvc://{remote.removeprefix('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 
 
 def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:

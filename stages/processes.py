@@ -108,12 +108,15 @@ def die_with_run(signum: int = signal.SIGTERM, poll_s: float = 0.5) -> None:
 
 
 def run_child(cmd: list[str], forward: int | None = None, new_group: bool = False,
-              **popen: Any) -> tuple[int, int | None]:
+              on_line: Callable[[str], None] | None = None, **popen: Any) -> tuple[int, int | None]:
     """Run `cmd` to completion; it gets SIGTERM if we die. A SIGINT or SIGTERM we receive meanwhile is passed on
     (as `forward`, default the same signal; to its whole group with `new_group`) and we keep waiting for it.
     Returns (its exit code, the signal we received or None). With `new_group` it is in its own process group, so a
-    terminal's Ctrl-C reaches only us and we decide what it gets."""
+    terminal's Ctrl-C reaches only us and we decide what it gets. With `on_line`, each line the child writes (stdout
+    and stderr) goes there instead of to our terminal."""
     received: list[int] = []
+    if on_line is not None:
+        popen.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     child = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=new_group, **popen)
 
     def pass_on(signum: int, _frame: Any) -> None:
@@ -126,6 +129,8 @@ def run_child(cmd: list[str], forward: int | None = None, new_group: bool = Fals
 
     previous = _handle((signal.SIGINT, signal.SIGTERM), pass_on)
     try:
+        for line in child.stdout if on_line is not None else ():
+            on_line(line.rstrip("\n"))
         code = child.wait()
     finally:
         _restore(previous)

@@ -28,7 +28,6 @@ from stages.loop import NonFinite, check_finite, fault_point
 from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child
 
 PARAMS_FILE = "params.yaml"
-RAN_MARKER_ENV = "RL4LLM_RAN_DIR"  # set by the flow: a stage that really runs leaves a marker file there
 FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
 METRICS_FILE = "metrics.json"
 ARTIFACTS = "artifacts"
@@ -130,10 +129,6 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         remove(stage_checkpoints(root, pipeline, stage))
         outputs = [Path(p) for p in spec["outputs"].values()]
         tracker.finish(metrics, {"output_hash": tree_hash(outputs), "skipped": "false"})
-        if os.environ.get(RAN_MARKER_ENV):
-            marker = Path(os.environ[RAN_MARKER_ENV]) / f"{pipeline}.{stage}"
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(tracker.run_id or "")
     return metrics
 
 

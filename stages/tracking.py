@@ -19,10 +19,11 @@ EXPERIMENT_ENV = "RL4LLM_EXPERIMENT"
 DEFAULT_EXPERIMENT = "rl4llm"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 HOST_TAG, PID_TAG = "rl4llm.host", "rl4llm.pid"  # which process owns a RUNNING run (stale ones are marked FAILED)
+PROJECT_TAG = "rl4llm.project"  # the project directory the run was made in (which machine's clone ran a stage)
 
 
 def owner_tags() -> dict[str, str]:
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROJECT_TAG: os.getcwd()}
 
 
 def configure_mlflow() -> None:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -95,3 +103,94 @@ def prefect_server():
 
     with prefect_test_harness():
         yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_processes(session: int) -> set[int]:
+    """The live processes of a session (what a service started with `start_new_session` left running)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def stop_service(process: subprocess.Popen) -> None:
+    """SIGTERM a service's whole session, SIGKILL what is left after 15 s; asserts nothing of it survives."""
+    for signum, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while session_processes(process.pid) - {process.pid} or process.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            break
+    process.wait(timeout=5)
+    assert not session_processes(process.pid)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server); yields its URI and
+    stops it, and every process it started, at the end."""
+    home = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(f"{uri}/health", server)
+        yield uri
+    finally:
+        stop_service(server)
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "rl4llm tests", "GIT_AUTHOR_EMAIL": "tests@rl4llm", "GIT_COMMITTER_NAME": "rl4llm tests",
+                "GIT_COMMITTER_EMAIL": "tests@rl4llm"}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_IDENTITY}).stdout
+
+
+def git_project_with_remote(root: Path, remote: Path) -> None:
+    """Make `root` a git repository with DVC and a local-directory default remote, committed."""
+    git(root, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["dvc", "remote", "add", "-d", "store", str(remote)], cwd=root, check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+
+
+def commit_run(root: Path, message: str = "run") -> None:
+    """Commit what a run leaves for git: dvc.lock, the generated files and DVC's .gitignore entries."""
+    git(root, "add", "dvc.lock", "dvc.yaml", "params.yaml", "pipelines.yaml", "artifacts")
+    git(root, "commit", "-qm", message)

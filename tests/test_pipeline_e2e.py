@@ -1,12 +1,16 @@
-"""End to end, through Prefect, DVC, the stage subprocesses and MLflow, on the test-size InstructGPT pipeline.
+"""End to end, through Prefect, DVC, the stage subprocesses and a real MLflow tracking server, on the test-size
+InstructGPT pipeline.
 
-One project is shared by the tests of this module, which run in order: first run, no-op rerun, a param change,
-a forced single-stage rerun, listing and comparing.
+One project (a git repository with a local-directory DVC remote) is shared by the tests of this module, which run
+in order: first run with push, a fresh clone restoring every stage from the remote, no-op rerun, a param change,
+a forced single-stage rerun, listing and comparing, stage versions and restore.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows import cli
-from tests.conftest import REPO, make_project
+from flows import dvc
+from stages.tracking import EXPERIMENT_ENV
+from tests.conftest import REPO, commit_run, git, git_project_with_remote, make_project
 
 pytestmark = pytest.mark.e2e
 STAGES = ["data", "pretrain", "sft", "comparisons", "reward_model", "ppo"]
@@ -24,13 +30,14 @@ STAGES = ["data", "pretrain", "sft", "comparisons", "reward_model", "ppo"]
 def workspace(tmp_path_factory, prefect_server) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     make_project(root, REPO / "tests" / "pipelines" / "tiny_instructgpt.yaml")
+    git_project_with_remote(root, root.parent / f"{root.name}-remote")
     return root
 
 
 @pytest.fixture
-def in_workspace(workspace, monkeypatch) -> Path:
+def in_workspace(workspace, monkeypatch, mlflow_server) -> Path:
     monkeypatch.chdir(workspace)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return workspace
 
 
@@ -43,9 +50,9 @@ def metrics(root: Path, stage: str) -> dict:
     return json.loads((root / "artifacts" / "tiny" / stage / "metrics.json").read_text())
 
 
-def parent_runs(root: Path):
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("rl4llm").experiment_id],
+def parent_runs(experiment: str = "rl4llm"):
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               "tags.`rl4llm.parent` = 'true'", order_by=["attributes.start_time ASC"])
     return client, runs
 
@@ -54,12 +61,14 @@ def children(client, parent):
     return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
-def test_first_run_runs_every_stage(in_workspace):
-    assert run("run", "tiny") == f"tiny: ran {', '.join(STAGES)}; up to date: none"
+def test_first_run_runs_every_stage_logs_lineage_and_registers_the_policy(in_workspace):
+    assert run("run", "tiny", "--push") == f"tiny: ran {', '.join(STAGES)}; up to date: none"
     assert {"eval_accuracy", "normalization_bias"} <= set(metrics(in_workspace, "reward_model"))
     assert {"gold_score", "kl", "ptx_lm_loss"} <= set(metrics(in_workspace, "ppo"))
     assert "gold_score" in metrics(in_workspace, "sft")
-    client, (parent,) = parent_runs(in_workspace)
+    commit_run(in_workspace)
+    shutil.copytree(in_workspace / "artifacts/tiny/reward_model", in_workspace.parent / "reward_model-v1")
+    client, (parent,) = parent_runs()
     assert parent.data.tags["pipeline"] == "tiny" and parent.data.tags["config_hash"]
     kids = children(client, parent)
     assert sorted(k.data.tags["stage"] for k in kids) == sorted(STAGES)
@@ -68,10 +77,47 @@ def test_first_run_runs_every_stage(in_workspace):
     assert ppo.data.params["kl_estimator"] == "k1"
     assert len(client.get_metric_history(ppo.info.run_id, "reward")) == 2  # a per-step curve
 
+    # lineage: each input an MLflow dataset whose digest is its DVC hash; each output's DVC hash a tag
+    lock = dvc.lock_entry(in_workspace, "tiny", "ppo")
+    dep_hashes = {d["path"]: d["md5"] for d in lock["deps"]}
+    specs = yaml.safe_load((in_workspace / "params.yaml").read_text())["tiny"]
+    logged = {d.tags[0].value: d.dataset.digest for d in client.get_run(ppo.info.run_id).inputs.dataset_inputs}
+    assert logged == {name: dep_hashes[i["path"]] for name, i in specs["ppo"]["inputs"].items()}
+    model_hash = next(o["md5"] for o in lock["outs"] if o["path"] == "artifacts/tiny/ppo/model")
+    assert ppo.data.tags["dvc.model"] == model_hash
+    (registered,) = client.search_model_versions("name = 'tiny-policy'")
+    assert registered.run_id == ppo.info.run_id and registered.tags["dvc.md5"] == model_hash
+    assert registered.source.startswith("dvc://") and registered.source.endswith(model_hash[2:])
+    assert registered.tags["input.reward"] == dep_hashes["artifacts/tiny/reward_model/model"]
+
+
+def test_a_clone_restores_every_stage_from_the_remote_and_reruns_only_what_changed(workspace, tmp_path, monkeypatch,
+                                                                                   mlflow_server):
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(workspace), str(clone))
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv(EXPERIMENT_ENV, "teammate")
+    assert "not pulled (`rl4llm pull tiny`)" in run("list", "tiny")
+    assert run("pull", "tiny", "--stage", "reward_model") == "tiny: pulled reward_model"
+    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=clone, check=True,
+                                      capture_output=True, text=True).stdout)
+    assert shown[""]["data"]["artifacts/tiny/reward_model/metrics.json"]["data"] == metrics(workspace, "reward_model")
+
+    restored = [s for s in STAGES if s != "reward_model"]
+    assert run("run", "tiny") == f"tiny: nothing ran; restored {', '.join(restored)}; up to date: reward_model"
+    for stage in STAGES:
+        assert metrics(clone, stage) == metrics(workspace, stage)
+
+    config = yaml.safe_load(Path("pipelines.yaml").read_text())
+    config["pipelines"]["tiny"]["stages"][5]["params"]["kl_coef"] = 0.2
+    Path("pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert run("run", "tiny") == "tiny: ran ppo; up to date: data, pretrain, sft, comparisons, reward_model"
+
 
 def test_rerun_with_nothing_changed_runs_nothing(in_workspace):
     assert run("run", "tiny") == f"tiny: nothing ran; up to date: {', '.join(STAGES)}"
-    client, runs = parent_runs(in_workspace)
+    client, runs = parent_runs()
     assert all(k.data.tags["skipped"] == "true" for k in children(client, runs[-1]))
 
 
@@ -113,3 +159,20 @@ def test_r1_pipeline_runs_every_stage_kind(tmp_path, monkeypatch, prefect_server
     assert {"accuracy", "format_rate", "language_consistency", "mean_response_length"} <= set(final)
     kept = json.loads((tmp_path / "artifacts/tiny-r1/rejection_sampling/metrics.json").read_text())
     assert kept["kept"] > 0 and 0 < kept["acceptance_rate"] <= 1
+
+
+def test_versions_are_listed_and_a_restored_version_makes_downstream_stale(in_workspace):
+    listing = run("versions", "tiny", "reward_model")
+    newest, first = [line.split()[1] if line.startswith("*") else line.split()[0]
+                     for line in listing.splitlines()[1:] if not line.startswith("    ")]
+    assert "changed: lr " in listing.splitlines()[2] and "→ 0.001" in listing.splitlines()[2]
+    assert listing.splitlines()[4] == "    changed: first version"
+    assert run("restore", "tiny", "reward_model", first[:6]).startswith(f"tiny/reward_model: restored version {first}")
+    saved = in_workspace.parent / "reward_model-v1"
+    for file in saved.rglob("*"):
+        if file.is_file():
+            assert (in_workspace / "artifacts/tiny/reward_model" / file.relative_to(saved)).read_bytes() == \
+                file.read_bytes()
+    states = {line.split()[0]: line.split(None, 2)[2] for line in run("list", "tiny").splitlines()[1:]}
+    assert states["ppo"].startswith("stale") and states["sft"] == "up to date"
+    assert "* " + first in run("versions", "tiny", "reward_model")

@@ -1,0 +1,47 @@
+"""`rl4llm deploy`: Prefect deployments of a pipeline and of its stages that name a work pool.
+
+The pipeline's deployment runs the whole pipeline flow on a worker of its pool; each stage with a `work_pool` gets
+its own deployment (`rl4llm-stage/<pipeline>.<stage>`), which the pipeline flow starts with `run_deployment`.
+Workers load the flows from `source` (default: this package's directory, for workers on this machine; a git URL
+for others) and run them in their clone of the project (`RL4LLM_PROJECT`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flows
+from flows import dvc
+from flows.config import ConfigError
+
+FLOWS_FILE = "flows/flow.py"
+
+
+def package_source() -> str:
+    """The directory holding the `flows` package: where a worker on this machine loads the flows from."""
+    return str(Path(flows.__file__).resolve().parents[1])
+
+
+def deploy(pipeline: str, settings: dict, pool: str | None, source: str | None, config_file: str) -> list[str]:
+    """Create or update the deployments; returns their names."""
+    from prefect import Flow
+
+    from flows.flow import PIPELINE_FLOW, STAGE_FLOW
+
+    pools = {stage: chosen["work_pool"] for stage, chosen in settings["stages"].items() if chosen["work_pool"]}
+    pipeline_pool = pool or settings["default_work_pool"]
+    if pipeline_pool is None:
+        raise ConfigError(config_file, "the pipeline flow needs a work pool: set `defaults.work_pool` or pass --pool",
+                          pipeline, key="defaults.work_pool")
+    where = source or package_source()
+    names = []
+    for stage, stage_pool in pools.items():
+        stage_flow = Flow.from_source(where, f"{FLOWS_FILE}:stage_flow")
+        stage_flow.deploy(name=dvc.dvc_name(pipeline, stage), work_pool_name=stage_pool, build=False, push=False,
+                          print_next_steps=False, ignore_warnings=True)
+        names.append(f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}")
+    pipeline_flow = Flow.from_source(where, f"{FLOWS_FILE}:deployed_pipeline")
+    pipeline_flow.deploy(name=pipeline, work_pool_name=pipeline_pool, parameters={"pipeline": pipeline}, build=False,
+                         push=False, print_next_steps=False, ignore_warnings=True)
+    names.append(f"{PIPELINE_FLOW}-deployment/{pipeline}")
+    return names
