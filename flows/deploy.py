@@ -8,6 +8,8 @@ for others) and run them in their clone of the project (`RL4LLM_PROJECT`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import flows
@@ -35,13 +37,14 @@ def deploy(pipeline: str, settings: dict, pool: str | None, source: str | None, 
                           pipeline, key="defaults.work_pool")
     where = source or package_source()
     names = []
-    for stage, stage_pool in pools.items():
-        stage_flow = Flow.from_source(where, f"{FLOWS_FILE}:stage_flow")
-        stage_flow.deploy(name=dvc.dvc_name(pipeline, stage), work_pool_name=stage_pool, build=False, push=False,
-                          print_next_steps=False, ignore_warnings=True)
-        names.append(f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}")
-    pipeline_flow = Flow.from_source(where, f"{FLOWS_FILE}:deployed_pipeline")
-    pipeline_flow.deploy(name=pipeline, work_pool_name=pipeline_pool, parameters={"pipeline": pipeline}, build=False,
-                         push=False, print_next_steps=False, ignore_warnings=True)
-    names.append(f"{PIPELINE_FLOW}-deployment/{pipeline}")
+    with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment; we report the names
+        for stage, stage_pool in pools.items():
+            stage_flow = Flow.from_source(where, f"{FLOWS_FILE}:stage_flow")
+            stage_flow.deploy(name=dvc.dvc_name(pipeline, stage), work_pool_name=stage_pool, build=False,
+                              push=False, print_next_steps=False, ignore_warnings=True)
+            names.append(f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}")
+        pipeline_flow = Flow.from_source(where, f"{FLOWS_FILE}:deployed_pipeline")
+        pipeline_flow.deploy(name=pipeline, work_pool_name=pipeline_pool, parameters={"pipeline": pipeline},
+                             build=False, push=False, print_next_steps=False, ignore_warnings=True)
+        names.append(f"{PIPELINE_FLOW}-deployment/{pipeline}")
     return names

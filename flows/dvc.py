@@ -160,17 +160,24 @@ def pull(root: Path, pipeline: str, stages: list[str]) -> None:
 
 def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
     """The stage's dvc.lock entry (cmd, deps, params, outs with their hashes), if it has one."""
+    return lock_entries(root, pipeline).get(stage)
+
+
+def lock_entries(root: Path, pipeline: str) -> dict[str, dict[str, Any]]:
+    """{stage: dvc.lock entry} of every stage of `pipeline` that has one."""
     lock = root / "dvc.lock"
     locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
-    return locked.get(dvc_name(pipeline, stage))
+    prefix = dvc_name(pipeline, "")
+    return {name.removeprefix(prefix): entry for name, entry in locked.items() if name.startswith(prefix)}
 
 
-def write_lock_entry(root: Path, pipeline: str, stage: str, entry: dict[str, Any]) -> None:
-    """Replace the stage's dvc.lock entry (atomically)."""
+def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, Any]]) -> None:
+    """Replace these stages' dvc.lock entries (atomically)."""
     lock = root / "dvc.lock"
     content = (yaml.safe_load(lock.read_text()) or {}) if lock.exists() else {}
     content.setdefault("schema", "2.0")
-    content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
+    for stage, entry in entries.items():
+        content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
     tmp = lock.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(content, sort_keys=False))
     tmp.replace(lock)

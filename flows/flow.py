@@ -66,17 +66,22 @@ def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], 
 @task(cache_policy=NO_CACHE)
 def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
                    push: bool, work_pool: str, pipeline_hash: str) -> str:
-    """The stage as a flow run of its deployment on a worker of `work_pool`; its outputs come back here through
-    the DVC remote (restored from the run cache the worker pushed)."""
+    """The stage as a flow run of its deployment on a worker of `work_pool`, unless DVC finds it up to date here.
+    The worker gets this run's dvc.lock entries of the other stages (so it can pull its inputs); its outputs come
+    back here through the DVC remote (restored from the run cache the worker pushed)."""
     from prefect.deployments import run_deployment
 
+    project = Path(root)
+    if not force and dvc.status(project, pipeline, {stage: spec})[stage] == "up to date":
+        return _reproduce(project, pipeline, stage, spec, False, env, push)
+    locked = {s: entry for s, entry in dvc.lock_entries(project, pipeline).items() if s != stage}
     name = f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}"
     flow_run = run_deployment(name, parameters={"pipeline": pipeline, "stage": stage, "force": force, "env": env,
-                                                "pipeline_hash": pipeline_hash}, timeout=None)
+                                                "pipeline_hash": pipeline_hash, "locked": locked}, timeout=None)
     if not flow_run.state.is_completed():
         raise RuntimeError(f"{pipeline}/{stage}: flow run '{flow_run.name}' on work pool '{work_pool}' ended "
                            f"{flow_run.state.name}: {flow_run.state.message or 'see its logs in Prefect'}")
-    return _reproduce(Path(root), pipeline, stage, spec, False, env, push)
+    return _reproduce(project, pipeline, stage, spec, False, env, push)
 
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
@@ -165,9 +170,11 @@ def project_root() -> Path:
 
 
 @flow(name=STAGE_FLOW, log_prints=True)
-def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipeline_hash: str) -> str:
+def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipeline_hash: str,
+               locked: dict[str, dict[str, Any]]) -> str:
     """One stage on a worker, in its clone of the project: the same pipelines.yaml as the run that sent it (else
-    it refuses), inputs pulled from the DVC remote, outputs and run cache pushed back when it finishes."""
+    it refuses), the run's dvc.lock entries of the other stages (`locked`), inputs pulled from the DVC remote,
+    outputs and run cache pushed back when it finishes."""
     root = project_root()
     resolved = resolve(root / "pipelines.yaml")
     if config_hash(resolved.get(pipeline, {})) != pipeline_hash:
@@ -180,6 +187,7 @@ def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipe
     with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)
+        dvc.write_lock_entries(root, pipeline, locked)
         return _reproduce(root, pipeline, stage, resolved[pipeline][stage], force, env, push=True)
 
 

@@ -91,6 +91,6 @@ def restore(root: Path, pipeline: str, stage: str, version: str, config_file: st
     chosen = matches[0]
     with tempfile.TemporaryDirectory() as tmp:
         entry = json.loads(Path(MlflowClient().download_artifacts(chosen["run"], LOCK_ARTIFACT, tmp)).read_text())
-    dvc.write_lock_entry(root, pipeline, stage, entry)
+    dvc.write_lock_entries(root, pipeline, {stage: entry})
     dvc.checkout(root, pipeline, stage)
     return chosen["version"]

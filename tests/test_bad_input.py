@@ -8,7 +8,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import yaml
 from flows.config import ConfigError, resolve
 from flows.preflight import check_tracking_server
 from stages import data
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_config import BASE, write
 
 GOOD = {"question": "name two animals", "answer": "cat dog"}
@@ -300,12 +299,6 @@ def test_cli_validate_exits_2_on_a_bad_accelerate_config_or_alias_bomb(project: 
     assert "Traceback" not in result.stderr and tree(project) == before
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_tracking_server_is_named_with_the_cause():
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.perf_counter()
@@ -314,6 +307,19 @@ def test_an_unreachable_tracking_server_is_named_with_the_cause():
     assert time.perf_counter() - started < 10
     assert str(raised.value).startswith(f"{uri}: MLflow tracking server not reachable (") and "refused" in \
         str(raised.value)
+
+
+def test_cli_run_against_an_unreachable_tracking_server_fails_before_any_stage(project: Path):
+    write(project, BASE)
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=project, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri})
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2 and f"error: {uri}: MLflow tracking server not reachable" in result.stderr
+    assert elapsed < 30, elapsed  # the check itself gives up after 5 s; the rest is start-up
+    assert not (project / "artifacts").exists() and not (project / "dvc.lock").exists()
+    print(f"unreachable tracking server: exit 2 after {elapsed:.1f} s")
 
 
 @pytest.mark.parametrize("status", [200, 503])

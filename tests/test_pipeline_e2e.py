@@ -90,6 +90,16 @@ def test_first_run_runs_every_stage_logs_lineage_and_registers_the_policy(in_wor
     assert registered.source.startswith("dvc://") and registered.source.endswith(model_hash[2:])
     assert registered.tags["input.reward"] == dep_hashes["artifacts/tiny/reward_model/model"]
 
+    # each stage's own output reached the Prefect logs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    with get_client(sync_client=True) as prefect:
+        logged = [log.message for log in prefect.read_logs(LogFilter(level=LogFilterLevel(ge_=20)))]
+    assert any(message.startswith("[tiny/ppo] step 2/2") for message in logged)
+
 
 def test_a_clone_restores_every_stage_from_the_remote_and_reruns_only_what_changed(workspace, tmp_path, monkeypatch,
                                                                                    mlflow_server):

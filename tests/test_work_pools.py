@@ -27,13 +27,20 @@ def write_pipeline(root: Path) -> None:
     tiny["stages"] = [{**stage, "work_pool": POOLS[stage["name"]]} for stage in tiny["stages"][:2]]
     tiny["defaults"].update(work_pool="cpu", retries=1, retry_delay_seconds=1)
     tiny["defaults"].pop("inputs")
+    tiny["defaults"].pop("params")
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def start_worker(pool: str, project: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-                             "--name", f"worker-{pool}"], cwd=project, env={**env, PROJECT_ENV: str(project)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(project.parent / f"worker-{pool}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+                                 "process", "--name", f"worker-{pool}"], cwd=project,
+                                env={**env, PROJECT_ENV: str(project)}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def worker_logs(root: Path) -> str:
+    return "\n".join(log.read_text()[-4000:] for log in sorted(root.glob("worker-*.log")))
 
 
 def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_remote(tmp_path, monkeypatch):
@@ -47,6 +54,7 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
         git(tmp_path, "clone", "-q", str(origin), str(clone))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the server's own database
     monkeypatch.chdir(origin)
 
     with temporary_server() as api:
@@ -71,7 +79,7 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
             finally:
                 for worker in workers:
                     stop_service(worker)
-    assert pipeline_run.state.is_completed(), pipeline_run.state.message
+    assert pipeline_run.state.is_completed(), worker_logs(tmp_path)
 
     # the pipeline flow ran on the cpu pool; each stage as its own flow run on its stage's pool
     assert pipeline_run.work_pool_name == "cpu"
