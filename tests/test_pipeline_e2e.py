@@ -92,12 +92,14 @@ def test_first_run_runs_every_stage_logs_lineage_and_registers_the_policy(in_wor
 
     # each stage's own output reached the Prefect logs
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+    from prefect.client.schemas.filters import LogFilter, LogFilterName
+    from prefect.client.schemas.sorting import LogSort
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=5)
     with get_client(sync_client=True) as prefect:
-        logged = [log.message for log in prefect.read_logs(LogFilter(level=LogFilterLevel(ge_=20)))]
+        logged = [log.message for log in prefect.read_logs(LogFilter(name=LogFilterName(any_=["rl4llm.stage"])),
+                                                           sort=LogSort.TIMESTAMP_DESC)]
     assert any(message.startswith("[tiny/ppo] step 2/2") for message in logged)
 
 
