@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from flows.run_lock import LOCK_FILE, run_lock
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
 from stages.processes import RUN_PID_ENV, process_alive
-from tests.conftest import make_project, write_instruct_data
+from tests.conftest import descendants, make_project, write_instruct_data
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
@@ -79,23 +79,6 @@ def test_a_stage_process_ends_when_its_run_is_gone_even_behind_a_shell():
     run.wait()
     assert stage.wait(timeout=10) == 0 and stage.stdout.read() == "survived\n"  # the shell outlived its child
     assert not process_alive(run.pid)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:

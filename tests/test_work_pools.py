@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from flows import cli
 from flows.flow import PROJECT_ENV
 from flows.prefect_server import temporary_server
-from tests.conftest import REPO, commit_run, git, git_project_with_remote, make_project, stop_service
+from tests.conftest import REPO, commit_run, descendants, git, git_project_with_remote, make_project, stop_service
 
 pytestmark = pytest.mark.e2e
 POOLS = {"data": "cpu", "pretrain": "trainer"}
@@ -56,6 +56,7 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the server's own database
     monkeypatch.chdir(origin)
+    before = descendants(os.getpid())
 
     with temporary_server() as api:
         from prefect.client.orchestration import get_client
@@ -79,6 +80,7 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
             finally:
                 for worker in workers:
                     stop_service(worker)
+    assert not descendants(os.getpid()) - before  # the server, the workers and their flow runs are gone
     assert pipeline_run.state.is_completed(), worker_logs(tmp_path)
 
     # the pipeline flow ran on the cpu pool; each stage as its own flow run on its stage's pool
