@@ -199,7 +199,8 @@ def outputs_present(root: Path, spec: dict[str, Any]) -> bool:
 
 def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bool = True) -> dict[str, str]:
     """Per stage: 'up to date', 'stale' (and what changed), 'not pulled' (in dvc.lock, outputs not in the
-    workspace) or 'never run' (no lock entry). Not `live` (a run holds DVC's lock): 'up to date' means as recorded in dvc.lock, unchecked."""
+    workspace) or 'never run' (no lock entry). Not `live` (a run holds DVC's lock): 'up to date' means as recorded
+    in dvc.lock, unchecked."""
     stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
     report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}") if live else {}

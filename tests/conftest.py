@@ -189,8 +189,8 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         stop_service(server)
 
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "rl4llm tests", "GIT_AUTHOR_EMAIL": "tests@rl4llm", "GIT_COMMITTER_NAME": "rl4llm tests",
-                "GIT_COMMITTER_EMAIL": "tests@rl4llm"}
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "rl4llm tests", "GIT_AUTHOR_EMAIL": "tests@rl4llm",
+                "GIT_COMMITTER_NAME": "rl4llm tests", "GIT_COMMITTER_EMAIL": "tests@rl4llm"}
 
 
 def git(root: Path, *args: str) -> str:

@@ -70,8 +70,8 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
             with get_client(sync_client=True) as client:
                 for pool in clones:
                     client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            assert cli.execute(["deploy", "tiny"]) == ("deployments: rl4llm-stage/tiny.data, rl4llm-stage/tiny.pretrain, "
-                                                       "rl4llm-pipeline-deployment/tiny")
+            assert cli.execute(["deploy", "tiny"]) == ("deployments: rl4llm-stage/tiny.data, "
+                                                       "rl4llm-stage/tiny.pretrain, rl4llm-pipeline-deployment/tiny")
             workers = [start_worker(pool, clone, env) for pool, clone in clones.items()]
             try:
                 pipeline_run = run_deployment("rl4llm-pipeline-deployment/tiny", timeout=600)
