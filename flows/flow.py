@@ -66,13 +66,15 @@ def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], 
 @task(cache_policy=NO_CACHE)
 def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
                    push: bool, work_pool: str, pipeline_hash: str) -> str:
-    """The stage as a flow run of its deployment on a worker of `work_pool`, unless DVC finds it up to date here.
+    """The stage as a flow run of its deployment on a worker of `work_pool`, unless DVC finds it up to date here
+    (or only not pulled).
     The worker gets this run's dvc.lock entries of the other stages (so it can pull its inputs); its outputs come
     back here through the DVC remote (restored from the run cache the worker pushed)."""
     from prefect.deployments import run_deployment
 
     project = Path(root)
-    if not force and dvc.status(project, pipeline, {stage: spec})[stage] == "up to date":
+    state = dvc.status(project, pipeline, {stage: spec})[stage]
+    if not force and (state == "up to date" or state.startswith("not pulled")):  # nothing to run: DVC restores
         return _reproduce(project, pipeline, stage, spec, False, env, push)
     locked = {s: entry for s, entry in dvc.lock_entries(project, pipeline).items() if s != stage}
     name = f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}"

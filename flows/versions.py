@@ -89,6 +89,7 @@ def restore(root: Path, pipeline: str, stage: str, version: str, config_file: st
         raise ConfigError(config_file, f"{found} version of {pipeline}/{stage} starts with '{version}' (see "
                                        f"`rl4llm versions {pipeline} {stage}`)", pipeline, stage)
     chosen = matches[0]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         entry = json.loads(Path(MlflowClient().download_artifacts(chosen["run"], LOCK_ARTIFACT, tmp)).read_text())
     dvc.write_lock_entries(root, pipeline, {stage: entry})
