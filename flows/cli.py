@@ -55,13 +55,11 @@ def cmd_run(args) -> str:
         _stage(args, resolved)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
     from flows.flow import input_graph, run_pipeline, select_stages
-    from flows.prefect_server import prefect_api
 
     chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
     try:
-        with prefect_api():
-            outcome = run_pipeline(root, resolved, args.pipeline, chosen, args.force, args.fresh,
-                                   True if args.push else None, os.path.relpath(Path(args.config).resolve(), root))
+        outcome = run_pipeline(root, resolved, args.pipeline, chosen, args.force, args.fresh,
+                               True if args.push else None, os.path.relpath(Path(args.config).resolve(), root))
     except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
         if isinstance(error, (subprocess.CalledProcessError, ConfigError)) or not (root / ".dvc").exists():
             raise

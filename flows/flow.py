@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -89,38 +89,47 @@ def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], f
 @flow(name=PIPELINE_FLOW, log_prints=True)
 def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], stages_to_run: list[str],
                   force: bool, settings: dict[str, Any]) -> dict[str, str]:
-    """Reproduce `stages_to_run` of `pipeline` in order. Returns {stage: 'ran' | 'restored' | 'skipped'}."""
-    logger = get_run_logger()
-    project = Path(root)
+    """Reproduce `stages_to_run` of `pipeline` in order, one task each (on its work pool, if it names one).
+    Returns {stage: 'ran' | 'restored' | 'skipped'}."""
+    push = settings["push"] and dvc.default_remote(Path(root)) is not None
     pipeline_hash = config_hash(specs)
-    parent = tracking.start_parent_run(project, pipeline, pipeline_hash)
+
+    def reproduce(stage: str, env: dict[str, str]) -> str:
+        chosen = settings["stages"][stage]
+        options = dict(name=f"{pipeline}.{stage}", retries=chosen["retries"],
+                       retry_delay_seconds=chosen["retry_delay_seconds"], retry_condition_fn=_worth_retrying)
+        if chosen["work_pool"]:
+            return dispatch_stage.with_options(**options)(root, pipeline, stage, specs[stage], force, env, push,
+                                                          chosen["work_pool"], pipeline_hash)
+        return reproduce_stage.with_options(**options)(root, pipeline, stage, specs[stage], force, env, push)
+
+    return run_stages(Path(root), pipeline, specs, stages_to_run, settings, reproduce, get_run_logger().info)
+
+
+def run_stages(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], stages_to_run: list[str],
+               settings: dict[str, Any], reproduce: Callable[[str, dict[str, str]], str],
+               log: Callable[[str], None]) -> dict[str, str]:
+    """The pipeline's MLflow parent run around `reproduce(stage, env)` of each stage in order: each stage's lineage
+    recorded, the final policy registered; the parent run ends KILLED or FAILED if a stage is interrupted or fails.
+    Returns {stage: outcome}."""
+    parent = tracking.start_parent_run(root, pipeline, config_hash(specs))
     env = {PARENT_RUN_ENV: parent, RUN_PID_ENV: str(os.getpid())}
-    push = settings["push"] and dvc.default_remote(project) is not None
     outcome: dict[str, str] = {}
     run_ids: dict[str, str] = {}
     try:
         for stage in stages_to_run:
-            chosen = settings["stages"][stage]
-            options = dict(name=f"{pipeline}.{stage}", retries=chosen["retries"],
-                           retry_delay_seconds=chosen["retry_delay_seconds"], retry_condition_fn=_worth_retrying)
-            if chosen["work_pool"]:
-                outcome[stage] = dispatch_stage.with_options(**options)(
-                    root, pipeline, stage, specs[stage], force, env, push, chosen["work_pool"], pipeline_hash)
-            else:
-                outcome[stage] = reproduce_stage.with_options(**options)(root, pipeline, stage, specs[stage], force,
-                                                                         env, push)
-            run_ids[stage] = tracking.record_stage(project, parent, pipeline, stage, specs[stage], outcome[stage])
-            logger.info("%s.%s: %s", pipeline, stage, outcome[stage])
+            outcome[stage] = reproduce(stage, env)
+            run_ids[stage] = tracking.record_stage(root, parent, pipeline, stage, specs[stage], outcome[stage])
+            log(f"{pipeline}.{stage}: {outcome[stage]}")
         final = settings["final_policy"]
         if final in run_ids:
-            tracking.register_policy(project, parent, pipeline, final, specs[final], run_ids[final])
+            tracking.register_policy(root, parent, pipeline, final, specs[final], run_ids[final])
     except BaseException as error:
         tracking.end_parent_run(tracking.end_status(error))
         raise
     tracking.end_parent_run()
     ran = [s for s, o in outcome.items() if o == "ran"]
-    logger.info("%s: %s", pipeline, f"ran {', '.join(ran)}" if ran else
-                f"all {len(outcome)} stages up to date, nothing ran")
+    log(f"{pipeline}: " + (f"ran {', '.join(ran)}" if ran else f"all {len(outcome)} stages up to date, nothing ran"))
     return outcome
 
 
@@ -140,7 +149,9 @@ def _worth_retrying(_task, _task_run, state) -> bool:
 def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[str], force: bool = False,
                  fresh: bool = False, push: bool | None = None, config_file: str = "pipelines.yaml") -> dict[str, str]:
     """What `rl4llm run` does once the command line is read: take the project's run lock, generate dvc.yaml and
-    params.yaml, check the tracking server, then run the pipeline flow."""
+    params.yaml, check the tracking server, then run the pipeline flow (on the configured Prefect API, else a
+    temporary server) — or, when DVC finds every stage up to date, record that without Prefect."""
+    from flows.prefect_server import prefect_api
     from flows.preflight import check_tracking_server
     from flows.run_lock import run_lock
 
@@ -163,7 +174,17 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
                               key="push" if settings["push"] else "work_pool")
         if fresh:
             os.environ[FRESH_ENV] = "1"
-        return pipeline_flow(str(root), pipeline, specs, stages_to_run, force, settings)
+        states = dvc.status(root, pipeline, {s: specs[s] for s in stages_to_run})
+        if not force and all(state == "up to date" for state in states.values()):  # no Prefect server needed
+
+            def skip(stage: str, _env: dict[str, str]) -> str:
+                if settings["push"]:
+                    dvc.push(root, pipeline, stage)
+                return "skipped"
+
+            return run_stages(root, pipeline, specs, stages_to_run, settings, skip, lambda _message: None)
+        with prefect_api():
+            return pipeline_flow(str(root), pipeline, specs, stages_to_run, force, settings)
 
 
 def project_root() -> Path:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1
 RUN_PID_ENV = "RL4LLM_RUN_PID"  # set by `rl4llm run`: its stages stop when that process is gone
+THREADS_ENV = "RL4LLM_TORCH_THREADS"  # overrides the torch thread count of each stage process
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>" (cgroup v2)
 _stop_signal: int | None = None  # the first SIGINT / SIGTERM this stage received
 _deferred = False  # a training loop is running: a stop waits for its next step boundary
 
@@ -70,6 +72,27 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), signum)
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's limit,
+    which torch's default thread count ignores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def torch_threads(num_processes: int) -> int:
+    """Threads for torch in one of a stage's `num_processes` processes: an equal share of the available cores
+    (RL4LLM_TORCH_THREADS overrides), so processes never oversubscribe the machine."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    return max(1, available_cores() // num_processes)
 
 
 def process_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ import yaml
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
 from stages.loop import NonFinite, check_finite, fault_point
-from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child
+from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
 
 PARAMS_FILE = "params.yaml"
 FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
@@ -80,6 +80,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     install_stop_handlers()
 
     import datasets  # the training stack loads after the checks above
+    import torch
     import transformers
     from accelerate.utils import set_seed
 
@@ -88,6 +89,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     from stages.kinds import get_kind
     from stages.tracking import StageRun
 
+    torch.set_num_threads(torch_threads(spec["num_processes"]))
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     accelerator = build_accelerator(spec["accelerate_config"])

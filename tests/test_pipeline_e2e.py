@@ -127,7 +127,11 @@ def test_a_clone_restores_every_stage_from_the_remote_and_reruns_only_what_chang
     assert run("run", "tiny") == "tiny: ran ppo; up to date: data, pretrain, sft, comparisons, reward_model"
 
 
-def test_rerun_with_nothing_changed_runs_nothing(in_workspace):
+def test_rerun_with_nothing_changed_runs_nothing_and_needs_no_prefect(in_workspace, monkeypatch):
+    from flows import flow, prefect_server
+
+    monkeypatch.setattr(flow, "pipeline_flow", lambda *args: pytest.fail("a Prefect flow ran with nothing to do"))
+    monkeypatch.setattr(prefect_server, "prefect_api", lambda: pytest.fail("a Prefect server was asked for"))
     assert run("run", "tiny") == f"tiny: nothing ran; up to date: {', '.join(STAGES)}"
     client, runs = parent_runs()
     assert all(k.data.tags["skipped"] == "true" for k in children(client, runs[-1]))

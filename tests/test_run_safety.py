@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.run_lock import LOCK_FILE, run_lock
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
-from stages.processes import RUN_PID_ENV, process_alive
+from stages.processes import RUN_PID_ENV, THREADS_ENV, available_cores, process_alive, torch_threads
 from tests.conftest import descendants, make_project, write_instruct_data
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -79,6 +79,20 @@ def test_a_stage_process_ends_when_its_run_is_gone_even_behind_a_shell():
     run.wait()
     assert stage.wait(timeout=10) == 0 and stage.stdout.read() == "survived\n"  # the shell outlived its child
     assert not process_alive(run.pid)
+
+
+def test_stage_processes_share_the_cores_and_the_thread_count_can_be_set(monkeypatch, tmp_path):
+    from stages import processes
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    monkeypatch.setattr(processes, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert [torch_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a container allowed 2.5 CPUs
+    assert available_cores() == 3 and torch_threads(1) == 3
+    monkeypatch.setenv(THREADS_ENV, "5")
+    assert torch_threads(2) == 5
 
 
 def alive(pids: set[int]) -> set[int]:
