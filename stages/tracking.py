@@ -20,10 +20,14 @@ DEFAULT_EXPERIMENT = "rl4llm"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 HOST_TAG, PID_TAG = "rl4llm.host", "rl4llm.pid"  # which process owns a RUNNING run (stale ones are marked FAILED)
 PROJECT_TAG = "rl4llm.project"  # the project directory the run was made in (which machine's clone ran a stage)
+WORKER_TAG = "rl4llm.worker"  # the Prefect worker whose flow run ran the stage (its PREFECT__WORKER_NAME)
 
 
 def owner_tags() -> dict[str, str]:
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROJECT_TAG: os.getcwd()}
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PROJECT_TAG: os.getcwd()}
+    if os.environ.get("PREFECT__WORKER_NAME"):
+        tags[WORKER_TAG] = os.environ["PREFECT__WORKER_NAME"]
+    return tags
 
 
 def configure_mlflow() -> None:

@@ -30,6 +30,19 @@ class Tracker:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _this_checkout_in_subprocesses():
+    """Every process a test starts (the CLI, DVC's `rl4llm stage`, workers) imports this checkout's code, even
+    when another checkout's `rl4llm` comes first on PATH or is the one installed."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([previous] if previous else [])])
+    yield
+    if previous is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run fastest single-threaded, and results do not depend on the core count."""
     previous = torch.get_num_threads()

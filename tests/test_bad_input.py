@@ -20,7 +20,7 @@ import yaml
 from flows.config import ConfigError, resolve
 from flows.preflight import check_tracking_server
 from stages import data
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
 from tests.test_config import BASE, write
 
 GOOD = {"question": "name two animals", "answer": "cat dog"}
@@ -266,8 +266,7 @@ def test_invalid_pipelines_yaml_names_line_and_column(project: Path):
 
 
 def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, capture_output=True, text=True)
 
 
 def tree(project: Path) -> list[str]:
@@ -314,7 +313,7 @@ def test_cli_run_against_an_unreachable_tracking_server_fails_before_any_stage(p
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=project, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri})
+                            text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     elapsed = time.perf_counter() - started
     assert result.returncode == 2 and f"error: {uri}: MLflow tracking server not reachable" in result.stderr
     assert elapsed < 30, elapsed  # the check itself gives up after 5 s; the rest is start-up

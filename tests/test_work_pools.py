@@ -89,11 +89,11 @@ def test_each_stage_runs_on_a_worker_of_its_pool_and_outputs_move_through_the_re
     assert {stage: r.work_pool_name for stage, r in stage_runs.items()} == POOLS
     assert all(r.state.is_completed() for r in stage_runs.values())
 
-    # which clone ran which stage (the MLflow stage runs record their project directory)
+    # which worker, in which clone, ran which stage (recorded on the MLflow stage runs)
     mlflow = MlflowClient(tracking)
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("rl4llm").experiment_id], "tags.skipped = 'false'")
-    assert {r.data.tags["stage"]: r.data.tags["rl4llm.project"] for r in runs} == \
-        {"data": str(clones["cpu"]), "pretrain": str(clones["trainer"])}
+    assert {r.data.tags["stage"]: (r.data.tags["rl4llm.worker"], r.data.tags["rl4llm.project"]) for r in runs} == \
+        {"data": ("worker-cpu", str(clones["cpu"])), "pretrain": ("worker-trainer", str(clones["trainer"]))}
     # pretrain's input came to the trainer's clone from the remote, and its model back to the pipeline's clone
     assert (clones["trainer"] / "artifacts/tiny/data/pretrain.jsonl").exists()
     assert (clones["cpu"] / "artifacts/tiny/pretrain/model/model.safetensors").read_bytes() == \
