@@ -180,7 +180,7 @@ def _unpublished_state(root: Path, pipeline: str, stage: str, spec: dict, busy: 
 
 
 def cmd_compare(args) -> str:
-    from flows import tracking
+    from flows import compare, tracking
 
     root, resolved = _resolved(args)
     for name in args.pipelines:
@@ -189,9 +189,10 @@ def cmd_compare(args) -> str:
     rows = tracking.stage_metrics(args.pipelines, args.last)
     if not rows:
         return "no runs recorded yet for " + ", ".join(args.pipelines)
-    metrics = args.metrics.split(",") if args.metrics else sorted({m for r in rows for m in r["metrics"]})
-    tracking.plot(rows, metrics, Path(args.out))
-    return f"{tracking.format_table(rows, metrics)}\nchart: {args.out}"
+    chosen = args.metrics.split(",") if args.metrics else None
+    compare.plot(rows, chosen, tracking.stage_curves(rows, compare.RL_KINDS, compare.CURVES), Path(args.out))
+    report = compare.FORMATTERS[args.format](rows, chosen)
+    return f"{report}\nchart: {args.out}" if args.format in ("table", "markdown") else report
 
 
 def cmd_stage(args) -> str:
@@ -236,8 +237,10 @@ def parser() -> argparse.ArgumentParser:
     compare = command("compare", cmd_compare, "stage metrics across the last runs, as a table and a PNG chart")
     compare.add_argument("pipelines", nargs="+")
     compare.add_argument("--last", type=int, default=3, help="runs per pipeline (default 3)")
-    compare.add_argument("--metrics", help="comma-separated metric names (default: all)")
-    compare.add_argument("--out", default="compare.png")
+    compare.add_argument("--metrics", help="comma-separated metric names (default: each stage kind's key metrics)")
+    compare.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",
+                         help="how to print the comparison (default: a table 100 columns wide)")
+    compare.add_argument("--out", default="compare.png", help="the chart (default: compare.png)")
     stage = command("stage", cmd_stage, "run one stage from params.yaml (the command DVC runs)", "pipeline", "stage")
     stage.add_argument("--params-file", default="params.yaml")
     return top

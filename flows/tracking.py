@@ -1,4 +1,5 @@
-"""MLflow on the flow side: one parent run per pipeline run, skipped-stage child runs, and `rl4llm compare`."""
+"""MLflow on the flow side: one parent run per pipeline run, stage lineage, the Model Registry, and the rows
+`rl4llm compare` shows."""
 
 from __future__ import annotations
 
@@ -200,35 +201,15 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
                     finals["wall_s"] = (child.info.end_time - child.info.start_time) / 1000
                 rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8],
                              "started": parent.info.start_time, "stage": child.data.tags.get("stage", ""),
+                             "kind": child.data.tags.get("stage_kind", ""), "run_id": child.info.run_id,
                              "skipped": child.data.tags.get("skipped") == "true", "metrics": finals})
     return rows
 
 
-def format_table(rows: list[dict[str, Any]], metric_names: list[str]) -> str:
-    header = ["pipeline", "run", "stage", "skipped", *metric_names]
-    lines = [header]
-    for row in rows:
-        values = [f"{row['metrics'][m]:.4g}" if m in row["metrics"] else "" for m in metric_names]
-        lines.append([row["pipeline"], row["run"], row["stage"], "yes" if row["skipped"] else "", *values])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
-
-
-def plot(rows: list[dict[str, Any]], metric_names: list[str], path: Path) -> None:
-    """One bar panel per metric; bars are (pipeline, run, stage)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(metric_names), 1, figsize=(max(6, 0.5 * len(rows) + 2), 2.4 * len(metric_names)),
-                             squeeze=False)
-    for ax, metric in zip(axes[:, 0], metric_names):
-        shown = [r for r in rows if metric in r["metrics"]]
-        labels = [f"{r['pipeline']}/{r['stage']}\n{r['run']}" for r in shown]
-        ax.bar(range(len(shown)), [r["metrics"][metric] for r in shown], color="tab:blue")
-        ax.set_xticks(range(len(shown)), labels, fontsize=7, rotation=30, ha="right")
-        ax.set_title(metric, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def stage_curves(rows: list[dict[str, Any]], kinds: tuple[str, ...], names: tuple[str, ...]
+                 ) -> dict[str, dict[str, list[float]]]:
+    """{stage run id: {metric: per-step values}} of the rows of `kinds` that really ran (not skipped)."""
+    client = MlflowClient()
+    return {row["run_id"]: {name: [m.value for m in sorted(client.get_metric_history(row["run_id"], name),
+                                                             key=lambda m: m.step)] for name in names}
+            for row in rows if row["kind"] in kinds and not row["skipped"]}

@@ -105,10 +105,12 @@ class TrainingLoop:
             self.rows_seen += row_ids
 
     def end_step(self, step: int, metrics: dict[str, float], state: dict[str, Any] | None = None) -> None:
-        """After step `step`: refuse non-finite metrics, log them, checkpoint when due or asked to stop (then
+        """After step `step`: refuse non-finite metrics, log them (to MLflow every `log_every` steps), checkpoint
+        when due or asked to stop (then
         raise `Interrupted`). `state`: the loop's own values to resume with."""
         check_finite(self.ctx.label, metrics)
-        self.ctx.tracker.log(step, metrics, self.total)
+        every = self.ctx.params.log_every
+        self.ctx.tracker.log(step, metrics, self.total, record=step % every == 0 or step in (1, self.total))
         fault_point("step", step)
         stop = self._stop_requested()
         if self.directory and (stop or (step % self.every == 0 and step < self.total)):

@@ -63,10 +63,12 @@ class StageRun:
         self._started = time.monotonic()
         self._last_print = 0.0
 
-    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
+    def log(self, step: int, metrics: dict[str, float], total: int | None = None, record: bool = True) -> None:
+        """Show progress; with `record`, also send the step's metrics to MLflow (a point of the curves)."""
         if not self.is_main:
             return
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if record:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         if total:
             self._progress(step, total, metrics)
 

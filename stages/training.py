@@ -35,6 +35,7 @@ class OptimParams(ModelParams):
     max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
     checkpoint_every: PositiveInt = 50  # optimiser steps (RL kinds: iterations) between resumable checkpoints
+    log_every: PositiveInt = 10  # steps between the training-curve points sent to MLflow (first and last always)
     keep_checkpoints: PositiveInt = 2  # newest checkpoints kept while the stage runs (all removed when it ends)
 
 

@@ -25,7 +25,7 @@ class Tracker:
     def __init__(self):
         self.logged: list[dict[str, float]] = []
 
-    def log(self, step: int, metrics: dict[str, float], total: int | None = None) -> None:
+    def log(self, step: int, metrics: dict[str, float], total: int | None = None, record: bool = True) -> None:
         self.logged.append(metrics)
 
 

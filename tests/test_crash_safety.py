@@ -26,7 +26,8 @@ from tests.conftest import make_project, write_instruct_data
 pytestmark = pytest.mark.e2e
 
 SFT = {"kind": "sft", "inputs": {"data": "datasets.demos"},
-       "params": {"epochs": 2, "batch_size": 8, "lr": 0.01, "holdout_fraction": 0.2, "checkpoint_every": 2}}
+       "params": {"epochs": 2, "batch_size": 8, "lr": 0.01, "holdout_fraction": 0.2, "checkpoint_every": 2,
+                  "log_every": 1}}
 PPO = {"kind": "ppo", "inputs": {"policy": "sft.model", "reward": "reward_model.model", "prompts": "datasets.prompts",
                                  "ptx": "datasets.corpus"},
        "params": {"iterations": 4, "checkpoint_every": 2, "rollout_prompts": 8, "minibatch_size": 4, "ppo_epochs": 1,

@@ -158,8 +158,15 @@ def test_forced_single_stage_rerun_reproduces_its_metrics(in_workspace):
 def test_list_and_compare(in_workspace):
     listing = run("list")
     assert listing.count("up to date") == len(STAGES)
-    table = run("compare", "tiny", "--last", "2", "--metrics", "gold_score,eval_accuracy")
-    assert "gold_score" in table and table.count("ppo") == 2
+    lines = run("compare", "tiny", "--last", "2").splitlines()
+    assert max(len(line) for line in lines) <= 100
+    shown = {tuple(line.split()[:2]) for line in lines}
+    assert {("reward_model", "eval_accuracy"), ("ppo", "gold_score"), ("ppo", "kl"), ("sft", "gold_score")} <= shown
+    assert ("reward_model", "normalization_bias") not in shown  # not a key metric
+    assert ("reward_model", "normalization_bias") in {tuple(line.split()[:2]) for line in run(
+        "compare", "tiny", "--last", "2", "--metrics", "normalization_bias").splitlines()}
+    records = json.loads(run("compare", "tiny", "--last", "2", "--format", "json"))
+    assert {r["stage"] for r in records} == set(STAGES) and len({r["run"] for r in records}) == 2
     assert (in_workspace / "compare.png").stat().st_size > 0
 
 

@@ -68,6 +68,22 @@ KIND_MODULES = {
 }
 
 
+# What `rl4llm compare` shows of each kind by default (those a stage logged): the metrics its stage exists to move.
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "synthetic_instructions": ("demonstration_gold_score", "demonstrations"),
+    "pretrain": ("lm_eval_loss",),
+    "sft": ("gold_score", "accuracy", "language_consistency", "eval_loss"),
+    "label_preferences": ("comparisons", "all_tied_fraction"),
+    "reward_model": ("eval_accuracy", "train_accuracy"),
+    "ppo": ("gold_score", "accuracy", "kl", "reward", "ptx_lm_loss"),
+    "dpo": ("gold_score", "eval_accuracy", "eval_margin", "kl"),
+    "synthetic_reasoning": ("rl_prompts", "general_prompts"),
+    "grpo": ("accuracy", "format_rate", "language_consistency", "kl"),
+    "rejection_sampling": ("acceptance_rate", "kept"),
+    "distill": ("accuracy", "format_rate", "language_consistency", "gold_score"),
+}
+
+
 def get_kind(name: str) -> StageKind:
     module: ModuleType = importlib.import_module(KIND_MODULES[name])
     return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run)

@@ -128,23 +128,30 @@ def kto_examples(rows: list[Row], rng: random.Random) -> list[Row]:
 
 
 def encode(tokenizer, prompts: list[Prompt], completions: list[str], p: Params) -> PairBatch:
-    """(prompt, completion) rows fitted to `max_prompt_length` / `max_length` (see `count_truncated`)."""
+    """(prompt, completion) rows fitted to `max_prompt_length` / `max_length` (see `encode_rows`)."""
     rows = [fit(encode_prompt(tokenizer, q), encode_response(tokenizer, c), p.max_prompt_length, p.max_length)
             for q, c in zip(prompts, completions)]
     return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
 
 
-def count_truncated(tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, source: str) -> int:
-    """How many rows the length budgets cut (either completion); a row that cannot fit is an error naming it."""
-    truncated = 0
+Encoded = dict[str, tuple[list[int], list[int]]]  # completion column -> (prompt ids, completion ids), fitted
+
+
+def encode_rows(tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, source: str
+                ) -> tuple[list[Encoded], int]:
+    """Every row tokenized once, both completions fitted to the length budgets, and how many rows the budgets cut
+    (either completion); a row that cannot fit is an error naming it."""
+    encoded, truncated = [], 0
     for i, row in enumerate(rows):
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
         try:
-            truncated += any(fit(prompt_ids, encode_response(tokenizer, row[c]), p.max_prompt_length,
-                                 p.max_length)[2] for c in columns)
+            fitted = {c: fit(prompt_ids, encode_response(tokenizer, row[c]), p.max_prompt_length, p.max_length)
+                      for c in columns}
         except ValueError as e:
             raise ValueError(f"{source}: row {i} cannot fit: {e}; raise max_length or set max_prompt_length") from None
-    return truncated
+        truncated += any(cut for _, _, cut in fitted.values())
+        encoded.append({c: (q, r) for c, (q, r, _) in fitted.items()})
+    return encoded, truncated
 
 
 def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
@@ -171,12 +178,12 @@ def with_reference_logps(model, tokenizer, rows: list[Row], columns: tuple[str, 
     return gather_list(rows, acc)
 
 
-def collate(tokenizer, columns: tuple[str, str], p: Params, rows: list[Row]) -> dict[str, Any]:
-    """Both completion columns in one batch: sequences [2B] (first column, then second), their reference log-probs
-    [2B], and `desirable` [B] (KTO)."""
+def collate(pad_id: int, columns: tuple[str, str], rows: list[Row], encoded: list[Encoded]) -> dict[str, Any]:
+    """Both completion columns in one batch, from the rows' token ids (`encode_rows`): sequences [2B] (first
+    column, then second), their reference log-probs [2B], and `desirable` [B] (KTO)."""
     first, second = columns
-    return {"sequences": encode(tokenizer, [r["prompt"] for r in rows] * 2,
-                                [r[first] for r in rows] + [r[second] for r in rows], p),
+    pairs = [e[first] for e in encoded] + [e[second] for e in encoded]
+    return {"sequences": pair_batch([q for q, _ in pairs], [c for _, c in pairs], pad_id),
             "ref_logps": torch.tensor([r[f"ref_{first}_logps"] for r in rows] + [r[f"ref_{second}_logps"] for r in rows])
             if f"ref_{first}_logps" in rows[0] else None,  # None: LoRA, computed with the adapters off
             "desirable": torch.tensor([r.get("desirable", True) for r in rows])}
@@ -240,7 +247,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     eval_pairs = preference_pairs(held_out_rows)
 
     # 2. reference log-probs, once: π_ref = the policy before its first update (with LoRA: adapters off, per batch)
-    truncated = count_truncated(tokenizer, train, columns, p, ctx.source("comparisons"))
+    encoded, truncated = encode_rows(tokenizer, train, columns, p, ctx.source("comparisons"))
     if p.lora is None:
         train = with_reference_logps(policy, tokenizer, train, columns, p, acc)
         eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p, acc)
@@ -253,7 +260,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     opt = prepare_optimization(ctx, policy, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = collate(tokenizer, columns, p, [train[i] for i in ids.tolist()])
+        picked = ids.tolist()
+        batch = collate(tokenizer.pad_token_id, columns, [train[i] for i in picked], [encoded[i] for i in picked])
         sequences = batch["sequences"].to(acc.device)
         if batch["ref_logps"] is None:
             with torch.no_grad(), adapters_disabled(acc, opt.model):

@@ -70,6 +70,7 @@ LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
 class Params(LoraTrainingParams, PolicyEvalParams):
     iterations: int = 20  # rollout + update rounds
     checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
+    log_every: PositiveInt = 1  # iterations between the training-curve points sent to MLflow
     prompts_per_step: int = 16  # prompts (groups) per rollout, global across processes
     samples_per_prompt: int = 8  # G: responses per prompt
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch

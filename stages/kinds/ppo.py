@@ -68,6 +68,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     kl_target: float = 1.0  # target KL per response for the adaptive β
     kl_horizon: int = 10000  # horizon of the adaptive β
     checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
+    log_every: PositiveInt = 1  # iterations between the training-curve points sent to MLflow
     ptx_coef: float = 1.0  # λ_ptx: weight of the pretraining LM loss (0: plain PPO)
     ptx_batch_size: int = 16  # pretraining texts per policy optimiser step, global across processes
 

@@ -1,0 +1,141 @@
+"""`rl4llm compare`: the key metrics of each stage across runs, as a table a person reads (or markdown, CSV,
+JSON), and a chart of those metrics side by side plus the training curves of RL stages overlaid across runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from stages.kinds import KEY_METRICS
+
+WIDTH = 100  # the table fits a terminal this wide
+CURVES = ("reward", "kl", "response_length")  # per-step curves of RL stages, overlaid across runs
+RL_KINDS = ("ppo", "grpo")
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:
+    """The metrics of a stage row to show: `chosen`, else its kind's key metrics; only those it logged."""
+    wanted = chosen if chosen else KEY_METRICS.get(row["kind"], ())
+    return [m for m in wanted if m in row["metrics"]]
+
+
+def lines_by_pipeline(rows: list[dict[str, Any]], chosen: list[str] | None) -> dict[str, dict[str, Any]]:
+    """{pipeline: {"runs": [run ids, newest first], "lines": [(stage, metric, {run: value})]}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        pipeline = out.setdefault(row["pipeline"], {"runs": [], "lines": {}})
+        if row["run"] not in pipeline["runs"]:
+            pipeline["runs"].append(row["run"])
+        for metric in shown_metrics(row, chosen):
+            pipeline["lines"].setdefault((row["stage"], metric), {})[row["run"]] = row["metrics"][metric]
+    return {p: {"runs": v["runs"], "lines": [(s, m, values) for (s, m), values in v["lines"].items()]}
+            for p, v in out.items()}
+
+
+def _value(values: dict[str, float], run: str) -> str:
+    return f"{values[run]:.4g}" if run in values else "-"
+
+
+def as_table(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
+    """One block per pipeline: a line per (stage, metric), a column per run (newest first), within WIDTH."""
+    blocks = []
+    for pipeline, block in lines_by_pipeline(rows, chosen).items():
+        stage_w = min(22, max([len(s) for s, _, _ in block["lines"]] + [5]))
+        metric_w = min(24, max([len(m) for _, m, _ in block["lines"]] + [6]))
+        fits = max(1, (WIDTH - 2 - stage_w - metric_w) // 11)
+        runs = block["runs"][:fits]
+        header = f"{pipeline[:stage_w]:<{stage_w}}  {'metric':<{metric_w}}" + "".join(f"  {r:>9}" for r in runs)
+        lines = [header, "-" * len(header)]
+        for stage, metric, values in block["lines"]:
+            lines.append(f"{stage[:stage_w]:<{stage_w}}  {metric[:metric_w]:<{metric_w}}"
+                         + "".join(f"  {_value(values, r):>9}" for r in runs))
+        if len(block["runs"]) > len(runs):
+            lines.append(f"({len(block['runs']) - len(runs)} older run(s) not shown; --format csv has them all)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\nruns: newest first"
+
+
+def as_markdown(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
+    blocks = []
+    for pipeline, block in lines_by_pipeline(rows, chosen).items():
+        lines = [f"| {pipeline} | metric | " + " | ".join(block["runs"]) + " |",
+                 "|---|---|" + "---:|" * len(block["runs"])]
+        lines += [f"| {stage} | {metric} | " + " | ".join(_value(values, r) for r in block["runs"]) + " |"
+                  for stage, metric, values in block["lines"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def as_csv(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
+    """Long format: one line per (pipeline, run, stage, metric)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["pipeline", "run", "started", "stage", "kind", "skipped", "metric", "value"])
+    for row in rows:
+        for metric in shown_metrics(row, chosen):
+            writer.writerow([row["pipeline"], row["run"], row["started"], row["stage"], row["kind"],
+                             row["skipped"], metric, row["metrics"][metric]])
+    return out.getvalue().rstrip("\n")
+
+
+def as_json(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
+    return json.dumps([{**{k: row[k] for k in ("pipeline", "run", "started", "stage", "kind", "skipped")},
+                        "metrics": {m: row["metrics"][m] for m in shown_metrics(row, chosen)}} for row in rows],
+                      indent=2)
+
+
+FORMATTERS: dict[str, Callable[[list[dict[str, Any]], list[str] | None], str]] = {
+    "table": as_table, "markdown": as_markdown, "csv": as_csv, "json": as_json}
+
+
+def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str, dict[str, list[float]]],
+         path: Path) -> None:
+    """Top: a panel per (pipeline, stage) with its key metrics side by side, a bar per run. Bottom: for each RL
+    stage, its reward, KL and response length per step, a line per run. `curves`: {stage run id: {metric: values}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = lines_by_pipeline(rows, chosen)
+    stages = [(p, s, [(m, v) for s2, m, v in b["lines"] if s2 == s], b["runs"])
+              for p, b in blocks.items() for s in dict.fromkeys(s for s, _, _ in b["lines"])]
+    rl = [row for row in rows if row["kind"] in RL_KINDS and row["run_id"] in curves]
+    rl_stages = list(dict.fromkeys((r["pipeline"], r["stage"]) for r in rl))
+    columns = 3
+    stage_rows = -(-len(stages) // columns)
+    fig, axes = plt.subplots(stage_rows + len(rl_stages), columns, squeeze=False,
+                             figsize=(4.2 * columns, 2.8 * (stage_rows + len(rl_stages))))
+    colors = plt.get_cmap("tab10")
+    for ax, (pipeline, stage, metrics, runs) in zip(axes[:stage_rows].flat, stages):
+        width = 0.8 / max(len(runs), 1)
+        for i, run in enumerate(runs):
+            values = [v.get(run, float("nan")) for _, v in metrics]
+            bars = ax.barh([j + i * width for j in range(len(metrics))], values, height=width, color=colors(i % 10),
+                           label=run)
+            ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
+        ax.set_yticks([j + width * (len(runs) - 1) / 2 for j in range(len(metrics))], [m for m, _ in metrics],
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{pipeline}/{stage}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes[:stage_rows].flat)[len(stages):]:
+        ax.axis("off")
+    if stages:
+        axes[0, 0].legend(fontsize=6, title="run (newest first)", title_fontsize=6)
+    for row_axes, (pipeline, stage) in zip(axes[stage_rows:], rl_stages):
+        for ax, metric in zip(row_axes, CURVES):
+            for row in (r for r in rl if (r["pipeline"], r["stage"]) == (pipeline, stage)):
+                values = curves[row["run_id"]].get(metric, [])
+                color = colors(blocks[pipeline]["runs"].index(row["run"]) % 10)  # as in the bars above
+                ax.plot(range(1, len(values) + 1), values, color=color, label=row["run"])
+            ax.set_title(f"{pipeline}/{stage}\n{metric} per step", fontsize=9)
+            ax.tick_params(labelsize=7)
+        row_axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

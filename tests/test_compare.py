@@ -1,0 +1,61 @@
+"""`rl4llm compare` output: each kind's key metrics by default, a table within 100 columns, markdown, CSV and JSON,
+and a chart with the RL curves."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from flows.compare import CURVES, FORMATTERS, WIDTH, as_table, plot
+
+
+def rows(runs: int = 3) -> list[dict]:
+    out = []
+    for i in range(runs):  # newest first, as stage_metrics returns them
+        run = f"run{i:05d}"
+        out += [{"pipeline": "instructgpt", "run": run, "started": 100 - i, "stage": "reward_model",
+                 "kind": "reward_model", "run_id": f"rm{i}", "skipped": i > 0,
+                 "metrics": {"eval_accuracy": 0.8 + i / 100, "train_accuracy": 0.9, "normalization_bias": 1.5}},
+                {"pipeline": "instructgpt", "run": run, "started": 100 - i, "stage": "ppo_without_ptx_long_name",
+                 "kind": "ppo", "run_id": f"ppo{i}", "skipped": False,
+                 "metrics": {"gold_score": 0.7 + i / 10, "kl": 0.01, "ptx_lm_loss": 3.2, "truncated_prompts": 0}}]
+    return out
+
+
+def test_the_table_shows_key_metrics_only_and_fits_100_columns():
+    table = as_table(rows(30), None)
+    assert max(len(line) for line in table.splitlines()) <= WIDTH
+    assert "eval_accuracy" in table and "gold_score" in table and "kl" in table
+    assert "normalization_bias" not in table and "truncated_prompts" not in table
+    assert "older run(s) not shown" in table
+    first = table.splitlines()[0].split()
+    assert first[:2] == ["instructgpt", "metric"] and first[2] == "run00000"  # newest first
+
+
+def test_chosen_metrics_replace_the_key_metrics():
+    table = as_table(rows(), ["normalization_bias"])
+    assert "normalization_bias" in table and "eval_accuracy" not in table and "ppo" not in table
+
+
+def test_csv_json_and_markdown_hold_the_same_values():
+    data = rows(2)
+    records = list(csv.DictReader(io.StringIO(FORMATTERS["csv"](data, None))))
+    assert len(records) == 2 * (2 + 3)  # 2 runs × (2 reward model + 3 ppo key metrics)
+    parsed = json.loads(FORMATTERS["json"](data, None))
+    assert parsed[0]["metrics"] == {"eval_accuracy": 0.8, "train_accuracy": 0.9}
+    assert sorted(float(r["value"]) for r in records if r["metric"] == "gold_score") == pytest.approx([0.7, 0.8])
+    markdown = FORMATTERS["markdown"](data, None).splitlines()
+    assert markdown[0] == "| instructgpt | metric | run00000 | run00001 |" and "| ppo_without_ptx_long_name | kl |" \
+        in markdown[-2]
+
+
+def test_the_chart_has_the_stage_panels_and_the_rl_curves(tmp_path):
+    curves = {f"ppo{i}": {name: [0.1 * s + i for s in range(5)] for name in CURVES} for i in range(3)}
+    plot(rows(), None, curves, tmp_path / "compare.png")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "compare.png").size
+    assert width > 1000 and height > 500  # 3 columns; a row of stage panels and a row of curves
