@@ -94,7 +94,8 @@ FORMATTERS: dict[str, Callable[[list[dict[str, Any]], list[str] | None], str]] =
 
 def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str, dict[str, list[float]]],
          path: Path) -> None:
-    """Top: a panel per (pipeline, stage) with its key metrics side by side, a bar per run. Bottom: for each RL
+    """Top: a panel per (pipeline, stage) with its key metrics side by side, a bar per run (each metric scaled to
+    its own largest value; the labels are the values). Bottom: for each RL
     stage, its reward, KL and response length per step, a line per run. `curves`: {stage run id: {metric: values}}."""
     import matplotlib
 
@@ -113,20 +114,26 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     colors = plt.get_cmap("tab10")
     for ax, (pipeline, stage, metrics, runs) in zip(axes[:stage_rows].flat, stages):
         width = 0.8 / max(len(runs), 1)
-        for i, run in enumerate(runs):
+        scales = [max((abs(x) for x in v.values()), default=0.0) or 1.0 for _, v in metrics]
+        for i, run in enumerate(runs):  # each metric on its own scale (its largest |value| = 1), labelled
             values = [v.get(run, float("nan")) for _, v in metrics]
-            bars = ax.barh([j + i * width for j in range(len(metrics))], values, height=width, color=colors(i % 10),
+            bars = ax.barh([j + i * width for j in range(len(metrics))],
+                           [x / scale for x, scale in zip(values, scales)], height=width, color=colors(i % 10),
                            label=run)
-            ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
+            ax.bar_label(bars, labels=[f"{x:.3g}" for x in values], fontsize=6, padding=2)
         ax.set_yticks([j + width * (len(runs) - 1) / 2 for j in range(len(metrics))], [m for m, _ in metrics],
                       fontsize=7)
         ax.invert_yaxis()
+        lowest = min([0.0] + [x / scale for (_, v), scale in zip(metrics, scales) for x in v.values()])
+        ax.set_xlim(lowest * 1.3, 1.3)
+        ax.set_xticks([])
         ax.set_title(f"{pipeline}/{stage}", fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes[:stage_rows].flat)[len(stages):]:
         ax.axis("off")
     if stages:
-        axes[0, 0].legend(fontsize=6, title="run (newest first)", title_fontsize=6)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=7,
+                   title="runs, newest first", title_fontsize=7)
     for row_axes, (pipeline, stage) in zip(axes[stage_rows:], rl_stages):
         for ax, metric in zip(row_axes, CURVES):
             for row in (r for r in rl if (r["pipeline"], r["stage"]) == (pipeline, stage)):
@@ -136,6 +143,6 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
             ax.set_title(f"{pipeline}/{stage}\n{metric} per step", fontsize=9)
             ax.tick_params(labelsize=7)
         row_axes[0].legend(fontsize=6)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_size_inches()[1]))  # room for the legend above
     fig.savefig(path, dpi=110)
     plt.close(fig)
