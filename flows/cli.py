@@ -85,7 +85,7 @@ def cmd_pull(args) -> str:
     if dvc.default_remote(root) is None:
         raise ConfigError(args.config, "no default DVC remote to pull from (`dvc remote add -d <name> <url>`)",
                           args.pipeline)
-    locked = [s for s in stages if dvc.lock_entry(root, args.pipeline, s)]
+    locked = [s for s in stages if s in dvc.lock_entries(root, args.pipeline)]
     if locked:
         dvc.pull(root, args.pipeline, locked)
     missing = [s for s in stages if s not in locked]

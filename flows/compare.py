@@ -14,7 +14,6 @@ from stages.kinds import KEY_METRICS
 WIDTH = 100  # the table fits a terminal this wide
 CURVES = ("reward", "kl", "response_length")  # per-step curves of RL stages, overlaid across runs
 RL_KINDS = ("ppo", "grpo")
-FORMATS = ("table", "markdown", "csv", "json")
 
 
 def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:

@@ -91,11 +91,16 @@ def sync(root: Path, resolved: dict) -> bool:
     for name, text in zip(("dvc.yaml", PARAMS_FILE), render(root, resolved)):
         path = root / name
         if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_atomically(path, text)
             changed = True
     return changed
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole (a reader never sees half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def dvc(root: Path, *args: str, capture: bool = False, env: dict[str, str] | None = None):
@@ -178,9 +183,7 @@ def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, A
     content.setdefault("schema", "2.0")
     for stage, entry in entries.items():
         content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
-    tmp = lock.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(content, sort_keys=False))
-    tmp.replace(lock)
+    write_atomically(lock, yaml.safe_dump(content, sort_keys=False))
 
 
 def checkout(root: Path, pipeline: str, stage: str) -> None:
@@ -204,11 +207,10 @@ def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bo
     stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
     report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}") if live else {}
-    lock_path = root / "dvc.lock"
-    locked = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
+    locked = lock_entries(root, pipeline)
     out = {}
     for stage, name in zip(stage_names, names):
-        if name not in locked:
+        if stage not in locked:
             out[stage] = "never run"
         elif not outputs_present(root, specs[stage]):
             out[stage] = f"not pulled (`rl4llm pull {pipeline}`)" if default_remote(root) else "never run"

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dvc, tracking
 from flows.config import ConfigError, config_hash, resolve, run_settings
-from stages.processes import RUN_PID_ENV
+from stages.processes import RUN_PID_ENV, interrupt_signal
 from stages.runner import FRESH_ENV
 from stages.tracking import PARENT_RUN_ENV
 
@@ -91,7 +91,7 @@ def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], st
                   force: bool, settings: dict[str, Any]) -> dict[str, str]:
     """Reproduce `stages_to_run` of `pipeline` in order, one task each (on its work pool, if it names one).
     Returns {stage: 'ran' | 'restored' | 'skipped'}."""
-    push = settings["push"] and dvc.default_remote(Path(root)) is not None
+    push = settings["push"]  # run_pipeline refused it without a remote
     pipeline_hash = config_hash(specs)
 
     def reproduce(stage: str, env: dict[str, str]) -> str:
@@ -135,8 +135,6 @@ def run_stages(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], stag
 
 def _worth_retrying(_task, _task_run, state) -> bool:
     """Retry failures, not interrupts or bad input (those would fail the same way again)."""
-    from stages.processes import interrupt_signal
-
     try:
         state.result()
     except ConfigError:

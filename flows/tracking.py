@@ -119,6 +119,12 @@ def version_id(entry: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:10]
 
 
+def input_digests(spec: dict[str, Any], entry: dict[str, Any]) -> dict[str, str | None]:
+    """{input name: its DVC hash in the stage's dvc.lock entry} (None: not a DVC dependency, e.g. a Hub id)."""
+    deps = {dep["path"]: dep.get("md5") for dep in entry.get("deps", [])}
+    return {name: deps.get(given["path"]) for name, given in spec["inputs"].items()}
+
+
 def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[str, Any]) -> None:
     """Name in the run exactly which data and model versions the stage used and made: each input as an MLflow
     dataset whose digest is its DVC hash (a Hub dataset: by name), each output's DVC hash as a tag `dvc.<output>`,
@@ -132,17 +138,16 @@ def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[st
     from mlflow.entities import DatasetInput, InputTag
 
     client = MlflowClient()
-    deps = {dep["path"]: dep.get("md5") for dep in entry.get("deps", [])}
+    digests = input_digests(spec, entry)
     datasets = []
     for name, given in spec["inputs"].items():
-        path = given["path"]
-        if path in deps:
+        if digests[name] is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": all are local files
-                source = resolve_dataset_source(str((root / path).resolve()))
+                source = resolve_dataset_source(str((root / given["path"]).resolve()))
         else:
-            source = HTTPDatasetSource(f"https://huggingface.co/datasets/{path}")
-        dataset = MetaDataset(source, name=name, digest=deps.get(path))
+            source = HTTPDatasetSource(f"https://huggingface.co/datasets/{given['path']}")
+        dataset = MetaDataset(source, name=name, digest=digests[name])
         datasets.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", name)]))
     client.log_inputs(run_id, datasets)
     outs = {out["path"]: out.get("md5") for out in entry.get("outs", [])}
@@ -170,10 +175,10 @@ def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, s
         if version.tags.get("dvc.md5") == md5:
             return version.version
     parent = client.get_run(parent_run_id).data.tags
-    inputs = {dataset.tags[0].value: dataset.dataset.digest for dataset in client.get_run(run_id).inputs.dataset_inputs}
     tags = {"pipeline": pipeline, "stage": stage, "dvc.md5": md5, VERSION_TAG: version_id(entry),
             "config_hash": parent.get("config_hash", ""), "git_commit": parent.get("git_commit", ""),
-            **{f"input.{key}": digest for key, digest in inputs.items()}}
+            **{f"input.{name}": digest or spec["inputs"][name]["path"]  # a Hub id names itself
+               for name, digest in input_digests(spec, entry).items()}}
     remote = dvc.remote_url(root) or "local-cache"
     source = f"dvc://{remote.removeprefix('/')}/files/md5/{md5[:2]}/{md5[2:]}"
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from flows import dvc
 from flows.config import ConfigError
-from flows.tracking import LOCK_ARTIFACT, VERSION_TAG
+from flows.tracking import LOCK_ARTIFACT, VERSION_TAG, version_id
 from stages.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, configure_mlflow
 
 
@@ -74,8 +74,6 @@ def format_versions(pipeline: str, stage: str, versions: list[dict[str, Any]], c
 
 
 def current_version(root: Path, pipeline: str, stage: str) -> str | None:
-    from flows.tracking import version_id
-
     entry = dvc.lock_entry(root, pipeline, stage)
     return version_id(entry) if entry else None
 
