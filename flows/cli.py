@@ -205,10 +205,13 @@ def cmd_stage(args) -> str:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="rl4llm", description="Declarative LLM post-training pipelines.")
     top.add_argument("-c", "--config", default="pipelines.yaml", help="pipelines file (default: pipelines.yaml)")
+    top.add_argument("--version", action="version", version=f"rl4llm {version()}")
     sub = top.add_subparsers(dest="command", required=True)
+    config_after = argparse.ArgumentParser(add_help=False)  # `rl4llm run P -c FILE` as well as `rl4llm -c FILE run P`
+    config_after.add_argument("-c", "--config", default=argparse.SUPPRESS, help="pipelines file")
 
     def command(name: str, fn, help: str, *positional: str) -> argparse.ArgumentParser:
-        parsed = sub.add_parser(name, help=help)
+        parsed = sub.add_parser(name, help=help, parents=[config_after])
         for argument in positional:
             parsed.add_argument(argument)
         parsed.set_defaults(fn=fn)
@@ -246,6 +249,16 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("rl4llm")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def execute(argv: list[str] | None = None) -> str:
     """Run one command and return what it reports (`main` also prints it and turns failures into exit codes)."""
     args = parser().parse_args(argv)
@@ -256,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     from flows.run_lock import ProjectBusy
 
     signal.signal(signal.SIGTERM, _terminated)
+    _this_environment_first()
     args = parser().parse_args(argv)
     try:
         report = args.fn(args)
@@ -265,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     except ProjectBusy as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BUSY)
-    except subprocess.CalledProcessError as e:
-        print(f"error: `{' '.join(e.cmd)}` failed with exit code {e.returncode} (its output is above)",
+    except subprocess.CalledProcessError as e:  # a stage's own cause line (in `stderr`) ends the output, if it has one
+        print(e.stderr or f"error: `{' '.join(e.cmd)}` failed with exit code {e.returncode} (its output is above)",
               file=sys.stderr)
         sys.exit(1)
     except BaseException as e:
@@ -281,6 +295,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + signum)
     if report:
         print(report)
+
+
+def _this_environment_first() -> None:
+    """The tools we start (dvc, accelerate, `rl4llm stage` as DVC runs it) come from this interpreter's environment,
+    e.g. the project's .venv, even when it is not activated."""
+    here = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
 
 
 def _terminated(signum: int, _frame) -> None:

@@ -12,7 +12,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +36,24 @@ class ConfigError(Exception):
         where = [f"pipeline {pipeline!r}" if pipeline else "", f"stage {stage!r}" if stage else "",
                  f"key {key!r}" if key else ""]
         super().__init__(f"{file}: {', '.join(w for w in where if w)}: {message}".replace(": : ", ": "))
+
+
+class ConfigErrors(ConfigError):
+    """Several problems in pipelines.yaml, reported together (one per line); its place is the first one's."""
+
+    def __init__(self, errors: list[ConfigError]):
+        first = errors[0]
+        super().__init__(first.file, "", first.pipeline, first.stage, first.key)
+        self.errors = errors
+        self.args = (f"{len(errors)} problems:\n" + "\n".join(f"  {e}" for e in errors),)
+
+
+def raise_all(errors: list[ConfigError]) -> None:
+    """Raise the one error, or all of them together."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 class Strict(BaseModel):
@@ -99,8 +117,11 @@ def nearest(name: str, allowed) -> str:
     return f"{hint}(allowed: {', '.join(allowed) or 'none'})"
 
 
-def _error_from_pydantic(file: str, raw: dict, err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
+def _errors_from_pydantic(file: str, raw: dict, err: ValidationError) -> list[ConfigError]:
+    return [_error_from_pydantic(file, raw, error) for error in err.errors()]
+
+
+def _error_from_pydantic(file: str, raw: dict, first: dict) -> ConfigError:
     loc = list(first["loc"])
     pipeline = stage = None
     if len(loc) >= 2 and loc[0] == "pipelines":
@@ -170,10 +191,9 @@ def load(path: str | Path) -> ConfigFile:
     try:
         config = ConfigFile.model_validate(raw)
     except ValidationError as e:
-        raise _error_from_pydantic(file, raw, e) from None
-    for name in config.pipelines:
-        if not re.fullmatch(NAME, name):
-            raise ConfigError(file, f"pipeline name {name!r} must match {NAME}")
+        raise_all(_errors_from_pydantic(file, raw, e))
+    raise_all([ConfigError(file, f"pipeline name {name!r} must match {NAME}") for name in config.pipelines
+               if not re.fullmatch(NAME, name)])
     return config
 
 
@@ -276,21 +296,21 @@ def _check_accelerate_config(file: str, root: Path, where: dict, name: str) -> i
 
 def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any]) -> dict[str, Any]:
     fields = kind.params.model_fields
-    for key in params:
-        if key not in fields:
-            raise ConfigError(file, f"unknown param for kind '{kind.name}'; {nearest(key, fields)}",
-                              **{**where, "key": f"params.{key}"})
+    errors = [ConfigError(file, f"unknown param for kind '{kind.name}'; {nearest(key, fields)}",
+                          **{**where, "key": f"params.{key}"}) for key in params if key not in fields]
     try:
-        return kind.params(**params).model_dump(mode="json")
+        checked = kind.params(**{k: v for k, v in params.items() if k in fields}).model_dump(mode="json")
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(file, f"{first['msg']} (got {data.short_repr(first.get('input'))})",
-                          **{**where, "key": f"params.{key}"}) from None
+        errors += [ConfigError(file, f"{error['msg']} (got {data.short_repr(error.get('input'))})",
+                               **{**where, "key": "params." + ".".join(str(x) for x in error["loc"])})
+                   for error in e.errors()]
+    raise_all(errors)
+    return checked
 
 
 def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """Validate pipelines.yaml fully and return {pipeline: {stage: resolved spec}} (what params.yaml holds).
+    """Validate pipelines.yaml fully and return {pipeline: {stage: resolved spec}} (what params.yaml holds). Every
+    problem found is reported at once (`ConfigErrors`), not only the first.
 
     A resolved spec is flat and self-contained: kind, seed, model, accelerate config and process count, input paths
     (with column mappings), output paths, and every param (defaults filled in).
@@ -299,66 +319,95 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     root = Path(path).resolve().parent
     config = load(path)
     resolved: dict[str, dict[str, dict[str, Any]]] = {}
+    errors: list[ConfigError] = []
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
         resolved[pipeline] = {}
         for key in spec.defaults.params:
             if not any(key in get_kind(s.kind).params.model_fields for s in spec.stages if s.kind in KIND_MODULES):
-                raise ConfigError(file, "no stage kind of this pipeline has this param",
-                                  pipeline=pipeline, key=f"defaults.params.{key}")
+                errors.append(ConfigError(file, "no stage kind of this pipeline has this param",
+                                          pipeline=pipeline, key=f"defaults.params.{key}"))
         for stage in spec.stages:
             where = dict(pipeline=pipeline, stage=stage.name)
             if stage.name in produced:
-                raise ConfigError(file, "duplicate stage name", **where, key="name")
+                errors.append(ConfigError(file, "duplicate stage name", **where, key="name"))
+                continue
             if stage.kind not in KIND_MODULES:
-                raise ConfigError(file, f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, KIND_MODULES)}",
-                                  **where, key="kind")
+                errors.append(ConfigError(file, f"unknown stage kind '{stage.kind}'; "
+                                                f"{nearest(stage.kind, KIND_MODULES)}", **where, key="kind"))
+                continue
             kind = get_kind(stage.kind)
-            params = {k: v for k, v in spec.defaults.params.items() if k in kind.params.model_fields}
-            params = _check_params(file, where, kind, {**params, **stage.params})
-
-            refs = {k: v for k, v in spec.defaults.inputs.items()
-                    if k in kind.inputs and v.partition(".")[0] in produced | {"datasets": {}}}
-            refs.update(stage.inputs)
-            inputs = {}
-            for name, ref in refs.items():
-                if name not in kind.inputs:
-                    raise ConfigError(file, f"kind '{kind.name}' reads no input '{name}'; {nearest(name, kind.inputs)}",
-                                      **where, key=f"inputs.{name}")
-                inputs[name] = _resolve_input(file, pipeline, spec, stage, name, ref, produced)
-                if ref.startswith("datasets."):
-                    _check_dataset_file(file, root, {**where, "key": f"inputs.{name}"}, inputs[name],
-                                        kind.inputs[name])
-            for name, declared in kind.inputs.items():
-                if declared.required and name not in inputs:
-                    raise ConfigError(file, f"kind '{kind.name}' needs input '{name}' ({declared.doc})",
-                                      **where, key=f"inputs.{name}")
-
-            settings = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
-                        for k in Overridable.model_fields}
-            if settings["model"] and data.is_local(settings["model"], root):  # not an HF id
-                _check_model_dir(file, {**where, "key": "model"}, settings["model"], root / settings["model"])
-            accelerate_config = settings["accelerate_config"] or "infra/accelerate/single.yaml"
-            num_processes = _check_accelerate_config(file, root, where, accelerate_config)
             output_dir = f"{ARTIFACTS}/{pipeline}/{stage.name}"
             outputs = {name: f"{output_dir}/{rel}" for name, rel in kind.outputs.items()}
-            produced[stage.name] = outputs
-            resolved[pipeline][stage.name] = {
-                "kind": stage.kind,
-                "seed": settings["seed"] if settings["seed"] is not None else 0,
-                "model": settings["model"],
-                "tokenizer": settings["tokenizer"],
-                "accelerate_config": accelerate_config,
-                "num_processes": num_processes,
-                "inputs": inputs,
-                "output_dir": output_dir,
-                "outputs": outputs,
-                "params": params,
-            }
+            try:
+                resolved[pipeline][stage.name] = _resolve_stage(file, root, pipeline, spec, stage, kind, produced,
+                                                                output_dir, outputs)
+            except ConfigErrors as e:
+                errors += e.errors
+            except ConfigError as e:
+                errors.append(e)
+            produced[stage.name] = outputs  # later stages may still read it (no errors follow from this one)
         if spec.final_policy is not None and "model" not in produced.get(spec.final_policy, {}):
-            raise ConfigError(file, f"'{spec.final_policy}' is not a stage of this pipeline with a model output",
-                              pipeline=pipeline, key="final_policy")
+            errors.append(ConfigError(file, f"'{spec.final_policy}' is not a stage of this pipeline with a model "
+                                            "output", pipeline=pipeline, key="final_policy"))
+    raise_all(errors)
     return resolved
+
+
+def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, stage: StageSpec, kind: StageKind,
+                   produced: dict[str, dict[str, str]], output_dir: str, outputs: dict[str, str]) -> dict[str, Any]:
+    """One stage's resolved spec; raises every problem of the stage found (params, inputs, settings) together."""
+    where = dict(pipeline=pipeline, stage=stage.name)
+    errors: list[ConfigError] = []
+
+    def check(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConfigErrors as e:
+            errors.extend(e.errors)
+        except ConfigError as e:
+            errors.append(e)
+
+    params = {k: v for k, v in spec.defaults.params.items() if k in kind.params.model_fields}
+    params = check(_check_params, file, where, kind, {**params, **stage.params})
+
+    refs = {k: v for k, v in spec.defaults.inputs.items()
+            if k in kind.inputs and v.partition(".")[0] in produced | {"datasets": {}}}
+    refs.update(stage.inputs)
+    inputs = {}
+    for name, ref in refs.items():
+        if name not in kind.inputs:
+            errors.append(ConfigError(file, f"kind '{kind.name}' reads no input '{name}'; "
+                                            f"{nearest(name, kind.inputs)}", **where, key=f"inputs.{name}"))
+            continue
+        inputs[name] = check(_resolve_input, file, pipeline, spec, stage, name, ref, produced)
+        if inputs[name] is not None and ref.startswith("datasets."):
+            check(_check_dataset_file, file, root, {**where, "key": f"inputs.{name}"}, inputs[name],
+                  kind.inputs[name])
+    for name, declared in kind.inputs.items():
+        if declared.required and name not in refs:
+            errors.append(ConfigError(file, f"kind '{kind.name}' needs input '{name}' ({declared.doc})",
+                                      **where, key=f"inputs.{name}"))
+
+    settings = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
+                for k in Overridable.model_fields}
+    if settings["model"] and data.is_local(settings["model"], root):  # not an HF id
+        check(_check_model_dir, file, {**where, "key": "model"}, settings["model"], root / settings["model"])
+    accelerate_config = settings["accelerate_config"] or "infra/accelerate/single.yaml"
+    num_processes = check(_check_accelerate_config, file, root, where, accelerate_config)
+    raise_all(errors)
+    return {
+        "kind": stage.kind,
+        "seed": settings["seed"] if settings["seed"] is not None else 0,
+        "model": settings["model"],
+        "tokenizer": settings["tokenizer"],
+        "accelerate_config": accelerate_config,
+        "num_processes": num_processes,
+        "inputs": inputs,
+        "output_dir": output_dir,
+        "outputs": outputs,
+        "params": params,
+    }
 
 
 def run_settings(path: str | Path) -> dict[str, dict[str, Any]]:

@@ -135,7 +135,7 @@ def remote_url(root: Path) -> str | None:
 
 
 def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str],
-          on_line: Callable[[str], None] | None = None) -> None:
+          on_line: Callable[[str], None]) -> None:
     """`dvc repro` of one stage, in its own process group and dying with us. With a default remote, DVC first
     pulls the run cache and the stage's missing inputs, and restores the outputs of a pushed run with the same
     inputs, params and code instead of running it (`--pull`). Our SIGINT or SIGTERM reaches the stage as SIGINT
@@ -143,14 +143,20 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
     each line of output (DVC's and the stage's)."""
     pull = ["--pull"] if default_remote(root) else []
     cmd = ["dvc", "repro", "--single-item", *pull, *(["--force"] if force else []), dvc_name(pipeline, stage)]
-    shown = None if on_line is None else (lambda line: None if not line.strip() or line.strip().startswith(DVC_HINTS)
-                                          else on_line(line))
+    causes: list[str] = []  # the stage's `error: …` lines (runner.main prints one, naming its full log)
+
+    def shown(line: str) -> None:
+        if line.startswith("error: "):
+            causes.append(line)
+        if line.strip() and not line.strip().startswith(DVC_HINTS):
+            on_line(line)
+
     code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, on_line=shown, cwd=root,
                                env={**os.environ, **env})
     if received is not None:
         raise Interrupted(received, f"{pipeline}/{stage}: stopped by {signal.Signals(received).name}")
     if code != 0:
-        raise subprocess.CalledProcessError(code, cmd)
+        raise subprocess.CalledProcessError(code, cmd, stderr=causes[-1] if causes else None)
 
 
 def push(root: Path, pipeline: str, stage: str) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows import dvc
-from flows.config import ConfigError, resolve
+from flows.config import ConfigError, ConfigErrors, resolve
 from tests.conftest import REPO, make_project
 
 BASE = {
@@ -115,12 +116,24 @@ def test_unknown_top_level_key(project):
     assert (error.stage, error.key) == ("sft", "parms") and "unknown key" in str(error)
 
 
+def test_every_problem_is_reported_at_once(project):
+    def three_problems(pipeline: dict) -> None:
+        pipeline["stages"][0]["params"].update(lrr=0.1, epochs="many")
+        pipeline["stages"][1]["inputs"].pop("demos")
+
+    error = broken(project, three_problems)
+    assert isinstance(error, ConfigErrors) and str(error).startswith("3 problems:")
+    assert [(e.stage, e.key) for e in error.errors] == [("sft", "params.lrr"), ("sft", "params.epochs"),
+                                                       ("rm", "inputs.demos")]
+
+
 def test_cli_exits_2_and_writes_nothing(project):
     config = copy.deepcopy(BASE)
     config["pipelines"]["demo"]["stages"][0]["kind"] = "sftt"
     write(project, config)
     before = sorted(p.name for p in project.iterdir())
-    result = subprocess.run(["rl4llm", "run", "demo"], cwd=project, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "demo"], cwd=project, capture_output=True,
+                            text=True)
     assert result.returncode == 2
     assert "stage 'sft'" in result.stderr and "unknown stage kind 'sftt'" in result.stderr
     assert sorted(p.name for p in project.iterdir()) == before
