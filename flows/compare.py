@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from stages.kinds import KEY_METRICS
+from stages.kinds import key_metrics
 
 WIDTH = 100  # the table fits a terminal this wide
 CURVES = ("reward", "kl", "response_length")  # per-step curves of RL stages, overlaid across runs
@@ -18,7 +18,7 @@ RL_KINDS = ("ppo", "grpo")
 
 def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:
     """The metrics of a stage row to show: `chosen`, else its kind's key metrics; only those it logged."""
-    wanted = chosen if chosen else KEY_METRICS.get(row["kind"], ())
+    wanted = chosen if chosen else key_metrics(row["kind"])
     return [m for m in wanted if m in row["metrics"]]
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages import data
 from stages.kinds import KIND_MODULES, Input, StageKind, get_kind
+from stages.registry import is_import_path, use_project
 
 NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"  # matched whole: pydantic's (Rust) `$` and re.fullmatch reject "sft\n"
 ARTIFACTS = "artifacts"
@@ -318,13 +319,14 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     file = str(path)
     root = Path(path).resolve().parent
     config = load(path)
+    use_project(root)
     resolved: dict[str, dict[str, dict[str, Any]]] = {}
     errors: list[ConfigError] = []
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
         resolved[pipeline] = {}
         for key in spec.defaults.params:
-            if not any(key in get_kind(s.kind).params.model_fields for s in spec.stages if s.kind in KIND_MODULES):
+            if not any(key in kind.params.model_fields for kind in map(_kind_or_none, spec.stages) if kind):
                 errors.append(ConfigError(file, "no stage kind of this pipeline has this param",
                                           pipeline=pipeline, key=f"defaults.params.{key}"))
         for stage in spec.stages:
@@ -332,11 +334,14 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
             if stage.name in produced:
                 errors.append(ConfigError(file, "duplicate stage name", **where, key="name"))
                 continue
-            if stage.kind not in KIND_MODULES:
-                errors.append(ConfigError(file, f"unknown stage kind '{stage.kind}'; "
-                                                f"{nearest(stage.kind, KIND_MODULES)}", **where, key="kind"))
+            try:
+                kind = get_kind(stage.kind)
+            except ValueError as e:
+                message = str(e) if is_import_path(stage.kind) else (
+                    f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, KIND_MODULES)}, or the module path of "
+                    "your own kind (`my_kinds.rank_filter`)")
+                errors.append(ConfigError(file, message, **where, key="kind"))
                 continue
-            kind = get_kind(stage.kind)
             output_dir = f"{ARTIFACTS}/{pipeline}/{stage.name}"
             outputs = {name: f"{output_dir}/{rel}" for name, rel in kind.outputs.items()}
             try:
@@ -352,6 +357,13 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                                             "output", pipeline=pipeline, key="final_policy"))
     raise_all(errors)
     return resolved
+
+
+def _kind_or_none(stage: StageSpec) -> StageKind | None:
+    try:
+        return get_kind(stage.kind)
+    except ValueError:
+        return None  # reported where the stage is resolved
 
 
 def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, stage: StageSpec, kind: StageKind,

@@ -2,7 +2,7 @@
 
 DVC alone decides staleness. Each generated DVC stage `<pipeline>.<stage>` runs `rl4llm stage <pipeline> <stage>`
 and depends on: its resolved spec (params.yaml key `<pipeline>.<stage>`), its inputs' files, its accelerate config
-and its code (the shared `stages/*.py` and its own kind module, when the package lives in the project).
+and the code that shapes its output (`code_deps`), when that code lives in the project.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import yaml
 
 import stages
 from flows.config import ARTIFACTS
-from stages.kinds import KIND_MODULES
+from stages import BOOKKEEPING
+from stages.kinds import kind_module
 from stages.processes import Interrupted, run_child
+from stages.registry import REGISTRIES
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
 DVC_HINTS = ("To track the changes with git", "To enable auto staging", "Use `dvc push`", "git add ",
@@ -33,33 +35,60 @@ def dvc_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}.{stage}"
 
 
-def stage_modules(kind_module: str) -> list[Path]:
-    """Files of the `stages` modules a kind's module imports, transitively (its code, for DVC)."""
-    package = Path(stages.__file__).resolve().parent
+def code_deps(root: Path, spec: dict[str, Any]) -> list[str]:
+    """The code that shapes the stage's output, as files of the project (relative to `root`): its kind's module and
+    the modules of the code its params name (rewards, step reward, evaluator, labeler; built-in or the user's own),
+    with what they import, transitively. `stages.BOOKKEEPING` modules are left out."""
+    root = root.resolve()
+    files = import_closure([kind_module(spec["kind"]), *named_code(spec["params"])], root)
+    return sorted(str(f.relative_to(root)) for f in files if f.is_relative_to(root))
+
+
+def named_code(value: Any) -> list[str]:
+    """Modules of the code that params name: registry entries, and `module:function` import paths."""
+    if isinstance(value, dict):
+        return [m for item in [*value, *value.values()] for m in named_code(item)]
+    if isinstance(value, list):
+        return [m for item in value for m in named_code(item)]
+    if not isinstance(value, str):
+        return []
+    path = next((r.import_path(value) for r in REGISTRIES if value in r), value if ":" in value else None)
+    return [path.partition(":")[0]] if path else []
+
+
+def import_closure(modules: list[str], root: Path) -> set[Path]:
+    """Files of `modules`, their parent packages and what they import, transitively: the project's modules (under
+    `root`) and this package's; others (torch, …) are not followed."""
+    package_parent = Path(stages.__file__).resolve().parents[1]
     seen: set[Path] = set()
-    todo = [kind_module]
+    todo = list(modules)
     while todo:
-        parts = todo.pop().split(".")
-        file = package.joinpath(*parts[1:]).with_suffix(".py")
-        if not file.exists():
-            file = package.joinpath(*parts[1:], "__init__.py")
-        if file in seen or not file.exists():
+        name = todo.pop()
+        file = None if name in BOOKKEEPING else _module_file(name, [root, *([package_parent] * (
+            name.split(".")[0] == "stages"))])
+        if file is None or file in seen:
             continue
         seen.add(file)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        package = parts if file.name == "__init__.py" else parts[:-1]
         for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "stages":
-                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                full = ".".join([*base, *([node.module] if node.module else [])])
+                todo += [full] + [f"{full}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.split(".")[0] == "stages"]
-    return sorted(seen)
+                todo += [alias.name for alias in node.names]
+    return seen
 
 
-def code_deps(root: Path, kind: str) -> list[str]:
-    """The stage's code files, relative to the project root (none when the package is installed elsewhere)."""
-    root = root.resolve()
-    if not Path(stages.__file__).resolve().is_relative_to(root):
-        return []
-    return [str(f.relative_to(root)) for f in stage_modules(KIND_MODULES[kind])]
+def _module_file(name: str, roots: list[Path]) -> Path | None:
+    parts = name.split(".")
+    for root in roots:
+        for file in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+            if file.is_file():
+                return file.resolve()
+    return None
 
 
 def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -70,7 +99,7 @@ def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> di
                          or i["path"].startswith(f"{ARTIFACTS}/")]
             out[dvc_name(pipeline, stage)] = {
                 "cmd": f"rl4llm stage {pipeline} {stage}",
-                "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec["kind"]),
+                "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec),
                 "params": [{PARAMS_FILE: [f"{pipeline}.{stage}"]}],
                 "outs": list(spec["outputs"].values()),
                 "metrics": [f"{spec['output_dir']}/{METRICS_FILE}"],  # cached: pushed and pulled with the outputs

@@ -8,6 +8,9 @@ K sampled responses. A plain-text corpus over the same words plays the pretraini
 from __future__ import annotations
 
 import random
+from typing import Any
+
+from stages.chat import prompt_text
 
 TOPICS = {
     "animals": "cat dog fox cow pig owl bee ant".split(),
@@ -78,3 +81,10 @@ def rank_by_gold(prompt: str, responses: list[str]) -> list[int]:
     scores = [round(gold_score(prompt, r), 4) for r in responses]
     distinct = sorted(set(scores), reverse=True)
     return [distinct.index(s) for s in scores]
+
+
+def evaluate(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """The `instruct_gold` evaluator: mean hidden gold score, and mean response length in words."""
+    scores = [gold_score(prompt_text(r["prompt"]), c) for r, c in zip(rows, completions)]
+    return {"gold_score": sum(scores) / len(scores),
+            "mean_response_length": sum(len(c.split()) for c in completions) / len(completions)}

@@ -15,6 +15,9 @@ labeler of the secondary RL round's reward model.
 from __future__ import annotations
 
 import random
+from typing import Any
+
+from stages import rewards
 
 LANGUAGES = ("en", "el")
 # word of the problem text -> (en, el)
@@ -163,3 +166,16 @@ def rank_general(prompt: str, responses: list[str]) -> list[int]:
     scores = [round(general_score(prompt, r), 4) for r in responses]
     distinct = sorted(set(scores), reverse=True)
     return [distinct.index(s) for s in scores]
+
+
+def evaluate(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """The `reasoning` evaluator, DeepSeek-R1's metrics on held-out problems (rows with `answer` and `language`):
+    accuracy of the final answer, share following the `<think>…</think> <answer>…</answer>` template, language
+    consistency of the chain of thought, and mean response length in words."""
+    columns = {"answer": [r["answer"] for r in rows], "language": [r.get("language") for r in rows],
+               "prompt": [r["prompt"] for r in rows]}
+    metrics = {"accuracy": rewards.accuracy_reward(completions, **columns),
+               "format_rate": rewards.format_reward(completions),
+               "language_consistency": rewards.language_consistency_reward(completions, **columns),
+               "mean_response_length": [len(c.split()) for c in completions]}
+    return {name: sum(values) / len(values) for name, values in metrics.items()}

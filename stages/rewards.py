@@ -20,6 +20,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Literal
 
+from stages.registry import REWARDS
+
 RewardFn = Callable[..., list[float]]
 Scorer = Callable[[list[Any], list[str]], list[float]]  # (prompts: text or chat, completions) -> scores
 
@@ -373,26 +375,24 @@ def weighted_sum(rewards: dict[str, tuple[RewardFn, float]]) -> RewardFn:
     return reward
 
 
-# --- registry -------------------------------------------------------------------------------------------------
+# --- by name ----------------------------------------------------------------------------------------------------
 
-REWARDS: dict[str, RewardFn] = {
-    "accuracy": accuracy_reward,
-    "format": format_reward,
-    "language_consistency": language_consistency_reward,
-    "overlong": overlong_reward,
-}
+def reward_fn(name: str) -> RewardFn:
+    """The registered reward `name`, or a user's own reward function named by import path (`my_rewards:brevity`)."""
+    try:
+        return REWARDS.load(name)
+    except ValueError as e:
+        raise RewardConfigError(str(e)) from None
 
 
 def build_reward(name: str, **params: Any) -> RewardFn:
-    """The registered reward `name` with its keyword-only parameters bound (e.g. `overlong`: max_length, buffer,
+    """The reward `name` (see `reward_fn`) with its keyword-only parameters bound (e.g. `overlong`: max_length, buffer,
     penalty). A parametrised reward is smoke-called on an empty batch so bad values fail here, not mid-training.
 
     Raises RewardConfigError (a KeyError and a ValueError) naming the unknown reward or parameter and the allowed
     ones; ValueError for bad parameter values.
     """
-    if name not in REWARDS:
-        raise RewardConfigError(f"unknown reward {name!r}; allowed: {', '.join(sorted(REWARDS))}")
-    fn = REWARDS[name]
+    fn = reward_fn(name)
     if not params:
         return fn
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]

@@ -16,13 +16,15 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from stages.algorithms import masked_sum
 from stages.context import StageContext
 from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means, prepare
-from stages.evaluation import EVALUATORS, evaluate_policy, lm_loss
-from stages.kinds import StageParams, named
+from stages.evaluation import evaluate_policy, lm_loss
+from stages.registry import EVALUATORS
+from stages.kinds import StageParams
 from stages.loop import TrainingLoop, check_finite
 from stages.models import LoraParams, ModelParams, save, with_lora
-from stages.text import PairBatch, Prompt, response_logprobs, sample
+from stages.chat import Prompt
+from stages.text import PairBatch, response_logprobs, sample
 
-EvaluatorName = named(EVALUATORS, "evaluator")
+EvaluatorName = EVALUATORS.checked_name()
 LRScheduler = Literal["constant", "linear", "cosine"]
 
 

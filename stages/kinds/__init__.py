@@ -1,17 +1,18 @@
 """Stage kinds: each module declares its `Params`, the `INPUTS` it reads, the `OUTPUTS` it writes, and `run(ctx)`.
 
 `run` returns the stage's final held-out metrics (written to metrics.json); everything it writes goes under
-`ctx.output_dir`.
+`ctx.output_dir`. A user's own kind is a module of theirs with the same four names, named in pipelines.yaml by its
+module path (`kind: my_kinds.rank_filter`); it may declare `KEY_METRICS` (what `rl4llm compare` shows of it).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Annotated, Any, Callable, Iterable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from stages.registry import is_import_path, load_object
 
 
 class StageParams(BaseModel):
@@ -51,6 +52,7 @@ class StageKind:
     inputs: dict[str, Input]
     outputs: dict[str, str]  # output name -> path relative to the stage's artifact directory
     run: Callable
+    key_metrics: tuple[str, ...] = ()  # what `rl4llm compare` shows of it by default
 
 
 KIND_MODULES = {
@@ -84,6 +86,37 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+def kind_module(name: str) -> str:
+    """The module of a kind: a built-in's, or a user's own kind named by its module path."""
+    if name in KIND_MODULES:
+        return KIND_MODULES[name]
+    if is_import_path(name) and ":" not in name:
+        return name
+    raise ValueError(f"unknown stage kind '{name}'; built-in: {', '.join(sorted(KIND_MODULES))}, or the module path "
+                     "of your own (`my_kinds.rank_filter`)")
+
+
+def key_metrics(name: str) -> tuple[str, ...]:
+    """What `rl4llm compare` shows of a kind's stages by default."""
+    if name in KEY_METRICS:
+        return KEY_METRICS[name]
+    try:
+        return get_kind(name).key_metrics
+    except ValueError:  # a user's kind that no longer loads: compare shows what it logged
+        return ()
+
+
 def get_kind(name: str) -> StageKind:
-    module: ModuleType = importlib.import_module(KIND_MODULES[name])
-    return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run)
+    """The kind `name`, checked to declare what every kind declares. Raises ValueError naming what is wrong."""
+    module = load_object(kind_module(name))
+    missing = [a for a in ("Params", "INPUTS", "OUTPUTS", "run") if not hasattr(module, a)]
+    if missing:
+        raise ValueError(f"stage kind '{name}' ({module.__file__}) does not declare {', '.join(missing)}")
+    if not (isinstance(module.Params, type) and issubclass(module.Params, StageParams)):
+        raise ValueError(f"stage kind '{name}': Params must subclass stages.kinds.StageParams")
+    if not all(isinstance(i, Input) for i in module.INPUTS.values()) or not callable(module.run) or not all(
+            isinstance(o, str) for o in module.OUTPUTS.values()):
+        raise ValueError(f"stage kind '{name}': INPUTS must map names to stages.kinds.Input, OUTPUTS names to paths "
+                         "in the stage's directory, and run must be a function of the stage context")
+    return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run,
+                     getattr(module, "KEY_METRICS", KEY_METRICS.get(name, ())))

@@ -39,8 +39,8 @@ from stages.distributed import full_parameters, gather_list, shard
 from stages.kinds import Input
 from stages.kinds.reward_model import as_ranked
 from stages.models import load_policy, load_tokenizer
-from stages.text import PairBatch, Prompt, encode_prompt, encode_response, fit, pair_batch, prompt_key, \
-    response_logprobs
+from stages.chat import Prompt, prompt_key
+from stages.text import PairBatch, encode_prompt, encode_response, fit, pair_batch, response_logprobs
 from stages.training import (LoraTrainingParams, PolicyEvalParams, adapters_disabled, evaluate, kl_to_reference,
                              prepare_optimization, save_model, steps_per_epoch, train_epochs)
 

@@ -19,13 +19,12 @@ Each iteration:
 from __future__ import annotations
 
 import random
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import PositiveInt, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from stages import reasoning_task
 from stages.algorithms import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGG_MODES,
@@ -45,16 +44,18 @@ from stages.kinds import Input, named
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.rewards import (
-    REWARDS,
+    RewardConfigError,
     RewardFn,
     Scorer,
     accuracy_reward,
     build_reward,
     format_reward,
+    reward_fn,
     reward_model_reward,
     routed_reward,
     score_components,
 )
+from stages.registry import STEP_REWARDS
 from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
 from stages.training import (LoraTrainingParams, PolicyEvalParams, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
@@ -63,6 +64,7 @@ MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
 OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce")  # the registry's estimators that need no value model
 
+StepReward = STEP_REWARDS.checked_name()
 OutcomeEstimator = named(OUTCOME_ESTIMATORS, "advantage estimator")
 LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
 
@@ -80,6 +82,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
     lr: float = 1e-4  # AdamW learning rate
     advantage: Literal["outcome", "process"] = "outcome"  # outcome or rule-based process supervision
+    step_reward: StepReward | None = None  # with advantage: process, the rule scoring each step (arithmetic_steps)
     advantage_estimator: OutcomeEstimator = "grpo"  # how outcome rewards become advantages
     loss_agg_mode: LossAggMode | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
     clip_low: float = 0.2  # ratio clip below 1
@@ -98,10 +101,13 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     @field_validator("rewards")
     @classmethod
     def known_rewards(cls, rewards: dict[str, float]) -> dict[str, float]:
-        allowed = sorted([*REWARDS, MODEL_REWARD])
-        unknown = sorted(set(rewards) - set(allowed))
-        if unknown or not rewards:
-            raise ValueError(f"unknown reward(s) {unknown or '(none given)'}; allowed: {allowed}")
+        if not rewards:
+            raise ValueError("no rewards given")
+        for name in sorted(set(rewards) - {MODEL_REWARD}):
+            try:
+                reward_fn(name)  # an unknown name, or an import path that does not load, fails here
+            except RewardConfigError as e:
+                raise ValueError(f"{e}; or '{MODEL_REWARD}' (scored by the `reward` input)") from None
         return rewards
 
     @model_validator(mode="after")
@@ -110,6 +116,8 @@ class Params(LoraTrainingParams, PolicyEvalParams):
             if name not in self.rewards:
                 raise ValueError(f"reward_params for '{name}', which is not in rewards {sorted(self.rewards)}")
             build_reward(name, **params)  # fails here on unknown or bad parameters
+        if (self.advantage == "process") != (self.step_reward is not None):
+            raise ValueError("advantage: process needs a step_reward (and only it uses one)")
         if bool(self.route_column) != bool(self.routes):
             raise ValueError("route_column and routes go together")
         for route, names in self.routes.items():
@@ -228,11 +236,12 @@ def loss_mask(samples: list[dict[str, Any]], mask: torch.Tensor, mask_truncated:
 
 
 def process_advantages(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, mask: torch.Tensor,
-                       group_ids: torch.Tensor) -> torch.Tensor:
-    """Process supervision (DeepSeekMath §4.1.3) with a rule-based process reward: every chain-of-thought step
-    `x op y is z` scores 1 if right (`reasoning_task.step_rewards`), and a last step ending on the last token
-    scores the outcome reward. Returns advantages [B, T]."""
-    steps = [reasoning_task.step_rewards(tokenizer.convert_ids_to_tokens(s["response_ids"]))
+                       group_ids: torch.Tensor, step_reward: Callable[[list[str]], list[tuple[int, float]]]
+                       ) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3) with a rule-based process reward: `step_reward` scores each
+    chain-of-thought step of a response's tokens, and a last step ending on the last token scores the outcome
+    reward. Returns advantages [B, T]."""
+    steps = [step_reward(tokenizer.convert_ids_to_tokens(s["response_ids"]))
              + [(len(s["response_ids"]) - 1, s["reward"])] for s in samples]
     shape = (len(steps), max(map(len, steps)))
     rewards, ends, valid = torch.zeros(shape), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
@@ -303,7 +312,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         # 3. advantages, on the whole batch
         with torch.no_grad():
             if p.advantage == "process":
-                advantages = process_advantages(samples, tokenizer, full_mask, group_ids)
+                advantages = process_advantages(samples, tokenizer, full_mask, group_ids,
+                                                 STEP_REWARDS.load(p.step_reward))
             else:
                 scores = torch.tensor([s["reward"] for s in samples], device=device)
                 advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](

@@ -11,12 +11,13 @@ import random
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, seed_sampling, shard, write_trace
-from stages.kinds import Input, named
-from stages.labelers import LABELERS
+from stages.kinds import Input
+from stages.registry import LABELERS
 from stages.models import ModelParams, load_policy, load_tokenizer
-from stages.text import prompt_text, sample
+from stages.chat import prompt_text
+from stages.text import sample
 
-Labeler = named(LABELERS, "labeler")
+Labeler = LABELERS.checked_name()
 
 
 class Params(ModelParams):
@@ -47,7 +48,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     prompts = [prompts[i] for i in ids]
     k = p.responses_per_prompt
     samples = sample(model, tokenizer, [q for q in prompts for _ in range(k)], p.max_new_tokens, p.temperature)
-    label = LABELERS[p.labeler]
+    label = LABELERS.load(p.labeler)
     rows = []
     for i, prompt in enumerate(prompts):
         responses = samples.completions[i * k:(i + 1) * k]

@@ -19,7 +19,8 @@ from stages.distributed import gather_list, seed_sampling, shard, write_trace
 from stages.kinds import Input
 from stages.models import ModelParams, load_policy, load_tokenizer
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
-from stages.text import prompt_key, sample
+from stages.chat import prompt_key
+from stages.text import sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
 Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]

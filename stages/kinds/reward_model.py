@@ -18,7 +18,8 @@ from stages.context import StageContext
 from stages.distributed import full_parameters
 from stages.kinds import Input
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
-from stages.text import completion_text, encode_prompt, encode_response, encode_row, fit_rows, pair_batch
+from stages.chat import completion_text
+from stages.text import encode_prompt, encode_response, encode_row, fit_rows, pair_batch
 from stages.training import LoraTrainingParams, prepare_optimization, save_model, steps_per_epoch, train_epochs
 
 Ranked = tuple[str, list[str], list[int]]
