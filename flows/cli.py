@@ -195,6 +195,35 @@ def cmd_compare(args) -> str:
     return f"{report}\nchart: {args.out}" if args.format in ("table", "markdown") else report
 
 
+def cmd_kinds(args) -> str:
+    from flows.config import load, nearest
+    from flows.reference import describe_kind, user_kinds
+    from stages.kinds import KIND_MODULES, get_kind
+
+    config = Path(args.config)
+    known = list(KIND_MODULES) + (user_kinds(load(config)) if config.exists() else [])
+    if args.kind and args.kind not in known and ("." not in args.kind or ":" in args.kind):
+        raise ConfigError(args.config, f"no stage kind '{args.kind}'; {nearest(args.kind, known)}")
+    try:
+        return "\n\n".join(describe_kind(get_kind(name)) for name in ([args.kind] if args.kind else known))
+    except ValueError as e:  # a user's kind that does not load
+        raise ConfigError(args.config, str(e)) from None
+
+
+def cmd_schema(args) -> str:
+    import json
+
+    from flows.config import load
+    from flows.reference import pipelines_schema, user_kinds
+    from stages.kinds import KIND_MODULES
+
+    config = Path(args.config)
+    kinds = list(KIND_MODULES) + (user_kinds(load(config)) if config.exists() else [])
+    Path(args.out).write_text(json.dumps(pipelines_schema(kinds), indent=1) + "\n")
+    return (f"wrote {args.out}; point your editor at it, e.g. the first line of pipelines.yaml: "
+            f"# yaml-language-server: $schema={args.out}")
+
+
 def cmd_stage(args) -> str:
     from stages.runner import main as run_stage
 
@@ -244,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",
                          help="how to print the comparison (default: a table 100 columns wide)")
     compare.add_argument("--out", default="compare.png", help="the chart (default: compare.png)")
+    kinds = command("kinds", cmd_kinds, "stage kinds: inputs, outputs, params (yours too)")
+    kinds.add_argument("kind", nargs="?", help="only this kind")
+    schema = command("schema", cmd_schema, "write a JSON schema of pipelines.yaml (editor completion and checks)")
+    schema.add_argument("--out", default="pipelines.schema.json", help="(default: pipelines.schema.json)")
     stage = command("stage", cmd_stage, "run one stage from params.yaml (the command DVC runs)", "pipeline", "stage")
     stage.add_argument("--params-file", default="params.yaml")
     return top

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from stages import data
-from stages.kinds import KIND_MODULES, Input, StageKind, get_kind
+from stages.kinds import KIND_MODULES, Described, Input, StageKind, get_kind
 from stages.registry import is_import_path, use_project
 
 NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"  # matched whole: pydantic's (Rust) `$` and re.fullmatch reject "sft\n"
@@ -57,14 +57,14 @@ def raise_all(errors: list[ConfigError]) -> None:
         raise ConfigErrors(errors)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(Described):
+    """A part of pipelines.yaml (unknown keys are errors; comments on fields are their descriptions)."""
 
 
 class DatasetSpec(Strict):
     path: str  # local jsonl/json/parquet/csv file (relative to pipelines.yaml) or an HF dataset id
-    split: str = "train"
-    subset: str | None = None
+    split: str = "train"  # split of an HF dataset (or of a local Hub-layout folder)
+    subset: str | None = None  # HF dataset configuration name
     columns: dict[str, str] = Field(default_factory=dict)  # name a stage expects -> the dataset's column
 
 
@@ -72,9 +72,9 @@ class Overridable(Strict):
     """Settings a pipeline sets in `defaults` and a stage may override."""
 
     model: str | None = None  # HF id or local path, for stages with no model input wired
-    tokenizer: str | None = None
-    seed: int | None = None
-    accelerate_config: str | None = None
+    tokenizer: str | None = None  # HF id or local path (default: the model's)
+    seed: int | None = None  # seeds sampling, initialisation and data order (default 0)
+    accelerate_config: str | None = None  # accelerate config file (default infra/accelerate/single.yaml)
 
 
 class Scheduling(Strict):
@@ -92,23 +92,23 @@ class Defaults(Overridable, Scheduling):
 
 
 class StageSpec(Overridable, Scheduling):
-    name: str = Field(pattern=NAME)
-    kind: str
-    inputs: dict[str, str] = Field(default_factory=dict)
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(pattern=NAME)  # unique in the pipeline; names the stage's outputs (`<name>.model`)
+    kind: str  # a built-in kind (`rl4llm kinds`) or the module path of your own
+    inputs: dict[str, str] = Field(default_factory=dict)  # input -> `datasets.<name>` or `<earlier stage>.<output>`
+    params: dict[str, Any] = Field(default_factory=dict)  # the kind's params (`rl4llm kinds <kind>`)
 
 
 class PipelineSpec(Strict):
-    description: str = ""
+    description: str = ""  # what the pipeline is for
     push: bool = False  # push each stage's outputs and DVC's run cache to the default remote as it finishes
     final_policy: str | None = None  # the stage whose model is registered in MLflow (default: the last policy)
-    defaults: Defaults = Field(default_factory=Defaults)
-    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
-    stages: list[StageSpec]
+    defaults: Defaults = Field(default_factory=Defaults)  # settings, inputs and params given to every stage
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)  # named datasets the stages read
+    stages: list[StageSpec]  # run in order; each reads earlier stages' outputs
 
 
 class ConfigFile(Strict):
-    pipelines: dict[str, PipelineSpec]
+    pipelines: dict[str, PipelineSpec]  # pipeline name -> its stages
 
 
 def nearest(name: str, allowed) -> str:
@@ -341,6 +341,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                     f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, KIND_MODULES)}, or the module path of "
                     "your own kind (`my_kinds.rank_filter`)")
                 errors.append(ConfigError(file, message, **where, key="kind"))
+                produced[stage.name] = _AnyOutputs(f"{ARTIFACTS}/{pipeline}/{stage.name}")
                 continue
             output_dir = f"{ARTIFACTS}/{pipeline}/{stage.name}"
             outputs = {name: f"{output_dir}/{rel}" for name, rel in kind.outputs.items()}
@@ -357,6 +358,20 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                                             "output", pipeline=pipeline, key="final_policy"))
     raise_all(errors)
     return resolved
+
+
+class _AnyOutputs(dict):
+    """The outputs of a stage whose kind did not load: any name is taken (the kind's error is reported already)."""
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __getitem__(self, name: str) -> str:
+        return f"{self.output_dir}/{name}"
 
 
 def _kind_or_none(stage: StageSpec) -> StageKind | None:

@@ -105,7 +105,7 @@ def test_mask_truncated_zeroes_truncated_samples(inputs):
 
 
 def test_params_check_rewards_and_routes():
-    with pytest.raises(ValidationError, match=r"unknown reward 'acuracy'; allowed: accuracy, format.*or 'reward_model'"):
+    with pytest.raises(ValidationError, match=r"unknown reward 'acuracy'; allowed: accuracy, format.*'reward_model'"):
         grpo.Params(rewards={"acuracy": 1.0})
     with pytest.raises(ValidationError, match="overlong.*no parameter"):
         grpo.Params(rewards={"overlong": 1.0}, reward_params={"overlong": {"max_len": 3}})
@@ -134,6 +134,7 @@ def test_routed_rewards_score_each_row_by_its_route():
 def test_process_supervision(inputs, tmp_path):
     tokens = "<think> 5 plus 3 is 8 , 8 minus 2 is 7 </think> <answer> 7 </answer>".split()
     assert reasoning_task.step_rewards(tokens) == [(5, 1.0), (11, 0.0)]
-    tracker = run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=1, prompts_per_step=2,
-                       samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo", clip_high=0.28)
+    tracker = run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=1,
+                       prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo",
+                       clip_high=0.28)
     assert tracker.logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # one update: π_old = π_ref when it is scored

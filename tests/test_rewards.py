@@ -208,7 +208,8 @@ def test_build_reward() -> None:
     assert overlong(["x"], completion_length=[8]) == [-0.5]
     with pytest.raises(KeyError) as err:
         build_reward("acuracy")
-    assert str(err.value) == "unknown reward 'acuracy'; allowed: accuracy, format, language_consistency, overlong, or an import path `module:function` of your own"
+    assert str(err.value) == ("unknown reward 'acuracy'; allowed: accuracy, format, language_consistency, overlong, "
+                              "or an import path `module:function` of your own")
     with pytest.raises(ValueError, match="acuracy"):
         build_reward("acuracy")
     with pytest.raises(RewardConfigError, match="max_len.*allowed: max_length, buffer, penalty"):

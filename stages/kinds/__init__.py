@@ -7,6 +7,8 @@ module path (`kind: my_kinds.rank_filter`); it may declare `KEY_METRICS` (what `
 
 from __future__ import annotations
 
+import inspect
+import tokenize
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterable
 
@@ -15,10 +17,45 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from stages.registry import is_import_path, load_object
 
 
-class StageParams(BaseModel):
-    """Base of every kind's params: unknown keys are errors (a misspelt param must not be silently ignored)."""
+class Described(BaseModel):
+    """A model whose fields' descriptions are the one-line comments where they are declared
+    (`lr: float = 1e-4  # AdamW learning rate`): `rl4llm kinds` and `rl4llm schema` show them. Unknown keys are
+    errors (a misspelt key must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        comments = declared_comments(cls)
+        described = False
+        for name, comment in comments.items():
+            if name in cls.__annotations__ and cls.model_fields[name].description is None:
+                cls.model_fields[name].description = comment
+                described = True
+        if described:
+            cls.model_rebuild(force=True)
+
+
+def declared_comments(cls: type) -> dict[str, str]:
+    """{field: the comment ending the line that declares it} in the class body of `cls` (its own fields only)."""
+    try:
+        lines = inspect.getsource(cls).splitlines(keepends=True)
+    except (OSError, TypeError):  # defined where there is no source (a REPL)
+        return {}
+    comments, line_start = {}, None
+    for token in tokenize.generate_tokens(iter(lines).__next__):
+        if token.type == tokenize.NAME and line_start is None and token.start[1] > 0:
+            line_start = token
+        elif token.type == tokenize.COMMENT and line_start is not None:
+            comments[line_start.string] = token.string.lstrip("#").strip()
+        if token.type in (tokenize.NEWLINE, tokenize.NL):
+            line_start = None
+    return comments
+
+
+class StageParams(Described):
+    """Base of every kind's params."""
 
 
 def named(allowed: Iterable[str], what: str) -> Any:

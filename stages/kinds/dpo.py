@@ -48,14 +48,14 @@ Row = dict[str, Any]
 
 
 class Params(LoraTrainingParams, PolicyEvalParams):
-    loss: Literal["sigmoid", "ipo", "cdpo", "kto"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "cdpo", "kto"] = "sigmoid"  # DPO (sigmoid), IPO, conservative DPO or KTO
     beta: float = Field(0.1, gt=0)  # β of DPO / cDPO / KTO; τ of IPO
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cDPO's label-noise rate ε
     desirable_weight: float = Field(1.0, gt=0)  # KTO λ_D
     undesirable_weight: float = Field(1.0, gt=0)  # KTO λ_U
-    epochs: int = 3
+    epochs: int = 3  # passes over the preference pairs
     batch_size: int = 16  # pairs (KTO: examples) per step, global across processes
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW learning rate
     max_new_tokens: int = 12  # sampled response length for the final KL
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
     max_length: int | None = None  # prompt + completion tokens kept (completion cut from the right); None: all

@@ -12,11 +12,11 @@ from stages.kinds import Input, StageParams
 
 
 class Params(StageParams):
-    demonstrations: int = 2000
-    rl_prompts: int = 1000
-    eval_prompts: int = 100
-    pretrain_sentences: int = 6000
-    pretrain_eval_sentences: int = 300
+    demonstrations: int = 2000  # SFT demonstrations (prompt, sloppy response)
+    rl_prompts: int = 1000  # prompts for the RL stages
+    eval_prompts: int = 100  # held-out prompts every policy stage is evaluated on
+    pretrain_sentences: int = 6000  # pretraining corpus sentences
+    pretrain_eval_sentences: int = 300  # held-out corpus sentences (LM loss, the alignment tax)
     slip: float = 0.3  # how sloppy the simulated demonstrators are
 
 

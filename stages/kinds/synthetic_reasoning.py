@@ -13,11 +13,11 @@ from stages.kinds import Input, StageParams
 
 
 class Params(StageParams):
-    pretrain_documents: int = 8000
-    general_documents: int = 1000
-    rl_prompts: int = 1000
-    eval_prompts: int = 100
-    general_prompts: int = 400
+    pretrain_documents: int = 8000  # corpus documents: problems with worked solutions (some wrong or mixed-language)
+    general_documents: int = 1000  # corpus documents: general (non-reasoning) requests with answers
+    rl_prompts: int = 1000  # reasoning problems for RL (prompt, answer, language)
+    eval_prompts: int = 100  # held-out reasoning problems
+    general_prompts: int = 400  # general prompts (preference data, the secondary RL round)
     wrong_rate: float = 0.3  # the corpus author's miscalculated solutions
     format_error_rate: float = 0.3  # solutions breaking the template or skipping the reasoning
     mix_rate: float = 0.3  # chance of each step being written in the other language

@@ -1,0 +1,1 @@
+"""Stage kinds of your own (`kind: my_kinds.<module>` in pipelines.yaml)."""
