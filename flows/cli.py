@@ -47,29 +47,45 @@ def cmd_sync(args) -> str:
 
 
 def cmd_run(args) -> str:
-    from flows import dvc
-
     root, resolved = _resolved(args)
     specs = _pipeline(args, resolved)
     if args.stage:
         _stage(args, resolved)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.flow import input_graph, run_pipeline, select_stages
+    from flows.flow import input_graph, select_stages
 
     chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
+    seeds = {None: args.pipeline}
+    if args.seeds:
+        from flows.seeds import add_seed_variants, parse_seeds
+
+        seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
+    reports = []
+    for seed, pipeline in seeds.items():
+        seed_of = args.pipeline if pipeline != args.pipeline else None
+        report = _run_one(args, root, resolved, pipeline, chosen, seed_of)
+        reports.append(report if seed is None else f"seed {seed}: {report}")
+    return "\n".join(reports)
+
+
+def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
+    from flows import dvc
+    from flows.flow import run_pipeline
+
     try:
-        outcome = run_pipeline(root, resolved, args.pipeline, chosen, args.force, args.fresh,
-                               True if args.push else None, os.path.relpath(Path(args.config).resolve(), root))
+        outcome = run_pipeline(root, resolved, pipeline, chosen, args.force, args.fresh,
+                               True if args.push else None, os.path.relpath(Path(args.config).resolve(), root),
+                               seed_of)
     except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
         if isinstance(error, (subprocess.CalledProcessError, ConfigError)) or not (root / ".dvc").exists():
             raise
-        states = dvc.status(root, args.pipeline, specs)
+        states = dvc.status(root, pipeline, resolved[pipeline])
         if any(states[s] != "up to date" for s in chosen):
             raise
         print(f"warning: {type(error).__name__} after every stage had finished: {error}", file=sys.stderr)
-        return f"{args.pipeline}: every stage finished; up to date: {', '.join(chosen)}"
+        return f"{pipeline}: every stage finished; up to date: {', '.join(chosen)}"
     done = {kind: [s for s, o in outcome.items() if o == kind] for kind in ("ran", "restored", "skipped")}
-    return (f"{args.pipeline}: " + (f"ran {', '.join(done['ran'])}; " if done["ran"] else "nothing ran; ")
+    return (f"{pipeline}: " + (f"ran {', '.join(done['ran'])}; " if done["ran"] else "nothing ran; ")
             + (f"restored {', '.join(done['restored'])}; " if done["restored"] else "")
             + f"up to date: {', '.join(done['skipped']) or 'none'}")
 
@@ -254,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun even if up to date")
     run.add_argument("--fresh", action="store_true", help="ignore the checkpoints of interrupted stages")
     run.add_argument("--push", action="store_true", help="push each stage's outputs and run cache to the DVC remote")
+    run.add_argument("--seeds", help="run the pipeline once per seed, e.g. 0,1,2 (compare shows mean ± sd)")
     pull = command("pull", cmd_pull, "fetch a pipeline's outputs (as dvc.lock names them) from the DVC remote",
                    "pipeline")
     pull.add_argument("--stage", help="only this stage")
@@ -323,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         if signum is None:
             raise
         config = "" if args.config == "pipelines.yaml" else f" -c {args.config}"
-        resume = f"; resume with `rl4llm{config} run {args.pipeline}`" if args.command == "run" else ""
+        seeds = f" --seeds {args.seeds}" if getattr(args, "seeds", None) else ""
+        resume = f"; resume with `rl4llm{config} run {args.pipeline}{seeds}`" if args.command == "run" else ""
         print(f"interrupted ({signal.Signals(signum).name}): {e or 'stopped'}{resume}", file=sys.stderr)
         sys.exit(128 + signum)
     if report:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +23,36 @@ def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:
     return [m for m in wanted if m in row["metrics"]]
 
 
+def newest_per_seed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where a pipeline's runs have several seeds: the newest run of each seed only, named `seed N`, in seed order.
+    Other pipelines' rows are left as they are."""
+    seeds: dict[str, set] = {}
+    newest: dict[tuple[str, Any], int] = {}
+    for row in rows:
+        seeds.setdefault(row["pipeline"], set()).add(row.get("seed"))
+        key = (row["pipeline"], row.get("seed"))
+        newest[key] = max(newest.get(key, row["started"]), row["started"])
+    out = []
+    for pipeline in seeds:
+        mine = [row for row in rows if row["pipeline"] == pipeline]
+        if len(seeds[pipeline]) < 2:
+            out += mine
+            continue
+        out += sorted((row | {"run": f"seed {row['seed']}"} for row in mine
+                       if row["started"] == newest[(pipeline, row["seed"])]), key=lambda r: int(r["seed"] or -1))
+    return out
+
+
+def mean_sd(values: list[float]) -> str:
+    """`mean ± sd` (sample standard deviation) of a metric over seeds."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{mean:.3g}"
+
+
 def lines_by_pipeline(rows: list[dict[str, Any]], chosen: list[str] | None) -> dict[str, dict[str, Any]]:
-    """{pipeline: {"runs": [run ids, newest first], "lines": [(stage, metric, {run: value})]}}."""
+    """{pipeline: {"runs": [run ids, newest first, or seeds], "lines": [(stage, metric, {run: value})],
+    "seeds": whether the runs are seeds (then the report adds their mean ± sd)}}."""
+    rows = newest_per_seed(rows)
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
         pipeline = out.setdefault(row["pipeline"], {"runs": [], "lines": {}})
@@ -31,8 +60,8 @@ def lines_by_pipeline(rows: list[dict[str, Any]], chosen: list[str] | None) -> d
             pipeline["runs"].append(row["run"])
         for metric in shown_metrics(row, chosen):
             pipeline["lines"].setdefault((row["stage"], metric), {})[row["run"]] = row["metrics"][metric]
-    return {p: {"runs": v["runs"], "lines": [(s, m, values) for (s, m), values in v["lines"].items()]}
-            for p, v in out.items()}
+    return {p: {"runs": v["runs"], "lines": [(s, m, values) for (s, m), values in v["lines"].items()],
+                "seeds": len(v["runs"]) > 1 and all(r.startswith("seed ") for r in v["runs"])} for p, v in out.items()}
 
 
 def _value(values: dict[str, float], run: str) -> str:
@@ -45,25 +74,30 @@ def as_table(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
     for pipeline, block in lines_by_pipeline(rows, chosen).items():
         stage_w = min(22, max([len(s) for s, _, _ in block["lines"]] + [5]))
         metric_w = min(24, max([len(m) for _, m, _ in block["lines"]] + [6]))
-        fits = max(1, (WIDTH - 2 - stage_w - metric_w) // 11)
+        spread = f"  {'mean ± sd':>16}" if block["seeds"] else ""
+        fits = max(1, (WIDTH - 2 - stage_w - metric_w - len(spread)) // 11)
         runs = block["runs"][:fits]
-        header = f"{pipeline[:stage_w]:<{stage_w}}  {'metric':<{metric_w}}" + "".join(f"  {r:>9}" for r in runs)
+        header = (f"{pipeline[:stage_w]:<{stage_w}}  {'metric':<{metric_w}}{spread}"
+                  + "".join(f"  {r:>9}" for r in runs))
         lines = [header, "-" * len(header)]
         for stage, metric, values in block["lines"]:
             lines.append(f"{stage[:stage_w]:<{stage_w}}  {metric[:metric_w]:<{metric_w}}"
+                         + (f"  {mean_sd(list(values.values())):>16}" if spread else "")
                          + "".join(f"  {_value(values, r):>9}" for r in runs))
         if len(block["runs"]) > len(runs):
             lines.append(f"({len(block['runs']) - len(runs)} older run(s) not shown; --format csv has them all)")
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\nruns: newest first"
+    return "\n\n".join(blocks) + "\nruns: newest first; with several seeds, the newest run of each"
 
 
 def as_markdown(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
     blocks = []
     for pipeline, block in lines_by_pipeline(rows, chosen).items():
-        lines = [f"| {pipeline} | metric | " + " | ".join(block["runs"]) + " |",
-                 "|---|---|" + "---:|" * len(block["runs"])]
-        lines += [f"| {stage} | {metric} | " + " | ".join(_value(values, r) for r in block["runs"]) + " |"
+        spread = ["mean ± sd"] if block["seeds"] else []
+        lines = [f"| {pipeline} | metric | " + " | ".join(spread + block["runs"]) + " |",
+                 "|---|---|" + "---:|" * (len(spread) + len(block["runs"]))]
+        lines += [f"| {stage} | {metric} | " + " | ".join([mean_sd(list(values.values()))] * len(spread)
+                                                          + [_value(values, r) for r in block["runs"]]) + " |"
                   for stage, metric, values in block["lines"]]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -73,16 +107,16 @@ def as_csv(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
     """Long format: one line per (pipeline, run, stage, metric)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["pipeline", "run", "started", "stage", "kind", "skipped", "metric", "value"])
+    writer.writerow(["pipeline", "run", "seed", "started", "stage", "kind", "skipped", "metric", "value"])
     for row in rows:
         for metric in shown_metrics(row, chosen):
-            writer.writerow([row["pipeline"], row["run"], row["started"], row["stage"], row["kind"],
+            writer.writerow([row["pipeline"], row["run"], row.get("seed"), row["started"], row["stage"], row["kind"],
                              row["skipped"], metric, row["metrics"][metric]])
     return out.getvalue().rstrip("\n")
 
 
 def as_json(rows: list[dict[str, Any]], chosen: list[str] | None) -> str:
-    return json.dumps([{**{k: row[k] for k in ("pipeline", "run", "started", "stage", "kind", "skipped")},
+    return json.dumps([{**{k: row.get(k) for k in ("pipeline", "run", "seed", "started", "stage", "kind", "skipped")},
                         "metrics": {m: row["metrics"][m] for m in shown_metrics(row, chosen)}} for row in rows],
                       indent=2)
 

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dvc, tracking
 from flows.config import ConfigError, config_hash, resolve, run_settings
+from flows.seeds import pipeline_seed
 from stages.processes import RUN_PID_ENV, interrupt_signal
 from stages.runner import FRESH_ENV
 from stages.tracking import PARENT_RUN_ENV
@@ -112,7 +113,7 @@ def run_stages(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], stag
     """The pipeline's MLflow parent run around `reproduce(stage, env)` of each stage in order: each stage's lineage
     recorded, the final policy registered; the parent run ends KILLED or FAILED if a stage is interrupted or fails.
     Returns {stage: outcome}."""
-    parent = tracking.start_parent_run(root, pipeline, config_hash(specs))
+    parent = tracking.start_parent_run(root, pipeline, config_hash(specs), settings.get("run_tags", {}))
     env = {PARENT_RUN_ENV: parent, RUN_PID_ENV: str(os.getpid())}
     outcome: dict[str, str] = {}
     run_ids: dict[str, str] = {}
@@ -145,16 +146,20 @@ def _worth_retrying(_task, _task_run, state) -> bool:
 
 
 def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[str], force: bool = False,
-                 fresh: bool = False, push: bool | None = None, config_file: str = "pipelines.yaml") -> dict[str, str]:
+                 fresh: bool = False, push: bool | None = None, config_file: str = "pipelines.yaml",
+                 seed_of: str | None = None) -> dict[str, str]:
     """What `rl4llm run` does once the command line is read: take the project's run lock, generate dvc.yaml and
     params.yaml, check the tracking server, then run the pipeline flow (on the configured Prefect API, else a
-    temporary server) — or, when DVC finds every stage up to date, record that without Prefect."""
+    temporary server) — or, when DVC finds every stage up to date, record that without Prefect. `seed_of`: the
+    pipeline whose seed variant `pipeline` is (flows/seeds.py)."""
     from flows.prefect_server import prefect_api
     from flows.preflight import check_tracking_server
     from flows.run_lock import run_lock
 
     specs = resolved[pipeline]
-    settings = run_settings(root / config_file)[pipeline]
+    settings = run_settings(root / config_file)[seed_of or pipeline]
+    seed = pipeline_seed(specs)
+    settings["run_tags"] = ({} if seed is None else {"seed": str(seed)}) | ({"seed_of": seed_of} if seed_of else {})
     if push is not None:
         settings["push"] = push
     os.chdir(root)

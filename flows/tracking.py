@@ -35,9 +35,9 @@ def tracking_uri_default(root: Path) -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")
 
 
-def start_parent_run(root: Path, pipeline: str, config_hash: str) -> str:
+def start_parent_run(root: Path, pipeline: str, config_hash: str, extra_tags: dict[str, str]) -> str:
     configure_mlflow()
-    tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags()}
+    tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags(), **extra_tags}
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
@@ -185,17 +185,23 @@ def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, s
 
 
 def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
-    """For the `last` parent runs of each pipeline: one row per stage with its final metrics."""
+    """For the `last` parent runs of each pipeline and of each of its seed variants: one row per stage with its
+    final metrics and the run's seed (rows of a variant carry the pipeline's name)."""
     configure_mlflow()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     if experiment is None:
         return []
     rows = []
+    parent_filter = "tags.`rl4llm.parent` = 'true'"
     for pipeline in pipelines:
-        parents = client.search_runs([experiment.experiment_id],
-                                     f"tags.pipeline = '{pipeline}' and tags.`rl4llm.parent` = 'true'",
+        parents = client.search_runs([experiment.experiment_id], f"tags.pipeline = '{pipeline}' and {parent_filter}",
                                      order_by=["attributes.start_time DESC"], max_results=last)
+        variants = {run.data.tags["pipeline"] for run in client.search_runs(
+            [experiment.experiment_id], f"tags.seed_of = '{pipeline}' and {parent_filter}")}
+        for variant in sorted(variants):
+            parents += client.search_runs([experiment.experiment_id], f"tags.pipeline = '{variant}' and "
+                                          f"{parent_filter}", order_by=["attributes.start_time DESC"], max_results=last)
         for parent in parents:
             children = client.search_runs([experiment.experiment_id],
                                           f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
@@ -204,7 +210,7 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
                 finals = {k.removeprefix("final/"): v for k, v in child.data.metrics.items() if k.startswith("final/")}
                 if child.info.end_time and child.data.tags.get("skipped") != "true":
                     finals["wall_s"] = (child.info.end_time - child.info.start_time) / 1000
-                rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8],
+                rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8], "seed": parent.data.tags.get("seed"),
                              "started": parent.info.start_time, "stage": child.data.tags.get("stage", ""),
                              "kind": child.data.tags.get("stage_kind", ""), "run_id": child.info.run_id,
                              "skipped": child.data.tags.get("skipped") == "true", "metrics": finals})

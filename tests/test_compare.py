@@ -59,3 +59,17 @@ def test_the_chart_has_the_stage_panels_and_the_rl_curves(tmp_path):
 
     width, height = Image.open(tmp_path / "compare.png").size
     assert width > 1000 and height > 500  # 3 columns; a row of stage panels and a row of curves
+
+
+def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd():
+    seeded = []
+    for started, seed, gold in ((5, "0", 0.5), (9, "0", 0.6), (7, "1", 0.8), (8, "2", 0.7)):  # seed 0 ran twice
+        seeded.append({"pipeline": "instructgpt", "run": f"r{started}", "seed": seed, "started": started,
+                       "stage": "ppo", "kind": "ppo", "run_id": f"ppo{started}", "skipped": False,
+                       "metrics": {"gold_score": gold}})
+    table = as_table(seeded, None)
+    header, _, line = table.splitlines()[:3]
+    assert header.split()[2:] == ["mean", "±", "sd", "seed", "0", "seed", "1", "seed", "2"]
+    assert line.split() == ["ppo", "gold_score", "0.7", "±", "0.1", "0.6", "0.8", "0.7"]  # mean, sample sd
+    markdown = FORMATTERS["markdown"](seeded, None)
+    assert "| instructgpt | metric | mean ± sd | seed 0 | seed 1 | seed 2 |" in markdown
