@@ -21,7 +21,7 @@ import yaml
 import stages
 from flows.config import ARTIFACTS
 from stages import BOOKKEEPING
-from stages.kinds import kind_module
+from stages.kinds import get_kind, kind_module
 from stages.processes import Interrupted, run_child
 from stages.registry import REGISTRIES
 from stages.runner import METRICS_FILE, PARAMS_FILE
@@ -40,7 +40,9 @@ def code_deps(root: Path, spec: dict[str, Any]) -> list[str]:
     the modules of the code its params name (rewards, step reward, evaluator, labeler; built-in or the user's own),
     with what they import, transitively. `stages.BOOKKEEPING` modules are left out."""
     root = root.resolve()
-    files = import_closure([kind_module(spec["kind"]), *named_code(spec["params"])], root)
+    kind = get_kind(spec["kind"])
+    files = import_closure([kind_module(kind.name), *filter(None, [kind.run_module()]), *named_code(spec["params"])],
+                           root)
     return sorted(str(f.relative_to(root)) for f in files if f.is_relative_to(root))
 
 

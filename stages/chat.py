@@ -4,6 +4,7 @@ Pure Python (rewards, evaluators and labelers read text through these)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 Message = dict[str, str]
 Prompt = str | list[Message]  # a user turn, or a conversation that ends where the assistant's reply starts
@@ -28,3 +29,21 @@ def completion_text(completion: str | list[Message]) -> str:
 def prompt_key(prompt: Prompt) -> str:
     """A hashable, order-preserving key of a prompt (messages are lists)."""
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+Ranked = tuple[Prompt, list[str], list[int]]  # a comparison: prompt, K responses, their ranks (0 = best)
+
+
+def as_ranked(row: dict[str, Any]) -> Ranked:
+    """A comparison row as (prompt, response texts, ranks); a chosen/rejected pair is K = 2. Without a `prompt`
+    column, chosen and rejected are whole conversations (TRL's implicit-prompt format): their shared turns are the
+    prompt."""
+    if "responses" in row:
+        return row["prompt"], [completion_text(r) for r in row["responses"]], list(row["ranks"])
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    return prompt, [completion_text(chosen), completion_text(rejected)], [0, 1]

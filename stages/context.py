@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from accelerate import Accelerator
+from typing import TYPE_CHECKING, Any
 
 from stages import data
 from stages.kinds import Input
-from stages.tracking import StageRun
+
+if TYPE_CHECKING:  # a kind's declaration may name StageContext without loading the training stack
+    from accelerate import Accelerator
+
+    from stages.tracking import StageRun
 
 
 @dataclass

@@ -13,9 +13,10 @@ import csv
 import json
 import reprlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from datasets import Dataset, load_dataset
+if TYPE_CHECKING:  # `datasets` loads in a stage only: checking pipelines.yaml reads files without it
+    from datasets import Dataset
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _REPR = reprlib.Repr()
@@ -53,6 +54,8 @@ def is_local(path: str, root: Path | str = ".") -> bool:
 
 def load(spec: dict[str, Any]) -> Dataset:
     """The dataset an input spec names, with its columns renamed to the names the stage expects."""
+    from datasets import load_dataset
+
     path = spec["path"]
     suffix = Path(path).suffix
     if suffix in LOCAL_FORMATS:
@@ -193,5 +196,7 @@ def local_rows(path: Path, split: str | None = None, label: str | None = None) -
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     """Write rows through `datasets` (so every consumer reads what `load` reads)."""
+    from datasets import Dataset
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_list(rows).to_json(str(path), lines=True, force_ascii=False)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
@@ -25,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from stages.kinds import StageParams
+from stages.params import LoraParams, ModelParams
 from stages.text import position_ids
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
@@ -91,24 +89,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (PEFT), whose base it names
-
-
-class LoraParams(StageParams):
-    """LoRA adapters (Hu et al. 2021): W + (alpha / r) · B A on the target modules, B = 0 at the start."""
-
-    r: int = Field(8, gt=0)  # rank of A and B
-    alpha: float = 16.0  # scale numerator
-    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
-    target_modules: list[str] | str = "all-linear"  # module names that get adapters, or "all-linear"
-    merge: bool = False  # save merged full weights instead of an adapter directory
-
-
-class ModelParams(StageParams):
-    """How a stage loads its models (every kind that loads one)."""
-
-    dtype: Literal["auto", "bfloat16", "float32"] | None = None  # weights; None: float32 on CPU, "auto" on GPU
-    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
-    trust_remote_code: bool = False  # run model code shipped with a Hub checkpoint
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:

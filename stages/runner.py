@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
-from stages.loop import NonFinite, check_finite, fault_point
 from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
 
 PARAMS_FILE = "params.yaml"
@@ -87,6 +86,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     from stages.context import StageContext
     from stages.distributed import build_accelerator
     from stages.kinds import get_kind
+    from stages.loop import check_finite, fault_point
     from stages.tracking import StageRun
 
     torch.set_num_threads(torch_threads(spec["num_processes"]))
@@ -114,7 +114,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         checkpoint_dir=checkpoints, declared=kind.inputs,
     )
     try:
-        metrics = kind.run(ctx)
+        metrics = kind.load_run()(ctx)
         check_finite(f"{ctx.label} final metrics", metrics)
     except Interrupted:
         tracker.end("KILLED")
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params-file", default=PARAMS_FILE)
     args = parser.parse_args(argv)
     die_with_run()  # DVC, the launcher or the run gone: stop at the next step boundary, with a checkpoint
+    from stages.loop import NonFinite  # the training stack loads here, not where flows/ reads this module's names
+
     try:
         print(json.dumps(run_stage(args.pipeline, args.stage, args.params_file), sort_keys=True))
     except Interrupted as e:

@@ -6,54 +6,23 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from pydantic import PositiveInt
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from stages.algorithms import masked_sum
+from stages.algorithms import masked_mean, masked_sum
+from stages.chat import Prompt
 from stages.context import StageContext
 from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means, prepare
 from stages.evaluation import evaluate_policy, lm_loss
-from stages.registry import EVALUATORS
-from stages.kinds import StageParams
+from stages.kinds.sft import Params as SFTParams
 from stages.loop import TrainingLoop, check_finite
-from stages.models import LoraParams, ModelParams, save, with_lora
-from stages.chat import Prompt
-from stages.text import PairBatch, response_logprobs, sample
+from stages.models import save, with_lora
+from stages.params import OptimParams
+from stages.text import PairBatch, encode_row, fit_rows, pair_batch, response_logprobs, sample
 
-EvaluatorName = EVALUATORS.checked_name()
-LRScheduler = Literal["constant", "linear", "cosine"]
-
-
-class OptimParams(ModelParams):
-    """Params of every training kind's optimiser (its `lr` is declared by the kind, with the kind's default)."""
-
-    lr_scheduler: LRScheduler = "constant"  # transformers.get_scheduler, with warmup
-    warmup_ratio: float = 0.0  # share of the optimiser steps spent warming the LR up from 0
-    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step; the global batch stays the same
-    max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
-    checkpoint_every: PositiveInt = 50  # optimiser steps (RL kinds: iterations) between resumable checkpoints
-    log_every: PositiveInt = 10  # steps between the training-curve points sent to MLflow (first and last always)
-    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept while the stage runs (all removed when it ends)
-
-
-class LoraTrainingParams(OptimParams):
-    """Training kinds that can train LoRA adapters instead of every weight."""
-
-    lora: LoraParams | None = None  # adapters (r, alpha, dropout, target_modules, merge); None: full fine-tuning
-
-
-class PolicyEvalParams(StageParams):
-    """Params of the held-out evaluation run after every policy-producing stage (on the `eval` input)."""
-
-    evaluator: EvaluatorName | None = None  # metric set computed on the `eval` prompts (e.g. instruct_gold)
-    eval_max_new_tokens: int = 16  # response budget when sampling for evaluation
-    eval_samples_per_prompt: int = 2  # samples per held-out prompt
-    eval_temperature: float = 1.0  # sampling temperature for evaluation
 
 
 MicroLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -240,3 +209,49 @@ def reference_logprobs(acc: Accelerator, policy: torch.nn.Module, reference: tor
         return response_logprobs(reference, batch, temperature=temperature)
     with adapters_disabled(acc, policy):
         return response_logprobs(policy, batch, temperature=temperature)
+
+
+def sft_loss(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens."""
+    return -masked_mean(response_logprobs(model, batch), batch.response_mask)
+
+
+ExtraLoss = Callable[[PreTrainedModel, PairBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              rows: list[dict[str, Any]], extra_loss: ExtraLoss | None = None) -> dict[str, float]:
+    """Train `model` on {prompt, response} rows, save it, and return its held-out metrics.
+
+    `extra_loss(model, batch)` adds a term (and its logged metrics) to every step's NLL, e.g. distillation's KD.
+    """
+    p: SFTParams = ctx.params  # the sft kind's params (or a kind's that extends them, as distill's)
+    acc = ctx.accelerator
+    encoded, truncated = fit_rows([encode_row(tokenizer, r) for r in rows], ctx.source("data"),
+                                  p.max_prompt_length, p.max_length)
+    n_holdout = int(len(encoded) * p.holdout_fraction)
+    train, holdout = encoded[n_holdout:], encoded[:n_holdout]
+
+    def collate(rows: list[tuple[list[int], list[int], list[int] | None]]) -> PairBatch:
+        masks = [mask if mask is not None else [1] * len(response) for _, response, mask in rows]
+        return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id, masks).to(acc.device)
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = collate([train[i] for i in ids.tolist()])
+        loss = sft_loss(opt.model, batch)
+        metrics = {"loss": loss.item()}
+        if extra_loss is not None:
+            extra, extra_metrics = extra_loss(opt.model, batch)
+            loss = loss + extra
+            metrics.update(extra_metrics)
+        return loss, metrics
+
+    opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
+    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
+    metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
+    if holdout:
+        with torch.no_grad():
+            opt.model.eval()
+            metrics["eval_loss"] = sft_loss(opt.model, collate(holdout)).item()  # on every rank: FSDP forward
+    save_model(ctx, opt.model, tokenizer)
+    return metrics

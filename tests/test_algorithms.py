@@ -553,3 +553,16 @@ def test_pairwise_accuracy_all_tied_is_zero_not_nan():
 def test_overlong_penalty_zero_buffer_is_a_step():
     assert_close(A.overlong_penalty(torch.tensor([9, 10, 11]), max_len=10, buffer=0, penalty=2.0),
                  torch.tensor([0.0, 0.0, -2.0]))
+
+
+def test_the_names_params_accept_are_the_registries_names():
+    from typing import get_args
+
+    from stages import params
+    from stages.kinds.rejection_sampling import FilterName
+    from stages.runs.rejection_sampling import FILTERS
+
+    assert params.ADVANTAGE_ESTIMATORS == tuple(A.ADVANTAGE_ESTIMATORS)
+    assert set(params.OUTCOME_ESTIMATORS) <= set(A.ADVANTAGE_ESTIMATORS) - {"gae"}
+    assert params.LOSS_AGG_MODES == tuple(A.LOSS_AGG_MODES)
+    assert get_args(FilterName) == tuple(FILTERS)

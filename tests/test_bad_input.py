@@ -115,7 +115,7 @@ def test_hub_rows_are_checked_when_a_stage_loads_them(monkeypatch):
 
     chat = [{"role": "user", "content": "hi"}]
     rows = [{"messages": chat, "answer": "a"}, {"messages": [{"role": "user", "content": None}], "answer": "a"}]
-    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: Dataset.from_list(rows))
+    monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: Dataset.from_list(rows))
     spec = {"path": "someone/chat", "split": "train", "columns": {"response": "answer"}}
     with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'messages' must be a list of"):
         data.load_rows(spec)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
-from stages.kinds.dpo import Params, kto_examples, preference_pairs
+from stages.runs.dpo import Params, kto_examples, preference_pairs
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 
 GOOD = ["sunny", "warm", "bright", "calm", "clear"]
@@ -87,7 +87,7 @@ def run_stage(root: Path, out: Path, comparisons: str = "ranked", eval_prompts: 
         model=None, accelerator=Accelerator(cpu=True), tracker=Tracker(),
     )
     torch.manual_seed(0)
-    return kind.run(ctx), ctx.tracker.logged
+    return kind.load_run()(ctx), ctx.tracker.logged
 
 
 def jsonl(path: Path) -> list[dict]:

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.kinds import get_kind, grpo
+from stages.kinds import get_kind
+from stages.runs import grpo
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from tests.conftest import Tracker
 
@@ -39,7 +40,7 @@ def run_grpo(inputs, out: Path, **params) -> Tracker:
     tracker = Tracker()
     ctx = StageContext("test", "grpo", 0, kind.params(**params), inputs, {"model": out / "model"}, out, None,
                        Accelerator(cpu=True), tracker)
-    kind.run(ctx)
+    kind.load_run()(ctx)
     return tracker
 
 

@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import load_rows, write_jsonl
-from stages.kinds import get_kind, rejection_sampling
+from stages.kinds import get_kind
+from stages.runs import rejection_sampling
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, verify_answer
 from stages.text import Samples
@@ -25,7 +26,7 @@ def run_kind(kind_name: str, out: Path, inputs: dict[str, str], **params) -> tup
     ctx = StageContext("test", kind_name, 0, kind.params(**params), {k: {"path": v} for k, v in inputs.items()},
                        {name: out / rel for name, rel in kind.outputs.items()}, out, None, Accelerator(cpu=True),
                        tracker)
-    return kind.run(ctx), tracker
+    return kind.load_run()(ctx), tracker
 
 
 def tiny_model(texts: list[str], out: Path, hidden: int = 32) -> Path:

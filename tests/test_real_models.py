@@ -90,7 +90,7 @@ def test_lora_reference_is_the_base_and_only_adapters_train(fixtures: Path, tmp_
     ctx = stage_context("sft", {"epochs": 1, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
                         {"base": {"path": base_path}, "data": {"path": str(fixtures / "chat"), "split": "train"}},
                         tmp_path)
-    get_kind("sft").run(ctx)
+    get_kind("sft").load_run()(ctx)
     saved = tmp_path / "model"
     assert (saved / ADAPTER_CONFIG).exists() and not (saved / "model.safetensors").exists()
     adapters = load_file(saved / "adapter_model.safetensors")
@@ -120,7 +120,7 @@ def test_lora_reward_model_trains_adapters_and_head_only(fixtures: Path, tmp_pat
         return original_prepare(*objects)
 
     ctx.accelerator.prepare = record
-    metrics = kind.run(ctx)
+    metrics = kind.load_run()(ctx)
     assert trainable and all("lora_" in n or "score" in n for n in trainable)
     assert any("score" in n for n in trainable)
     saved = load_file(tmp_path / "model" / "model.safetensors")  # merged: the bias and the head in one model
@@ -167,7 +167,7 @@ def test_lora_dpo_takes_the_reference_from_the_adapters_off(fixtures: Path, tmp_
     ctx = stage_context("dpo", {"epochs": 3, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
                         {"policy": {"path": str(fixtures / "qwen2")},
                          "comparisons": {"path": str(fixtures / "preferences"), "split": "train"}}, tmp_path)
-    metrics = get_kind("dpo").run(ctx)
+    metrics = get_kind("dpo").load_run()(ctx)
     losses = [m["loss"] for m in ctx.tracker.logged]
     assert losses[0] == pytest.approx(0.693147, abs=1e-5)  # untrained adapters: π = π_ref, h = 0, -log σ(0)
     third = len(losses) // 3

@@ -1,7 +1,8 @@
 """Stage kinds: each module declares its `Params`, the `INPUTS` it reads, the `OUTPUTS` it writes, and `run(ctx)`.
 
 `run` returns the stage's final held-out metrics (written to metrics.json); everything it writes goes under
-`ctx.output_dir`. A user's own kind is a module of theirs with the same four names, named in pipelines.yaml by its
+`ctx.output_dir`. A built-in kind's module here is its declaration alone, free of torch (so that pipelines.yaml is
+checked in an instant); its `run` is the import path of its implementation in `stages/runs/`. A user's own kind is a module of theirs with the same four names, named in pipelines.yaml by its
 module path (`kind: my_kinds.rank_filter`); it may declare `KEY_METRICS` (what `rl4llm compare` shows of it).
 """
 
@@ -88,8 +89,16 @@ class StageKind:
     params: type[StageParams]
     inputs: dict[str, Input]
     outputs: dict[str, str]  # output name -> path relative to the stage's artifact directory
-    run: Callable
+    run: Callable | str  # run(ctx) -> metrics, or its import path (a built-in's: its stages/runs/ module)
     key_metrics: tuple[str, ...] = ()  # what `rl4llm compare` shows of it by default
+
+    def load_run(self) -> Callable:
+        """`run(ctx)`, imported now when the kind names it by import path (the training stack loads only here)."""
+        return load_object(self.run) if isinstance(self.run, str) else self.run
+
+    def run_module(self) -> str | None:
+        """The module of `run` when named by import path (its code is the stage's code too)."""
+        return self.run.partition(":")[0] if isinstance(self.run, str) else None
 
 
 KIND_MODULES = {
@@ -151,9 +160,10 @@ def get_kind(name: str) -> StageKind:
         raise ValueError(f"stage kind '{name}' ({module.__file__}) does not declare {', '.join(missing)}")
     if not (isinstance(module.Params, type) and issubclass(module.Params, StageParams)):
         raise ValueError(f"stage kind '{name}': Params must subclass stages.kinds.StageParams")
-    if not all(isinstance(i, Input) for i in module.INPUTS.values()) or not callable(module.run) or not all(
+    if not all(isinstance(i, Input) for i in module.INPUTS.values()) or not (
+            callable(module.run) or isinstance(module.run, str)) or not all(
             isinstance(o, str) for o in module.OUTPUTS.values()):
         raise ValueError(f"stage kind '{name}': INPUTS must map names to stages.kinds.Input, OUTPUTS names to paths "
-                         "in the stage's directory, and run must be a function of the stage context")
+                         "in the stage's directory, and run must be a function of the stage context (or its import path)")
     return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run,
                      getattr(module, "KEY_METRICS", KEY_METRICS.get(name, ())))

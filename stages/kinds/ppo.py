@@ -1,48 +1,16 @@
-"""PPO-ptx (InstructGPT §3.5, eq. 2), readable top to bottom.
+"""PPO-ptx (InstructGPT §3.5, eq. 2).
 
-Each iteration:
-  1. roll out: sample responses to a batch of prompts from the policy;
-  2. score: normalized RM score on the last token, minus β·KL(π‖π_ref) per token (k1/k2/k3);
-  3. advantages: GAE(γ, λ) over the value model (initialised from the RM) — or any estimator of the registry
-     (rloo, reinforce, grpo, …) with `samples_per_prompt` > 1 for the group-based ones;
-  4. update: several epochs over shuffled minibatches of the buffer; clipped surrogate + clipped value loss, plus
-     λ_ptx · LM loss on a pretraining batch in every policy update (λ_ptx = 0 is plain PPO).
+Declared here (what pipelines.yaml may set); how it works: stages/runs/ppo.py.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
-import torch
 from pydantic import PositiveInt
 
-from stages.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    adaptive_kl_coef,
-    clipped_value_loss,
-    entropy_from_logits,
-    explained_variance,
-    kl_penalty,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    outcome_token_rewards,
-    ppo_policy_loss,
-)
-from stages.context import StageContext
-from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows,
-                                seed_sampling, shard)
-from stages.kinds import Input, named
-from stages.loop import TrainingLoop, check_finite
-from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
-    token_values
-from stages.text import PairBatch, count_long_prompts, response_logprobs, sample, text_lm_loss
-from stages.training import (LoraTrainingParams, PolicyEvalParams, adapters_disabled, disable_dropout, evaluate,
-                             kl_to_reference, prepare_optimization, reference_logprobs, rl_optimiser_steps,
-                             save_model, update_on_buffer)
-
-AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
+from stages.kinds import Input
+from stages.params import AdvantageEstimator, LoraTrainingParams, PolicyEvalParams
 
 
 class Params(LoraTrainingParams, PolicyEvalParams):
@@ -86,138 +54,4 @@ INPUTS = {
 }
 OUTPUTS = {"model": "model"}
 
-
-def run(ctx: StageContext) -> dict[str, float]:
-    p: Params = ctx.params
-    acc = ctx.accelerator
-    device = acc.device
-    check_divisible("rollout_prompts", p.rollout_prompts, acc)
-    tokenizer = load_tokenizer(ctx.path("policy"))
-    use_values = p.advantage_estimator == "gae"
-    shared_base = p.lora is not None  # reference = policy with adapters off; RM = value model with adapters off
-    reference = None if shared_base else load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device)
-    bias = reward_bias(ctx.path("reward"))
-
-    total_steps = rl_optimiser_steps(ctx, p.rollout_prompts // acc.num_processes * p.samples_per_prompt,
-                                     p.minibatch_size, p.ppo_epochs, p.iterations)
-    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
-    disable_dropout(policy.model)
-    if use_values:
-        value = prepare_optimization(ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p),
-                                     p.value_lr, total_steps, prefix="value_")
-        disable_dropout(value.model)
-    if use_values and shared_base:
-        reward_model = None
-    else:
-        reward_model = load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p)
-        reward_model = reward_model.eval().requires_grad_(False).to(device)
-
-    def reward_scores(batch: PairBatch) -> torch.Tensor:
-        if reward_model is not None:
-            return last_token_scores(reward_model, batch.ids, batch.attention_mask, bias)
-        with adapters_disabled(acc, value.model):
-            return last_token_scores(value.model, batch.ids, batch.attention_mask, bias)
-
-    trained = [policy.model, value.model] if use_values else [policy.model]
-    seed_sampling(ctx.seed, acc)
-
-    prompts = [r["prompt"] for r in ctx.rows("prompts")]
-    truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
-    ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
-    ptx_local = shard(ptx_texts, acc)
-    if ptx_texts:
-        check_divisible("ptx_batch_size", p.ptx_batch_size, acc, p.gradient_accumulation_steps)
-    ptx_micro = p.ptx_batch_size // (acc.num_processes * p.gradient_accumulation_steps)
-    rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
-    generator = torch.Generator().manual_seed(ctx.seed)
-    loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
-    state = loop.resume({"kl_coef": p.kl_coef, "ptx_position": 0})
-    kl_coef = state["kl_coef"]
-
-    def ptx_batch() -> list[str]:  # the next texts of this rank's share of the corpus, cycling
-        start, state["ptx_position"] = state["ptx_position"], state["ptx_position"] + ptx_micro
-        return [ptx_local[i % len(ptx_local)] for i in range(start, start + ptx_micro)]
-
-    for it in loop.steps():
-        # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
-        batch_ids = shard(rng.sample(range(len(prompts)), min(p.rollout_prompts, len(prompts))), acc)
-        loop.saw(batch_ids)
-        repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
-        with full_parameters(acc, policy.model) as model:
-            batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
-                           max_prompt_length=p.max_prompt_length).batch.to(device)
-        mask = batch.response_mask.float()
-
-        # 2. score in eval mode: r_t = −β·KL_t, plus the RM score on the last response token
-        with torch.no_grad():
-            for model in trained:
-                model.eval()
-            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
-            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature)
-            scores = reward_scores(batch)
-            check_finite(ctx.label, {"reward": scores.mean().item()})
-            kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
-            token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
-            old_values = None
-            if use_values:
-                old_values = token_values(value.model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
-                old_values = old_values * mask
-            for model in trained:
-                model.train()
-
-            # 3. advantages, on the batch gathered from every rank (whitening and baselines are batch statistics)
-            all_mask = gather_rows(acc, mask)
-            group_ids = torch.arange(all_mask.shape[0], device=device) // p.samples_per_prompt
-            advantages, returns = ADVANTAGE_ESTIMATORS[p.advantage_estimator](
-                gather_rows(acc, token_rewards), all_mask,
-                values=gather_rows(acc, old_values) if use_values else None,
-                group_ids=group_ids, gamma=p.gamma, lam=p.lam)
-            if p.whiten_advantages:
-                advantages = masked_whiten(advantages, all_mask)
-            advantages, returns = local_rows(acc, advantages, mask), local_rows(acc, returns, mask)
-
-        # 4. update: `ppo_epochs` passes of minibatches over this rank's samples, policy then value each step
-        def policy_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            mb, mb_mask = batch.select(idx), mask[idx]
-            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
-            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
-            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
-                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
-            if ptx_texts:
-                lm = text_lm_loss(policy.model, tokenizer, ptx_batch())
-                loss = loss + p.ptx_coef * lm
-                stats["ptx_loss"] = lm.item()
-            return loss, stats
-
-        def value_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            mb = batch.select(idx)
-            values = token_values(value.model, mb.ids, mb.attention_mask)[:, batch.prompt_len - 1:-1]
-            loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip_eps)
-            return loss, {"value_loss": loss.item()}
-
-        updates = [(policy, policy_loss)] + ([(value, value_loss)] if use_values else [])
-        update_stats = update_on_buffer(ctx, len(repeated), p.minibatch_size, p.ppo_epochs, generator, updates)
-
-        mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
-        metrics = {**global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
-                                        "response_length": mask.sum(1).mean().item()}), **update_stats}
-        if use_values:
-            metrics["explained_variance"] = float(explained_variance(
-                gather_rows(acc, old_values), gather_rows(acc, returns), all_mask))
-        if p.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(repeated) *
-                                       acc.num_processes)
-        loop.end_step(it, {**metrics, "kl_coef": kl_coef}, {**state, "kl_coef": kl_coef})
-
-    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
-    with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
-        if ctx.has("eval"):
-            eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
-            final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens)
-            eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
-            with torch.no_grad():
-                final["reward"] = reward_scores(eval_samples).mean().item()
-    if ctx.has("lm_eval"):
-        final["ptx_lm_loss"] = final.pop("lm_eval_loss")
-    save_model(ctx, policy.model, tokenizer)
-    return final
+run = "stages.runs.ppo:run"  # what a stage of this kind does

@@ -1,0 +1,257 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024, §4) with the Dr.GRPO (Liu et al. 2025) and DAPO (Yu et al. 2025) options:
+the RL stage of DeepSeek-R1-Zero and DeepSeek-R1 (DeepSeek-AI 2025), readable top to bottom.
+
+Each iteration:
+  1. roll out: G samples for each of a batch of prompts from π_old. DAPO dynamic sampling drops the groups whose
+     rewards are all equal (they carry no gradient) and samples again until the batch is full, at most
+     `max_sampling_rounds` rounds;
+  2. score: rewards chosen by name with weights — rule rewards (accuracy, format, language consistency, overlong)
+     and/or a trained reward model — optionally routed by a dataset column (R1's secondary round: reasoning rows get
+     the rules, general rows the reward model);
+  3. advantages: outcome supervision, (r − mean_G) / (std_G + eps) given to every token (`grpo`; `drgrpo` drops the
+     std), or process supervision: rule-based per-step rewards normalised in the group, A_t = sum of the normalised
+     rewards of the steps ending at or after t;
+  4. update: μ = `ppo_epochs` passes over shuffled minibatches of the token-level clipped surrogate with ratio
+     bounds [1 − clip_low, 1 + clip_high] (DAPO clip-higher) plus β·KL(π‖π_ref) inside the loss (k3 estimator),
+     aggregated by `loss_agg_mode`; DAPO overlong filtering masks out truncated samples (`mask_truncated`).
+
+Params, inputs and outputs: stages/kinds/grpo.py.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, entropy_from_logits, groups_with_signal,
+                               kl_penalty, masked_mean, outcome_token_rewards, ppo_policy_loss,
+                               process_supervision_advantages)
+from stages.context import StageContext
+from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
+                                seed_sampling, shard)
+from stages.kinds.grpo import MODEL_REWARD, Params
+from stages.loop import TrainingLoop, check_finite
+from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
+from stages.rewards import (RewardFn, Scorer, accuracy_reward, build_reward, format_reward, reward_model_reward,
+                            routed_reward, score_components)
+from stages.registry import STEP_REWARDS
+from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
+from stages.training import (disable_dropout, evaluate, prepare_optimization, reference_logprobs, rl_optimiser_steps,
+                             save_model, update_on_buffer)
+
+ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
+
+
+def reward_model_scorer(path: str, device: torch.device) -> Scorer:
+    """`scorer(prompts, texts)`: the normalised score of a trained reward model on the last token."""
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_head_model(path, tokenizer.pad_token_id).eval().requires_grad_(False).to(device)
+    bias = reward_bias(path)
+
+    @torch.no_grad()
+    def score(prompts: list[str], texts: list[str]) -> list[float]:
+        batch = pair_batch([encode_prompt(tokenizer, q) for q in prompts],
+                           [encode_response(tokenizer, t) for t in texts], tokenizer.pad_token_id).to(device)
+        return last_token_scores(model, batch.ids, batch.attention_mask, bias).tolist()
+
+    return score
+
+
+def _no_reward(completions: list[str], **_: Any) -> list[float]:
+    return [0.0] * len(completions)
+
+
+def build_rewards(p: Params, scorer: Scorer | None) -> dict[str, RewardFn]:
+    """The reward fns by name; with `route_column`, each one scores only the rows of the routes listing it."""
+    fns = {name: reward_model_reward(scorer, p.reward_model_score_on) if name == MODEL_REWARD
+           else build_reward(name, **p.reward_params.get(name, {})) for name in p.rewards}
+    if not p.route_column:
+        return fns
+    return {name: routed_reward(p.route_column, {route: fn if name in names else _no_reward
+                                                 for route, names in p.routes.items()})
+            for name, fn in fns.items()}
+
+
+def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
+             reward_fns: dict[str, RewardFn]) -> list[dict[str, Any]]:
+    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
+    accuracy, format, and `reward_<name>` for each reward component}."""
+    repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
+    samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
+                     max_prompt_length=p.max_prompt_length)
+    response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
+    columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
+    columns["completion_length"] = [len(ids) for ids in response_ids]
+    total, components = score_components(reward_fns, p.rewards, samples.completions, **columns)
+    accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
+    formatted = format_reward(samples.completions)
+    return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
+             "reward": total[i],
+             "truncated": ids[-1:] != [tokenizer.eos_token_id], "accuracy": accuracy[i], "format": formatted[i],
+             **{f"reward_{name}": values[i] for name, values in components.items()}}
+            for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
+
+
+def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+            prompt_rows: list[dict[str, Any]], rng: random.Random, reward_fns: dict[str, RewardFn]
+            ) -> tuple[list[dict[str, Any]], int]:
+    """One global rollout batch of up to `prompts_per_step` groups (every rank gets the same list), and the number
+    of groups dropped.
+
+    Each round draws the global prompts identically on every rank and each rank samples its share. With dynamic
+    sampling (DAPO §3.2) groups whose rewards are all equal are dropped and fresh prompts are sampled until the
+    global batch is full or `max_sampling_rounds` rounds have run. The batch keeps a multiple of the process count
+    of groups, so the ranks' shares are equal.
+    """
+    p: Params = ctx.params
+    acc, G = ctx.accelerator, p.samples_per_prompt
+    kept: list[dict[str, Any]] = []
+    dropped = 0
+    with full_parameters(acc, policy) as model:
+        for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
+            rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
+            samples = roll_out(model, tokenizer, rows, p, reward_fns)
+            if p.dynamic_sampling:
+                signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
+                                            torch.arange(len(samples)) // G)
+                dropped += len(rows) - int(signal.sum()) // G
+                samples = [s for s, keep in zip(samples, signal.tolist()) if keep]
+            kept += samples
+            if sum(gather_list([len(kept)], acc)) >= p.prompts_per_step * G:
+                break
+    groups = gather_list(kept, acc)[:p.prompts_per_step * G]
+    usable = len(groups) // (G * acc.num_processes) * G * acc.num_processes
+    return groups[:usable], sum(gather_list([dropped], acc))
+
+
+def loss_mask(samples: list[dict[str, Any]], mask: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """The response mask [B, T], with truncated samples (no EOS within max_new_tokens) zeroed when `mask_truncated`
+    (DAPO §3.4 overlong filtering: a cut-off answer is not judged on its reward)."""
+    if not mask_truncated:
+        return mask
+    return mask * torch.tensor([not s["truncated"] for s in samples], dtype=mask.dtype, device=mask.device)[:, None]
+
+
+def process_advantages(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, mask: torch.Tensor,
+                       group_ids: torch.Tensor, step_reward: Callable[[list[str]], list[tuple[int, float]]]
+                       ) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3) with a rule-based process reward: `step_reward` scores each
+    chain-of-thought step of a response's tokens, and a last step ending on the last token scores the outcome
+    reward. Returns advantages [B, T]."""
+    steps = [step_reward(tokenizer.convert_ids_to_tokens(s["response_ids"]))
+             + [(len(s["response_ids"]) - 1, s["reward"])] for s in samples]
+    shape = (len(steps), max(map(len, steps)))
+    rewards, ends, valid = torch.zeros(shape), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
+    for i, row in enumerate(steps):
+        for j, (end, reward) in enumerate(row):
+            rewards[i, j], ends[i, j], valid[i, j] = reward, end, 1.0
+    device = mask.device
+    return process_supervision_advantages(rewards.to(device), valid.to(device), ends.to(device), mask, group_ids)
+
+
+def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float]:
+    """Means over the batch: reward, each component (over the rows routed to it), accuracy and format rate (over the
+    rows with an answer), truncation rate."""
+
+    def mean(key: str, rows: list[dict[str, Any]]) -> float:
+        return sum(s[key] for s in rows) / len(rows) if rows else 0.0
+
+    def routed_to(name: str) -> list[dict[str, Any]]:
+        if not p.route_column:
+            return samples
+        return [s for s in samples if name in p.routes.get(s["row"].get(p.route_column), [])]
+
+    answered = [s for s in samples if s["row"].get("answer") is not None]
+    return {"reward": mean("reward", samples),
+            **{f"reward_{name}": mean(f"reward_{name}", routed_to(name)) for name in p.rewards},
+            "accuracy": mean("accuracy", answered), "format_rate": mean("format", answered),
+            "truncated": mean("truncated", samples)}
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    p: Params = ctx.params
+    acc = ctx.accelerator
+    device = acc.device
+    check_divisible("prompts_per_step", p.prompts_per_step, acc)
+    if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
+        raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
+    tokenizer = load_tokenizer(ctx.path("policy"))
+    keep_reference = p.kl_coef > 0 and p.lora is None  # with LoRA the reference is the policy with adapters off
+    reference = load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device) if keep_reference \
+        else None
+    scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
+    reward_fns = build_rewards(p, scorer)
+    total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
+                                     p.minibatch_size, p.ppo_epochs, p.iterations)
+    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
+    disable_dropout(policy.model)
+    seed_sampling(ctx.seed, acc)
+
+    initial = evaluate(ctx, policy.model, tokenizer)
+    prompt_rows = [{**row, ROW_ID: i} for i, row in enumerate(ctx.rows("prompts"))]
+    truncated_prompts = count_long_prompts(tokenizer, [r["prompt"] for r in prompt_rows], p.max_prompt_length)
+    rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
+    generator = torch.Generator().manual_seed(ctx.seed)
+    loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
+    loop.resume()
+    for it in loop.steps():
+        # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
+        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns)
+        if not samples:  # every sampled group was dropped: nothing to learn from
+            loop.end_step(it, {"dropped_groups": dropped})
+            continue
+        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
+        check_finite(ctx.label, {"reward": metrics["reward"]})
+        group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
+        full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
+                               tokenizer.pad_token_id).response_mask.float().to(device)
+
+        # 3. advantages, on the whole batch
+        with torch.no_grad():
+            if p.advantage == "process":
+                advantages = process_advantages(samples, tokenizer, full_mask, group_ids,
+                                                 STEP_REWARDS.load(p.step_reward))
+            else:
+                scores = torch.tensor([s["reward"] for s in samples], device=device)
+                advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](
+                    outcome_token_rewards(scores, full_mask), full_mask, group_ids=group_ids)
+
+        # this rank's share of the groups: old and reference log-probs in eval mode, at the sampling temperature
+        local = shard(samples, acc)
+        loop.saw([s["row"][ROW_ID] for s in local[::p.samples_per_prompt]])
+        batch = pair_batch([s["prompt_ids"] for s in local], [s["response_ids"] for s in local],
+                           tokenizer.pad_token_id).to(device)
+        mask = batch.response_mask.float()
+        advantages = local_rows(acc, advantages, mask)
+        response_loss_mask = loss_mask(local, mask, p.mask_truncated)
+        with torch.no_grad():
+            policy.model.eval()
+            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
+            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature) \
+                if p.kl_coef > 0 else None
+            policy.model.train()
+
+        # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode
+        def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            mb, mb_mask = batch.select(idx), response_loss_mask[idx]
+            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
+            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_low,
+                                             p.clip_high, p.agg_mode, p.max_new_tokens)
+            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
+            if ref_logp is not None:
+                kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
+                loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
+                stats["kl"] = masked_mean(kl.detach(), mb_mask).item()
+            return loss, stats
+
+        metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator, [(policy, loss_fn)])
+        metrics["response_length"] = full_mask.sum(1).mean().item()
+        loop.end_step(it, metrics)
+
+    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
+    save_model(ctx, policy.model, tokenizer)
+    return {**final, **{f"initial_{k}": v for k, v in initial.items()}}
