@@ -1,5 +1,7 @@
-"""Wall time of the everyday commands on a project whose pipeline has run: a no-op rerun, `validate`, `list` and
-`--help`, each through the interpreter running this script (so PYTHONPATH picks the checkout measured).
+"""Wall time of the everyday commands on a project whose pipeline has run: a no-op rerun, `validate`, `list`,
+`compare` and `--help`, each through the interpreter running this script (so PYTHONPATH picks the checkout
+measured); and the orchestration overhead per stage of the first run: its wall time minus the stages' own MLflow
+run durations, over the stage count.
 
     python benchmarks/command_latency.py [--pipeline-file tests/pipelines/tiny_instructgpt.yaml] [--repeats 3]
 
@@ -17,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from flows.tracking import stage_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +45,13 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         env.pop("PREFECT_API_URL", None)
         first = timed([*cli, "run", args.pipeline], root, env)
-        print(f"first run of {args.pipeline}: {first:.1f} s")
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        own = [row["metrics"]["wall_s"] for row in stage_metrics([args.pipeline], last=1)]
+        print(f"first run of {args.pipeline}: {first:.1f} s; the {len(own)} stages' own runs {sum(own):.1f} s; "
+              f"orchestration overhead {(first - sum(own)) / len(own):.1f} s per stage")
         commands = {"no-op rerun": [*cli, "run", args.pipeline], "validate": [*cli, "validate"],
-                    "list": [*cli, "list"], "--help": [*cli, "--help"]}
+                    "list": [*cli, "list"], "compare": [*cli, "compare", args.pipeline, "--last", "1"],
+                    "--help": [*cli, "--help"]}
         for name, cmd in commands.items():
             times = [timed(cmd, root, env) for _ in range(args.repeats)]
             print(f"{name:<12} median {statistics.median(times):5.2f} s  (runs: "

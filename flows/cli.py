@@ -52,7 +52,7 @@ def cmd_run(args) -> str:
     if args.stage:
         _stage(args, resolved)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
-    from flows.flow import input_graph, select_stages
+    from flows.config import input_graph, select_stages
 
     chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
     seeds = {None: args.pipeline}
@@ -70,7 +70,7 @@ def cmd_run(args) -> str:
 
 def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
     from flows import dvc
-    from flows.flow import run_pipeline
+    from flows.run import run_pipeline
 
     try:
         outcome = run_pipeline(root, resolved, pipeline, chosen, args.force, args.fresh,
@@ -110,24 +110,24 @@ def cmd_pull(args) -> str:
 
 
 def cmd_versions(args) -> str:
-    from flows import tracking
+    from flows.preflight import tracking_uri_default
     from flows.versions import current_version, format_versions, stage_versions
 
     root, resolved = _resolved(args)
     _stage(args, resolved)
-    tracking.tracking_uri_default(root)
+    tracking_uri_default(root)
     return format_versions(args.pipeline, args.stage, stage_versions(args.pipeline, args.stage),
                            current_version(root, args.pipeline, args.stage))
 
 
 def cmd_restore(args) -> str:
-    from flows import tracking
+    from flows.preflight import tracking_uri_default
     from flows.run_lock import run_lock
     from flows.versions import restore
 
     root, resolved = _resolved(args)
     _stage(args, resolved)
-    tracking.tracking_uri_default(root)
+    tracking_uri_default(root)
     with run_lock(root, args.pipeline):
         version = restore(root, args.pipeline, args.stage, args.version, args.config)
     return (f"{args.pipeline}/{args.stage}: restored version {version}; `rl4llm list {args.pipeline}` shows what is "
@@ -154,8 +154,9 @@ def _stage(args, resolved: dict) -> dict:
 
 
 def cmd_list(args) -> str:
-    from flows import dvc, tracking
-    from flows.flow import input_graph
+    from flows import dvc
+    from flows.config import input_graph
+    from flows.preflight import may_hold_running_runs, tracking_uri_default
     from flows.run_lock import holder
 
     root, resolved = _resolved(args)
@@ -164,8 +165,12 @@ def cmd_list(args) -> str:
     if not busy:
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)
-    tracking.tracking_uri_default(root)
-    orphans = tracking.fail_orphaned_runs()
+    tracking_uri_default(root)
+    orphans = []
+    if may_hold_running_runs(os.environ["MLFLOW_TRACKING_URI"]):  # else MLflow need not even load
+        from flows import tracking
+
+        orphans = tracking.fail_orphaned_runs()
     if orphans:
         lines.append(f"marked FAILED: {len(orphans)} MLflow run(s) left RUNNING by processes that are gone")
     for pipeline in [args.pipeline] if args.pipeline else list(resolved):
@@ -197,11 +202,12 @@ def _unpublished_state(root: Path, pipeline: str, stage: str, spec: dict, busy: 
 
 def cmd_compare(args) -> str:
     from flows import compare, tracking
+    from flows.preflight import tracking_uri_default
 
     root, resolved = _resolved(args)
     for name in args.pipelines:
         _pipeline(argparse.Namespace(**{**vars(args), "pipeline": name}), resolved)
-    tracking.tracking_uri_default(root)
+    tracking_uri_default(root)
     rows = tracking.stage_metrics(args.pipelines, args.last)
     if not rows:
         return "no runs recorded yet for " + ", ".join(args.pipelines)

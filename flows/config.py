@@ -462,3 +462,22 @@ def _last_policy(spec: PipelineSpec) -> str | None:
 
 def config_hash(resolved_pipeline: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(resolved_pipeline, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def select_stages(order: list[str], graph: dict[str, set[str]], stage: str | None, downstream: bool) -> list[str]:
+    """The stages to run: all; one; or one and every later stage that depends on it (transitively)."""
+    if stage is None:
+        return order
+    selected = {stage}
+    if downstream:
+        for name in order[order.index(stage) + 1:]:
+            if graph[name] & selected:
+                selected.add(name)
+    return [name for name in order if name in selected]
+
+
+def input_graph(specs: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
+    """stage -> the earlier stages whose outputs it reads."""
+    producers = {path: stage for stage, spec in specs.items() for path in spec["outputs"].values()}
+    return {stage: {producers[i["path"]] for i in spec["inputs"].values() if i["path"] in producers}
+            for stage, spec in specs.items()}

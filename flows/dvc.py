@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import functools
 import json
 import os
 import signal
@@ -74,14 +75,23 @@ def import_closure(modules: list[str], root: Path) -> set[Path]:
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
         package = parts if file.name == "__init__.py" else parts[:-1]
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = package[:len(package) - node.level + 1] if node.level else []
-                full = ".".join([*base, *([node.module] if node.module else [])])
-                todo += [full] + [f"{full}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names]
+        for level, module, names in _imports(file, file.stat().st_mtime_ns):
+            base = package[:len(package) - level + 1] if level else []
+            full = ".".join([*base, *([module] if module else [])])
+            todo += [full] + [f"{full}.{name}" for name in names] if names is not None else [module]
     return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str] | None]]:
+    """The imports anywhere in a file: (level, module, names), names None for a plain `import module`."""
+    found: list[tuple[int, str | None, list[str] | None]] = []
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(0, alias.name, None) for alias in node.names]
+    return found
 
 
 def _module_file(name: str, roots: list[Path]) -> Path | None:
@@ -208,9 +218,15 @@ def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
 def lock_entries(root: Path, pipeline: str) -> dict[str, dict[str, Any]]:
     """{stage: dvc.lock entry} of every stage of `pipeline` that has one."""
     lock = root / "dvc.lock"
-    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    locked = _read_lock(lock, lock.stat().st_mtime_ns).get("stages", {}) if lock.exists() else {}
     prefix = dvc_name(pipeline, "")
     return {name.removeprefix(prefix): entry for name, entry in locked.items() if name.startswith(prefix)}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_lock(lock: Path, _mtime_ns: int) -> dict[str, Any]:
+    """dvc.lock parsed (once per version of the file; callers must not modify it)."""
+    return yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
 
 
 def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, Any]]) -> None:

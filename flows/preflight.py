@@ -1,8 +1,10 @@
-"""Checks `rl4llm run` makes before any stage starts: services it will need are there (stdlib only, fast)."""
+"""Checks before `rl4llm run` starts a stage (services it will need are there) and the tracking store's defaults;
+stdlib only, fast."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,3 +39,24 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         target = path if path.exists() else folder
         if not os.access(target, os.W_OK):
             raise ConfigError(uri, f"MLflow tracking store not writable: {target}")
+
+
+def tracking_uri_default(root: Path) -> None:
+    """MLflow's store: `MLFLOW_TRACKING_URI` if set, else `mlflow.db` in the project (for the stages too)."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")
+
+
+def may_hold_running_runs(uri: str) -> bool:
+    """Whether the tracking store may hold RUNNING runs (to spare loading MLflow when it cannot): for a local sqlite
+    store, a read of its `runs` table; for a server, always."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return True
+    path = Path(parsed.path[1:])
+    if not path.is_file():
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT 1 FROM runs WHERE status = 'RUNNING' LIMIT 1").fetchone() is not None
+    except sqlite3.Error:  # not (yet) MLflow's schema, locked, …: let MLflow look
+        return True

@@ -30,11 +30,6 @@ def git_commit(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def tracking_uri_default(root: Path) -> None:
-    """MLflow's store: `MLFLOW_TRACKING_URI` if set, else `mlflow.db` in the project (for the stages too)."""
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")
-
-
 def start_parent_run(root: Path, pipeline: str, config_hash: str, extra_tags: dict[str, str]) -> str:
     configure_mlflow()
     tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags(), **extra_tags}

@@ -10,9 +10,9 @@ import os
 import socket
 import sys
 import time
+from types import ModuleType
 from typing import Any
 
-import mlflow
 
 PARENT_RUN_ENV = "RL4LLM_PARENT_RUN_ID"
 EXPERIMENT_ENV = "RL4LLM_EXPERIMENT"
@@ -30,9 +30,14 @@ def owner_tags() -> dict[str, str]:
     return tags
 
 
-def configure_mlflow() -> None:
+def configure_mlflow() -> ModuleType:
+    """MLflow, pointed at the tracking URI and experiment of this run (imported here: it takes seconds to load,
+    and the commands that only read the project never need it)."""
+    import mlflow
+
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    return mlflow
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,7 +58,7 @@ class StageRun:
         self.is_main = is_main
         self.run_id: str | None = None
         if is_main:
-            configure_mlflow()
+            self.mlflow = mlflow = configure_mlflow()
             parent = os.environ.get(PARENT_RUN_ENV)
             run = mlflow.start_run(run_name=stage, parent_run_id=parent or None,
                                    tags={"pipeline": pipeline, "stage": stage, "stage_kind": kind,
@@ -68,7 +73,7 @@ class StageRun:
         if not self.is_main:
             return
         if record:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         if total:
             self._progress(step, total, metrics)
 
@@ -86,15 +91,15 @@ class StageRun:
     def finish(self, metrics: dict[str, float], tags: dict[str, str]) -> None:
         if not self.is_main:
             return
-        mlflow.log_metrics({f"final/{k}": float(v) for k, v in metrics.items()})
-        mlflow.set_tags(tags)
-        mlflow.end_run()
+        self.mlflow.log_metrics({f"final/{k}": float(v) for k, v in metrics.items()})
+        self.mlflow.set_tags(tags)
+        self.mlflow.end_run()
 
     def tag(self, tags: dict[str, str]) -> None:
         if self.is_main:
-            mlflow.set_tags(tags)
+            self.mlflow.set_tags(tags)
 
     def end(self, status: str) -> None:
         """End the run as FAILED or KILLED (an interrupt)."""
         if self.is_main:
-            mlflow.end_run(status=status)
+            self.mlflow.end_run(status=status)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flows.config import resolve
-from flows.flow import input_graph, select_stages
+from flows.config import input_graph, select_stages
 from tests.conftest import REPO
 
 

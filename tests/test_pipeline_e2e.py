@@ -129,12 +129,21 @@ def test_a_clone_restores_every_stage_from_the_remote_and_reruns_only_what_chang
 
 def test_rerun_with_nothing_changed_runs_nothing_and_needs_no_prefect(in_workspace, monkeypatch):
     from flows import flow, prefect_server
+    from flows import run as runs
 
     monkeypatch.setattr(flow, "pipeline_flow", lambda *args: pytest.fail("a Prefect flow ran with nothing to do"))
     monkeypatch.setattr(prefect_server, "prefect_api", lambda: pytest.fail("a Prefect server was asked for"))
+    _, before = parent_runs()
+    with monkeypatch.context() as no_mlflow:  # what the last recorded run saw is unchanged: nothing to record
+        no_mlflow.setattr(runs, "tracking", lambda: pytest.fail("MLflow was loaded with nothing new to record"))
+        assert run("run", "tiny") == f"tiny: nothing ran; up to date: {', '.join(STAGES)}"
+    assert len(parent_runs()[1]) == len(before)
+
+    shutil.rmtree(".rl4llm/recorded")  # no record of what the last run saw: the skipped stages are recorded
     assert run("run", "tiny") == f"tiny: nothing ran; up to date: {', '.join(STAGES)}"
-    client, runs = parent_runs()
-    assert all(k.data.tags["skipped"] == "true" for k in children(client, runs[-1]))
+    client, runs_after = parent_runs()
+    assert len(runs_after) == len(before) + 1
+    assert all(k.data.tags["skipped"] == "true" for k in children(client, runs_after[-1]))
 
 
 def test_reward_model_param_change_reruns_reward_model_and_ppo_only(in_workspace):

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows import cli
-from flows.flow import PROJECT_ENV
+from flows.run import PROJECT_ENV
 from flows.prefect_server import temporary_server
 from tests.conftest import REPO, commit_run, descendants, git, git_project_with_remote, make_project, stop_service
 

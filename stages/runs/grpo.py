@@ -227,9 +227,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         mask = batch.response_mask.float()
         advantages = local_rows(acc, advantages, mask)
         response_loss_mask = loss_mask(local, mask, p.mask_truncated)
+        # one optimiser step over the whole batch (μ = 1): π_old is the policy being differentiated, so its
+        # log-probs are the step's own, detached (ratio 1), and need no forward pass of their own
+        one_step = p.ppo_epochs == 1 and p.minibatch_size // acc.num_processes >= len(local)
         with torch.no_grad():
             policy.model.eval()
-            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
+            old_logp = None if one_step else response_logprobs(policy.model, batch, temperature=p.temperature)
             ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature) \
                 if p.kl_coef > 0 else None
             policy.model.train()
@@ -238,7 +241,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb, mb_mask = batch.select(idx), response_loss_mask[idx]
             logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
-            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_low,
+            old = logp.detach() if old_logp is None else old_logp[idx]
+            loss, pg_stats = ppo_policy_loss(logp, old, advantages[idx], mb_mask, p.clip_low,
                                              p.clip_high, p.agg_mode, p.max_new_tokens)
             stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
