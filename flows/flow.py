@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc
-from flows.preflight import tracking_uri_default
 from flows.config import ConfigError, config_hash, input_graph, resolve, select_stages
+from flows.preflight import tracking_uri_default
 from flows.run import project_root, reproduce_here, run_pipeline, run_stages
 from stages.processes import RUN_PID_ENV, interrupt_signal
 

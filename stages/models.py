@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from stages.context import StageContext
+from stages.distributed import seed_sampling
 from stages.params import LoraParams, ModelParams
 from stages.text import position_ids
 
@@ -205,3 +207,10 @@ def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (attention_mask * positions).argmax(dim=1)
     return values.gather(1, last[:, None]).squeeze(1) + bias
+
+
+def sampling_policy(ctx: StageContext, params: ModelParams) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The `policy` input and its tokenizer, on this rank's device, torch seeded for sampling (`seed_sampling`)."""
+    model = load_policy(ctx.path("policy"), params).to(ctx.accelerator.device)
+    seed_sampling(ctx.seed, ctx.accelerator)
+    return model, load_tokenizer(ctx.path("policy"))

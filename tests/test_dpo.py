@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
-from stages.runs.dpo import Params, kto_examples, preference_pairs
 from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.runs.dpo import Params, kto_examples, preference_pairs
 
 GOOD = ["sunny", "warm", "bright", "calm", "clear"]
 BAD = ["rainy", "cold", "dark", "stormy", "grey"]

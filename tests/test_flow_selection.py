@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flows.config import resolve
 from flows.config import input_graph, select_stages
+from flows.config import resolve
 from tests.conftest import REPO
 
 

@@ -14,8 +14,8 @@ from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
-from stages.runs import grpo
 from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.runs import grpo
 from tests.conftest import Tracker
 
 

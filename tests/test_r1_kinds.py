@@ -13,9 +13,9 @@ from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import load_rows, write_jsonl
 from stages.kinds import get_kind
-from stages.runs import rejection_sampling
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, verify_answer
+from stages.runs import rejection_sampling
 from stages.text import Samples
 from tests.conftest import Tracker
 

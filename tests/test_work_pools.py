@@ -13,8 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows import cli
-from flows.run import PROJECT_ENV
 from flows.prefect_server import temporary_server
+from flows.run import PROJECT_ENV
 from tests.conftest import REPO, commit_run, descendants, git, git_project_with_remote, make_project, stop_service
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ from stages.algorithms import masked_mean
 from stages.context import StageContext
 from stages.kinds.distill import Params
 from stages.models import load_policy, load_tokenizer
-from stages.training import fine_tune
 from stages.text import PairBatch, response_logprobs
+from stages.training import fine_tune
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:

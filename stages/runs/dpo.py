@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from stages.algorithms import kto_loss, kwise_pairs, masked_sum, preference_loss
+from stages.chat import Prompt, as_ranked, prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import full_parameters, gather_list, shard
 from stages.kinds.dpo import Params
 from stages.models import load_policy, load_tokenizer
-from stages.chat import Prompt, as_ranked, prompt_key
 from stages.text import PairBatch, encode_prompt, encode_response, fit, pair_batch, response_logprobs
 from stages.training import (adapters_disabled, evaluate, kl_to_reference, prepare_optimization, save_model,
                              steps_per_epoch, train_epochs)

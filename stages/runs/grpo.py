@@ -35,9 +35,9 @@ from stages.distributed import (check_divisible, full_parameters, gather_list, l
 from stages.kinds.grpo import MODEL_REWARD, Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
+from stages.registry import STEP_REWARDS
 from stages.rewards import (RewardFn, Scorer, accuracy_reward, build_reward, format_reward, reward_model_reward,
                             routed_reward, score_components)
-from stages.registry import STEP_REWARDS
 from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
 from stages.training import (disable_dropout, evaluate, prepare_optimization, reference_logprobs, rl_optimiser_steps,
                              save_model, update_on_buffer)

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import random
 
+from stages.chat import prompt_text
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.distributed import gather_list, seed_sampling, shard, write_trace
+from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.label_preferences import Params
+from stages.models import sampling_policy
 from stages.registry import LABELERS
-from stages.models import load_policy, load_tokenizer
-from stages.chat import prompt_text
 from stages.text import sample
 
 
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
-    tokenizer = load_tokenizer(ctx.path("policy"))
     acc = ctx.accelerator
-    model = load_policy(ctx.path("policy"), p).to(acc.device)
-    seed_sampling(ctx.seed, acc)
+    model, tokenizer = sampling_policy(ctx, p)
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
     ids = shard(random.Random(ctx.seed).sample(range(len(prompts)), min(p.prompts, len(prompts))), acc)
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", ids)

@@ -14,13 +14,13 @@ import random
 from typing import Any, Callable
 
 
+from stages.chat import prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.distributed import gather_list, seed_sampling, shard, write_trace
+from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.rejection_sampling import Params
-from stages.models import load_policy, load_tokenizer
+from stages.models import sampling_policy
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
-from stages.chat import prompt_key
 from stages.text import sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
@@ -75,10 +75,8 @@ def accept(completions: list[str], columns: dict[str, list[Any]], p: Params) -> 
 
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
-    tokenizer = load_tokenizer(ctx.path("policy"))
     acc = ctx.accelerator
-    model = load_policy(ctx.path("policy"), p).to(acc.device)
-    seed_sampling(ctx.seed, acc)
+    model, tokenizer = sampling_policy(ctx, p)
     rows = ctx.rows("prompts")
     ids = list(range(len(rows))) if p.prompts is None else \
         random.Random(ctx.seed).sample(range(len(rows)), min(p.prompts, len(rows)))
