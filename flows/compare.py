@@ -138,7 +138,7 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     blocks = lines_by_pipeline(rows, chosen)
     stages = [(p, s, [(m, v) for s2, m, v in b["lines"] if s2 == s], b["runs"])
               for p, b in blocks.items() for s in dict.fromkeys(s for s, _, _ in b["lines"])]
-    rl = [row for row in rows if row["kind"] in RL_KINDS and row["run_id"] in curves]
+    rl = [row for row in newest_per_seed(rows) if row["kind"] in RL_KINDS and row["run_id"] in curves]
     rl_stages = list(dict.fromkeys((r["pipeline"], r["stage"]) for r in rl))
     columns = 3
     stage_rows = -(-len(stages) // columns)
@@ -166,7 +166,8 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     if stages:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=7,
-                   title="runs, newest first", title_fontsize=7)
+                   title="seeds" if all(label.startswith("seed ") for label in labels) else "runs, newest first",
+                   title_fontsize=7)
     for row_axes, (pipeline, stage) in zip(axes[stage_rows:], rl_stages):
         for ax, metric in zip(row_axes, CURVES):
             for row in (r for r in rl if (r["pipeline"], r["stage"]) == (pipeline, stage)):

@@ -28,8 +28,13 @@ PROJECT_ENV = "RL4LLM_PROJECT"  # on a worker: its clone of the project (default
 STAGE_OUTPUT = logging.getLogger("rl4llm.stage")  # a stage's own output lines, sent to the Prefect API
 
 
+def stream(label: str) -> Callable[[str], None]:
+    """Where the lines of stage `label`'s output go: prefixed `[label]` (unless the stage did), to the terminal and
+    to the Prefect logs of the task."""
+    return lambda line: _stream(line if line.startswith(f"[{label}]") else f"[{label}] {line}")
+
+
 def _stream(line: str) -> None:
-    """One line of a stage's output: to the terminal as it was, and to the Prefect logs of the task."""
     sys.stderr.write(line + "\n")  # not print: the flow's log_prints would log it a second time
     sys.stderr.flush()
     if not STAGE_OUTPUT.handlers:
@@ -42,11 +47,11 @@ def _stream(line: str) -> None:
 
 
 def reproduce_here(root: Path, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
-               push: bool) -> str:
+                   push: bool) -> str:
     """`dvc repro` of one stage here, then push it if asked. Returns 'ran', 'restored' (outputs were missing and
     DVC brought them from the remote or its run cache) or 'skipped' (up to date)."""
     present = dvc.outputs_present(root, spec)
-    dvc.repro(root, pipeline, stage, force, env, on_line=_stream)
+    dvc.repro(root, pipeline, stage, force, env, on_line=stream(f"{pipeline}/{stage}"))
     if push:
         dvc.push(root, pipeline, stage)
     if tracking().stage_run(env[PARENT_RUN_ENV], stage):

@@ -61,7 +61,7 @@ def test_the_chart_has_the_stage_panels_and_the_rl_curves(tmp_path):
     assert width > 1000 and height > 500  # 3 columns; a row of stage panels and a row of curves
 
 
-def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd():
+def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd(tmp_path):
     seeded = []
     for started, seed, gold in ((5, "0", 0.5), (9, "0", 0.6), (7, "1", 0.8), (8, "2", 0.7)):  # seed 0 ran twice
         seeded.append({"pipeline": "instructgpt", "run": f"r{started}", "seed": seed, "started": started,
@@ -73,3 +73,6 @@ def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd():
     assert line.split() == ["ppo", "gold_score", "0.7", "±", "0.1", "0.6", "0.8", "0.7"]  # mean, sample sd
     markdown = FORMATTERS["markdown"](seeded, None)
     assert "| instructgpt | metric | mean ± sd | seed 0 | seed 1 | seed 2 |" in markdown
+    curves = {row["run_id"]: {name: [0.1, 0.2] for name in CURVES} for row in seeded}
+    plot(seeded, None, curves, tmp_path / "compare.png")  # a curve per seed, coloured as its bars
+    assert (tmp_path / "compare.png").stat().st_size > 0
