@@ -60,11 +60,14 @@ def cmd_run(args) -> str:
         from flows.seeds import add_seed_variants, parse_seeds
 
         seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
+    from flows.prefect_server import one_server
+
     reports = []
-    for seed, pipeline in seeds.items():
-        seed_of = args.pipeline if pipeline != args.pipeline else None
-        report = _run_one(args, root, resolved, pipeline, chosen, seed_of)
-        reports.append(report if seed is None else f"seed {seed}: {report}")
+    with one_server():
+        for seed, pipeline in seeds.items():
+            seed_of = args.pipeline if pipeline != args.pipeline else None
+            report = _run_one(args, root, resolved, pipeline, chosen, seed_of)
+            reports.append(report if seed is None else f"seed {seed}: {report}")
     return "\n".join(reports)
 
 

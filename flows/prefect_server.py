@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -66,18 +66,36 @@ def temporary_server() -> Iterator[str]:
             server.wait()
 
 
+_outer: list[tuple[ExitStack, dict[str, str]]] = []  # inside `one_server`: its stack, and its server's URL once up
+
+
+@contextmanager
+def one_server() -> Iterator[None]:
+    """Inside, every `prefect_api()` that needs a temporary server shares one, started at the first need (several
+    runs of one command, e.g. the seeds of `rl4llm run --seeds`)."""
+    with ExitStack() as stack:
+        _outer.append((stack, {}))
+        try:
+            yield
+        finally:
+            _outer.pop()
+
+
 @contextmanager
 def prefect_api() -> Iterator[None]:
     """Inside, flows report to the configured Prefect API, or else to a temporary server of this run."""
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:
         yield
         return
-    from prefect.logging.handlers import APILogWorker
-
-    with temporary_server() as api_url, temporary_settings({PREFECT_API_URL: api_url}):
-        try:
-            yield
-        finally:
-            APILogWorker.drain_all(timeout=5)  # the run's logs reach the server before it stops
+    with ExitStack() as own:
+        stack, started = _outer[-1] if _outer else (own, {})
+        if "url" not in started:
+            started["url"] = stack.enter_context(temporary_server())
+        with temporary_settings({PREFECT_API_URL: started["url"]}):
+            try:
+                yield
+            finally:
+                APILogWorker.drain_all(timeout=5)  # the run's logs reach the server before it can stop
