@@ -213,8 +213,8 @@ def main() -> None:
     print("\nmedian time per step (GRPO: per iteration), one torch thread")
     for kind in ("sft", "dpo", "grpo"):
         ratio = median[f"{kind} (ours)"] / median[f"{kind} (TRL)"]
-        print(f"  {kind:<5} ours {median[f'{kind} (ours)'] * 1000:7.1f} ms   TRL {median[f'{kind} (TRL)'] * 1000:7.1f} ms"
-              f"   ours/TRL {ratio:.2f}x")
+        ours_ms, trl_ms = median[f"{kind} (ours)"] * 1000, median[f"{kind} (TRL)"] * 1000
+        print(f"  {kind:<5} ours {ours_ms:7.1f} ms   TRL {trl_ms:7.1f} ms   ours/TRL {ratio:.2f}x")
     print(f"  dpo   bare loop {median['dpo (bare loop)'] * 1000:7.1f} ms   ours/bare "
           f"{median['dpo (ours)'] / median['dpo (bare loop)']:.2f}x")
 

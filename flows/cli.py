@@ -62,13 +62,14 @@ def cmd_run(args) -> str:
         seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
     from flows.prefect_server import one_server
 
-    reports = []
     with one_server():
         for seed, pipeline in seeds.items():
             seed_of = args.pipeline if pipeline != args.pipeline else None
             report = _run_one(args, root, resolved, pipeline, chosen, seed_of)
-            reports.append(report if seed is None else f"seed {seed}: {report}")
-    return "\n".join(reports)
+            if seed is None:
+                return report
+            print(f"seed {seed}: {report}", flush=True)  # as each seed ends: a later one may fail
+    return ""
 
 
 def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
@@ -215,18 +216,32 @@ def cmd_compare(args) -> str:
     if not rows:
         return "no runs recorded yet for " + ", ".join(args.pipelines)
     chosen = args.metrics.split(",") if args.metrics else None
-    compare.plot(rows, chosen, tracking.stage_curves(rows, compare.RL_KINDS, compare.CURVES), Path(args.out))
+    charted = compare.plot(rows, chosen, tracking.stage_curves(rows, compare.RL_KINDS, compare.CURVES),
+                           Path(args.out))
     report = compare.FORMATTERS[args.format](rows, chosen)
-    return f"{report}\nchart: {args.out}" if args.format in ("table", "markdown") else report
+    return f"{report}\nchart: {args.out}" if charted and args.format in ("table", "markdown") else report
+
+
+def _all_kinds(args) -> list[str]:
+    """The built-in kinds, and the user's own that the pipelines file names (found from its directory)."""
+    from flows.config import load
+    from flows.reference import user_kinds
+    from stages.kinds import KIND_MODULES
+    from stages.registry import use_project
+
+    config = Path(args.config)
+    if not config.exists():
+        return list(KIND_MODULES)
+    use_project(config.resolve().parent)
+    return list(KIND_MODULES) + user_kinds(load(config))
 
 
 def cmd_kinds(args) -> str:
-    from flows.config import load, nearest
-    from flows.reference import describe_kind, user_kinds
-    from stages.kinds import KIND_MODULES, get_kind
+    from flows.config import nearest
+    from flows.reference import describe_kind
+    from stages.kinds import get_kind
 
-    config = Path(args.config)
-    known = list(KIND_MODULES) + (user_kinds(load(config)) if config.exists() else [])
+    known = _all_kinds(args)
     if args.kind and args.kind not in known and ("." not in args.kind or ":" in args.kind):
         raise ConfigError(args.config, f"no stage kind '{args.kind}'; {nearest(args.kind, known)}")
     try:
@@ -238,13 +253,13 @@ def cmd_kinds(args) -> str:
 def cmd_schema(args) -> str:
     import json
 
-    from flows.config import load
-    from flows.reference import pipelines_schema, user_kinds
-    from stages.kinds import KIND_MODULES
+    from flows.reference import pipelines_schema
 
-    config = Path(args.config)
-    kinds = list(KIND_MODULES) + (user_kinds(load(config)) if config.exists() else [])
-    Path(args.out).write_text(json.dumps(pipelines_schema(kinds), indent=1) + "\n")
+    try:
+        schema = pipelines_schema(_all_kinds(args))
+    except ValueError as e:  # a user's kind that does not load
+        raise ConfigError(args.config, str(e)) from None
+    Path(args.out).write_text(json.dumps(schema, indent=1) + "\n")
     return (f"wrote {args.out}; point your editor at it, e.g. the first line of pipelines.yaml: "
             f"# yaml-language-server: $schema={args.out}")
 

@@ -24,22 +24,21 @@ def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:
 
 
 def newest_per_seed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Where a pipeline's runs have several seeds: the newest run of each seed only, named `seed N`, in seed order.
-    Other pipelines' rows are left as they are."""
-    seeds: dict[str, set] = {}
+    """Where a pipeline has runs of seed variants (`rl4llm run --seeds`): the newest run of each seed only, named
+    `seed N`, in seed order. Other pipelines' rows are left as they are."""
     newest: dict[tuple[str, Any], int] = {}
     for row in rows:
-        seeds.setdefault(row["pipeline"], set()).add(row.get("seed"))
         key = (row["pipeline"], row.get("seed"))
         newest[key] = max(newest.get(key, row["started"]), row["started"])
     out = []
-    for pipeline in seeds:
+    for pipeline in dict.fromkeys(row["pipeline"] for row in rows):
         mine = [row for row in rows if row["pipeline"] == pipeline]
-        if len(seeds[pipeline]) < 2:
+        if not any(row.get("seed_of") for row in mine):  # no seed variants: plain runs, newest first
             out += mine
             continue
         out += sorted((row | {"run": f"seed {row['seed']}"} for row in mine
-                       if row["started"] == newest[(pipeline, row["seed"])]), key=lambda r: int(r["seed"] or -1))
+                       if row.get("seed") is not None and row["started"] == newest[(pipeline, row["seed"])]),
+                      key=lambda r: int(r["seed"]))
     return out
 
 
@@ -126,10 +125,11 @@ FORMATTERS: dict[str, Callable[[list[dict[str, Any]], list[str] | None], str]] =
 
 
 def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str, dict[str, list[float]]],
-         path: Path) -> None:
+         path: Path) -> bool:
     """Top: a panel per (pipeline, stage) with its key metrics side by side, a bar per run (each metric scaled to
-    its own largest value; the labels are the values). Bottom: for each RL
-    stage, its reward, KL and response length per step, a line per run. `curves`: {stage run id: {metric: values}}."""
+    its own largest value; the labels are the values). Bottom: for each RL stage, its reward, KL and response
+    length per step, a line per run. `curves`: {stage run id: {metric: values}}. False (and no chart) when none
+    of the metrics shown was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +138,10 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     blocks = lines_by_pipeline(rows, chosen)
     stages = [(p, s, [(m, v) for s2, m, v in b["lines"] if s2 == s], b["runs"])
               for p, b in blocks.items() for s in dict.fromkeys(s for s, _, _ in b["lines"])]
-    rl = [row for row in newest_per_seed(rows) if row["kind"] in RL_KINDS and row["run_id"] in curves]
+    if not stages:
+        return False
+    rl = [row for row in newest_per_seed(rows) if row["kind"] in RL_KINDS and row["run_id"] in curves
+          and row["pipeline"] in blocks]
     rl_stages = list(dict.fromkeys((r["pipeline"], r["stage"]) for r in rl))
     columns = 3
     stage_rows = -(-len(stages) // columns)
@@ -180,3 +183,4 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_size_inches()[1]))  # room for the legend above
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import copy
 import functools
 import json
 import os
@@ -86,7 +87,10 @@ def import_closure(modules: list[str], root: Path) -> set[Path]:
 def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str] | None]]:
     """The imports anywhere in a file: (level, module, names), names None for a plain `import module`."""
     found: list[tuple[int, str | None, list[str] | None]] = []
-    for node in ast.walk(ast.parse(file.read_text())):
+    tree = ast.parse(file.read_text())
+    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+        block.body = []  # imports for type annotations only: not code the module runs
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             found.append((node.level, node.module, [alias.name for alias in node.names]))
         elif isinstance(node, ast.Import):
@@ -218,14 +222,16 @@ def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
 def lock_entries(root: Path, pipeline: str) -> dict[str, dict[str, Any]]:
     """{stage: dvc.lock entry} of every stage of `pipeline` that has one."""
     lock = root / "dvc.lock"
-    locked = _read_lock(lock, lock.stat().st_mtime_ns).get("stages", {}) if lock.exists() else {}
+    stat = lock.stat() if lock.exists() else None
+    locked = copy.deepcopy(_read_lock(lock, stat.st_mtime_ns, stat.st_size, stat.st_ino).get("stages", {})) \
+        if stat else {}
     prefix = dvc_name(pipeline, "")
     return {name.removeprefix(prefix): entry for name, entry in locked.items() if name.startswith(prefix)}
 
 
 @functools.lru_cache(maxsize=4)
-def _read_lock(lock: Path, _mtime_ns: int) -> dict[str, Any]:
-    """dvc.lock parsed (once per version of the file; callers must not modify it)."""
+def _read_lock(lock: Path, *_version: int) -> dict[str, Any]:
+    """dvc.lock parsed, once per version of the file (its mtime, size and inode)."""
     return yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
 
 

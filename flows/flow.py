@@ -29,7 +29,7 @@ STAGE_FLOW = "rl4llm-stage"
 @task(cache_policy=NO_CACHE)
 def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
                     push: bool) -> str:
-    """The stage in this process's project (see `_reproduce`)."""
+    """The stage in this process's project (see `reproduce_here`)."""
     return reproduce_here(Path(root), pipeline, stage, spec, force, env, push)
 
 

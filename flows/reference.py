@@ -11,6 +11,7 @@ from flows.config import ConfigFile
 from stages.kinds import KIND_MODULES, StageKind, get_kind, kind_module
 from stages.registry import load_object
 
+
 def describe_kind(kind: StageKind) -> str:
     """A kind's reference: its purpose (the module docstring's first paragraph), inputs, outputs, and each param
     with its type, default and description."""

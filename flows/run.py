@@ -143,8 +143,9 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
 
 class RecordedState:
     """What the last recorded run of a pipeline's stages saw: their dvc.lock entries, the run settings and the
-    tracking store, hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up to date and this
-    unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
+    tracking store (its URI; for a local sqlite store also the database file's inode and last write, so a store
+    deleted, replaced or written since is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up to date and
+    this unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
 
     def __init__(self, root: Path, pipeline: str, stages: list[str], settings: dict[str, Any]):
         self.path = root / STATE_DIR / "recorded" / f"{pipeline}.json"
@@ -153,8 +154,12 @@ class RecordedState:
     def digest(self) -> str:
         locked = dvc.lock_entries(self.root, self.pipeline)
         settings = {k: v for k, v in self.settings.items() if k != "push"}  # a push is done, or asked for again
-        seen = {"lock": {s: locked.get(s) for s in self.stages}, "settings": settings,
-                "tracking": os.environ.get("MLFLOW_TRACKING_URI"), "experiment": os.environ.get(EXPERIMENT_ENV)}
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        seen = {"lock": {s: locked.get(s) for s in self.stages}, "settings": settings, "tracking": uri,
+                "experiment": os.environ.get(EXPERIMENT_ENV),
+                "database": [database.stat().st_ino, database.stat().st_mtime_ns] if database and database.exists()
+                else None}
         return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
 
     def unchanged(self) -> bool:

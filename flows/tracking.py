@@ -206,6 +206,7 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
                 if child.info.end_time and child.data.tags.get("skipped") != "true":
                     finals["wall_s"] = (child.info.end_time - child.info.start_time) / 1000
                 rows.append({"pipeline": pipeline, "run": parent.info.run_id[:8], "seed": parent.data.tags.get("seed"),
+                             "seed_of": parent.data.tags.get("seed_of"),
                              "started": parent.info.start_time, "stage": child.data.tags.get("stage", ""),
                              "kind": child.data.tags.get("stage_kind", ""), "run_id": child.info.run_id,
                              "skipped": child.data.tags.get("skipped") == "true", "metrics": finals})

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.registry import EVALUATORS
 from stages.text import encode_text, sample, text_lm_loss
 
+
 def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
                     evaluator: str, max_new_tokens: int, samples_per_prompt: int = 2,
                     temperature: float = 1.0) -> dict[str, float]:

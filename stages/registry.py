@@ -35,8 +35,8 @@ def load_object(path: str) -> Any:
     use_project(os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import '{module_name}' (from '{path}'): {e}") from None
+    except Exception as e:  # not found, or the module itself is broken (a SyntaxError, a NameError, …)
+        raise ValueError(f"cannot import '{module_name}' (from '{path}'): {type(e).__name__}: {e}") from None
     if not attribute:
         return module
     try:

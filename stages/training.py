@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -17,11 +17,13 @@ from stages.chat import Prompt
 from stages.context import StageContext
 from stages.distributed import check_divisible, full_parameters, full_state_dict, global_means, prepare
 from stages.evaluation import evaluate_policy, lm_loss
-from stages.kinds.sft import Params as SFTParams
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
 from stages.text import PairBatch, encode_row, fit_rows, pair_batch, response_logprobs, sample
+
+if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
+    from stages.kinds.sft import Params as SFTParams
 
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from flows.compare import CURVES, FORMATTERS, WIDTH, as_table, plot
+from flows.compare import CURVES, FORMATTERS, WIDTH, as_table, newest_per_seed, plot
 
 
 def rows(runs: int = 3) -> list[dict]:
@@ -65,7 +65,8 @@ def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd(tmp_pat
     seeded = []
     for started, seed, gold in ((5, "0", 0.5), (9, "0", 0.6), (7, "1", 0.8), (8, "2", 0.7)):  # seed 0 ran twice
         seeded.append({"pipeline": "instructgpt", "run": f"r{started}", "seed": seed, "started": started,
-                       "stage": "ppo", "kind": "ppo", "run_id": f"ppo{started}", "skipped": False,
+                       "seed_of": None if seed == "0" else "instructgpt", "stage": "ppo", "kind": "ppo",
+                       "run_id": f"ppo{started}", "skipped": False,
                        "metrics": {"gold_score": gold}})
     table = as_table(seeded, None)
     header, _, line = table.splitlines()[:3]
@@ -76,3 +77,12 @@ def test_several_seeds_show_the_newest_run_of_each_and_their_mean_and_sd(tmp_pat
     curves = {row["run_id"]: {name: [0.1, 0.2] for name in CURVES} for row in seeded}
     plot(seeded, None, curves, tmp_path / "compare.png")  # a curve per seed, coloured as its bars
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_runs_of_one_seed_are_not_taken_for_seeds_and_no_chart_is_drawn_without_metrics(tmp_path):
+    plain = rows(2)
+    for row, seed in zip(plain, ("0", "0", None, None)):  # the older run predates seed tags
+        row["seed"] = seed
+    assert newest_per_seed(plain) == plain  # no seed variants: the runs as they are
+    assert not plot(plain, ["no_such_metric"], {}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -77,3 +77,17 @@ def test_lock_entries_are_replaced_one_stage_at_a_time(tmp_path):
                                                "b": {"cmd": "z"}}
     assert dvc.lock_entry(tmp_path, "q", "a") == {"cmd": "y"}
     assert yaml.safe_load((tmp_path / "dvc.lock").read_text())["schema"] == "2.0"
+
+
+def test_a_no_op_run_records_again_once_the_tracking_store_changed(tmp_path, monkeypatch):
+    from flows.run import RecordedState
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    seen = RecordedState(tmp_path, "p", ["a"], {"push": False, "stages": {}})
+    seen.save()
+    assert seen.unchanged()
+    assert RecordedState(tmp_path, "p", ["a"], {"push": True, "stages": {}}).unchanged()  # a push is no change
+    store.unlink()
+    assert not seen.unchanged()  # the store is gone: what it recorded must be recorded again

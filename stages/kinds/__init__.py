@@ -1,14 +1,18 @@
 """Stage kinds: each module declares its `Params`, the `INPUTS` it reads, the `OUTPUTS` it writes, and `run(ctx)`.
 
 `run` returns the stage's final held-out metrics (written to metrics.json); everything it writes goes under
-`ctx.output_dir`. A built-in kind's module here is its declaration alone, free of torch (so that pipelines.yaml is
-checked in an instant); its `run` is the import path of its implementation in `stages/runs/`. A user's own kind is a module of theirs with the same four names, named in pipelines.yaml by its
-module path (`kind: my_kinds.rank_filter`); it may declare `KEY_METRICS` (what `rl4llm compare` shows of it).
+`ctx.output_dir`. A kind may declare `KEY_METRICS`: what `rl4llm compare` shows of its stages by default.
+
+A built-in kind's module here is its declaration alone, free of torch (so that pipelines.yaml is checked in an
+instant); its `run` is the import path of its implementation in `stages/runs/`. A user's own kind is a module of
+theirs with the same names, named in pipelines.yaml by its module path (`kind: my_kinds.rank_filter`).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import tokenize
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterable
@@ -30,29 +34,29 @@ class Described(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         comments = declared_comments(cls)
         described = False
-        for name, comment in comments.items():
-            if name in cls.__annotations__ and cls.model_fields[name].description is None:
-                cls.model_fields[name].description = comment
+        for name, field in cls.model_fields.items():
+            inherited = next((base.model_fields[name].description for base in cls.__mro__[1:]
+                              if name in getattr(base, "model_fields", {})), None)
+            description = comments.get(name) or inherited  # a redeclared field keeps its parent's, if it says none
+            if field.description is None and description:
+                field.description = description
                 described = True
         if described:
             cls.model_rebuild(force=True)
 
 
 def declared_comments(cls: type) -> dict[str, str]:
-    """{field: the comment ending the line that declares it} in the class body of `cls` (its own fields only)."""
+    """{field: the comment ending its declaration} for the fields `cls`'s own body declares (`name: type = …`)."""
     try:
-        lines = inspect.getsource(cls).splitlines(keepends=True)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # defined where there is no source (a REPL)
         return {}
-    comments, line_start = {}, None
-    for token in tokenize.generate_tokens(iter(lines).__next__):
-        if token.type == tokenize.NAME and line_start is None and token.start[1] > 0:
-            line_start = token
-        elif token.type == tokenize.COMMENT and line_start is not None:
-            comments[line_start.string] = token.string.lstrip("#").strip()
-        if token.type in (tokenize.NEWLINE, tokenize.NL):
-            line_start = None
-    return comments
+    lines = source.splitlines(keepends=True)
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(iter(lines).__next__) if token.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: comments[node.end_lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments}
 
 
 class StageParams(Described):
@@ -116,22 +120,6 @@ KIND_MODULES = {
 }
 
 
-# What `rl4llm compare` shows of each kind by default (those a stage logged): the metrics its stage exists to move.
-KEY_METRICS: dict[str, tuple[str, ...]] = {
-    "synthetic_instructions": ("demonstration_gold_score", "demonstrations"),
-    "pretrain": ("lm_eval_loss",),
-    "sft": ("gold_score", "accuracy", "language_consistency", "eval_loss"),
-    "label_preferences": ("comparisons", "all_tied_fraction"),
-    "reward_model": ("eval_accuracy", "train_accuracy"),
-    "ppo": ("gold_score", "accuracy", "kl", "reward", "ptx_lm_loss"),
-    "dpo": ("gold_score", "eval_accuracy", "eval_margin", "kl"),
-    "synthetic_reasoning": ("rl_prompts", "general_prompts"),
-    "grpo": ("accuracy", "format_rate", "language_consistency", "kl"),
-    "rejection_sampling": ("acceptance_rate", "kept"),
-    "distill": ("accuracy", "format_rate", "language_consistency", "gold_score"),
-}
-
-
 def kind_module(name: str) -> str:
     """The module of a kind: a built-in's, or a user's own kind named by its module path."""
     if name in KIND_MODULES:
@@ -144,8 +132,6 @@ def kind_module(name: str) -> str:
 
 def key_metrics(name: str) -> tuple[str, ...]:
     """What `rl4llm compare` shows of a kind's stages by default."""
-    if name in KEY_METRICS:
-        return KEY_METRICS[name]
     try:
         return get_kind(name).key_metrics
     except ValueError:  # a user's kind that no longer loads: compare shows what it logged
@@ -164,6 +150,6 @@ def get_kind(name: str) -> StageKind:
             callable(module.run) or isinstance(module.run, str)) or not all(
             isinstance(o, str) for o in module.OUTPUTS.values()):
         raise ValueError(f"stage kind '{name}': INPUTS must map names to stages.kinds.Input, OUTPUTS names to paths "
-                         "in the stage's directory, and run must be a function of the stage context (or its import path)")
+                         "in the stage's directory, and run must be a function of the stage context (or its path)")
     return StageKind(name, module.Params, module.INPUTS, module.OUTPUTS, module.run,
-                     getattr(module, "KEY_METRICS", KEY_METRICS.get(name, ())))
+                     tuple(getattr(module, "KEY_METRICS", ())))

@@ -25,5 +25,6 @@ INPUTS = {
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("accuracy", "format_rate", "language_consistency", "gold_score")  # `rl4llm compare` shows these
 
 run = "stages.runs.distill:run"  # what a stage of this kind does

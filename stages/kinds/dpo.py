@@ -47,5 +47,6 @@ INPUTS = {
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
 }
 OUTPUTS = {"model": "model", "reference_logps": "reference_logps"}  # the pairs, with their stored reference log-probs
+KEY_METRICS = ("gold_score", "eval_accuracy", "eval_margin", "kl")  # `rl4llm compare` shows these
 
 run = "stages.runs.dpo:run"  # what a stage of this kind does

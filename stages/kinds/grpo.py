@@ -34,7 +34,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     advantage: Literal["outcome", "process"] = "outcome"  # outcome or rule-based process supervision
     step_reward: StepReward | None = None  # with advantage: process, the rule scoring each step (arithmetic_steps)
     advantage_estimator: OutcomeEstimator = "grpo"  # how outcome rewards become advantages
-    loss_agg_mode: LossAggMode | None = None  # default: "seq-mean-token-sum-norm" for drgrpo, else "seq-mean-token-mean"
+    loss_agg_mode: LossAggMode | None = None  # default: seq-mean-token-sum-norm for drgrpo, else seq-mean-token-mean
     clip_low: float = 0.2  # ratio clip below 1
     clip_high: float | None = None  # DAPO clip-higher (e.g. 0.28); None = clip_low
     kl_coef: float = 0.04  # β; 0 keeps no reference model
@@ -93,5 +93,6 @@ INPUTS = {
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("accuracy", "format_rate", "language_consistency", "kl")  # `rl4llm compare` shows these
 
 run = "stages.runs.grpo:run"  # what a stage of this kind does

@@ -26,5 +26,6 @@ INPUTS = {
     "prompts": Input("prompts to collect comparisons on", columns=("prompt",)),
 }
 OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl"}
+KEY_METRICS = ("comparisons", "all_tied_fraction")  # `rl4llm compare` shows these
 
 run = "stages.runs.label_preferences:run"  # what a stage of this kind does

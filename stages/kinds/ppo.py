@@ -53,5 +53,6 @@ INPUTS = {
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("gold_score", "accuracy", "kl", "reward", "ptx_lm_loss")  # `rl4llm compare` shows these
 
 run = "stages.runs.ppo:run"  # what a stage of this kind does

@@ -27,5 +27,6 @@ INPUTS = {
     "vocab": Input("extra texts whose words join the vocabulary (every string column)", required=False),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("lm_eval_loss",)  # `rl4llm compare` shows these
 
 run = "stages.runs.pretrain:run"  # what a stage of this kind does

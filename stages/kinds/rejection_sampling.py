@@ -32,5 +32,6 @@ INPUTS = {
                      columns=("prompt", "response")),
 }
 OUTPUTS = {"sft": "sft.jsonl"}
+KEY_METRICS = ("acceptance_rate", "kept")  # `rl4llm compare` shows these
 
 run = "stages.runs.rejection_sampling:run"  # what a stage of this kind does

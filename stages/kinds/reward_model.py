@@ -28,5 +28,6 @@ INPUTS = {
                    "reward 0", columns=("prompt", "response"), or_columns=("messages",)),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("eval_accuracy", "train_accuracy")  # `rl4llm compare` shows these
 
 run = "stages.runs.reward_model:run"  # what a stage of this kind does

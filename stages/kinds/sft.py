@@ -28,5 +28,6 @@ INPUTS = {
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
 }
 OUTPUTS = {"model": "model"}
+KEY_METRICS = ("gold_score", "accuracy", "language_consistency", "eval_loss")  # `rl4llm compare` shows these
 
 run = "stages.runs.sft:run"  # what a stage of this kind does

@@ -28,6 +28,7 @@ OUTPUTS = {
     "pretrain": "pretrain.jsonl",
     "pretrain_eval": "pretrain_eval.jsonl",
 }
+KEY_METRICS = ("demonstration_gold_score", "demonstrations")  # `rl4llm compare` shows these
 
 
 def run(ctx: StageContext) -> dict[str, float]:

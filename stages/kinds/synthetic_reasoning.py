@@ -33,6 +33,7 @@ OUTPUTS = {
     "general_prompts": "general_prompts.jsonl",  # {prompt, answer, language, task}
     "mixed_prompts": "mixed_prompts.jsonl",  # reasoning + general prompts, routed by `task`
 }
+KEY_METRICS = ("rl_prompts", "general_prompts")  # `rl4llm compare` shows these
 
 
 def run(ctx: StageContext) -> dict[str, float]:

@@ -11,7 +11,6 @@ Params, inputs and outputs: stages/kinds/sft.py.
 from __future__ import annotations
 
 
-
 from stages.context import StageContext
 from stages.kinds.sft import Params
 from stages.models import load_policy, load_tokenizer

@@ -1,0 +1,1 @@
+"""What each built-in stage kind does: `run(ctx)`, named by its declaration in stages/kinds/."""
