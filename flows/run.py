@@ -143,8 +143,8 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
 
 class RecordedState:
     """What the last recorded run of a pipeline's stages saw: their dvc.lock entries, the run settings and the
-    tracking store (its URI; for a local sqlite store also the database file's inode and last write, so a store
-    deleted, replaced or written since is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up to date and
+    tracking store (its URI; for a local sqlite store also the database file's inode, so a store deleted or
+    replaced is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up to date and
     this unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
 
     def __init__(self, root: Path, pipeline: str, stages: list[str], settings: dict[str, Any]):
@@ -158,8 +158,7 @@ class RecordedState:
         database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         seen = {"lock": {s: locked.get(s) for s in self.stages}, "settings": settings, "tracking": uri,
                 "experiment": os.environ.get(EXPERIMENT_ENV),
-                "database": [database.stat().st_ino, database.stat().st_mtime_ns] if database and database.exists()
-                else None}
+                "database": database.stat().st_ino if database and database.exists() else None}
         return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
 
     def unchanged(self) -> bool:
