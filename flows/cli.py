@@ -55,19 +55,16 @@ def cmd_run(args) -> str:
     from flows.config import input_graph, select_stages
 
     chosen = select_stages(list(specs), input_graph(specs), args.stage, args.downstream)
-    seeds = {None: args.pipeline}
-    if args.seeds:
-        from flows.seeds import add_seed_variants, parse_seeds
-
-        seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
+    if not args.seeds:
+        return _run_one(args, root, resolved, args.pipeline, chosen, None)
     from flows.prefect_server import one_server
+    from flows.seeds import add_seed_variants, parse_seeds
 
+    seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
     with one_server():
         for seed, pipeline in seeds.items():
-            seed_of = args.pipeline if pipeline != args.pipeline else None
-            report = _run_one(args, root, resolved, pipeline, chosen, seed_of)
-            if seed is None:
-                return report
+            report = _run_one(args, root, resolved, pipeline, chosen, args.pipeline if pipeline != args.pipeline
+                              else None)
             print(f"seed {seed}: {report}", flush=True)  # as each seed ends: a later one may fail
     return ""
 
@@ -226,14 +223,14 @@ def _all_kinds(args) -> list[str]:
     """The built-in kinds, and the user's own that the pipelines file names (found from its directory)."""
     from flows.config import load
     from flows.reference import user_kinds
-    from stages.kinds import KIND_MODULES
+    from stages.kinds import BUILT_IN_KINDS
     from stages.registry import use_project
 
     config = Path(args.config)
     if not config.exists():
-        return list(KIND_MODULES)
+        return list(BUILT_IN_KINDS)
     use_project(config.resolve().parent)
-    return list(KIND_MODULES) + user_kinds(load(config))
+    return list(BUILT_IN_KINDS) + user_kinds(load(config))
 
 
 def cmd_kinds(args) -> str:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from stages import data
-from stages.kinds import KIND_MODULES, Described, Input, StageKind, get_kind
+from stages.kinds import BUILT_IN_KINDS, Described, Input, StageKind, get_kind
 from stages.registry import is_import_path, use_project
 
 NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"  # matched whole: pydantic's (Rust) `$` and re.fullmatch reject "sft\n"
@@ -338,7 +338,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
                 kind = get_kind(stage.kind)
             except ValueError as e:
                 message = str(e) if is_import_path(stage.kind) else (
-                    f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, KIND_MODULES)}, or the module path of "
+                    f"unknown stage kind '{stage.kind}'; {nearest(stage.kind, BUILT_IN_KINDS)}, or the module path of "
                     "your own kind (`my_kinds.rank_filter`)")
                 errors.append(ConfigError(file, message, **where, key="kind"))
                 produced[stage.name] = _AnyOutputs(f"{ARTIFACTS}/{pipeline}/{stage.name}")

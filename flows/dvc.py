@@ -68,8 +68,8 @@ def import_closure(modules: list[str], root: Path) -> set[Path]:
     todo = list(modules)
     while todo:
         name = todo.pop()
-        file = None if name in BOOKKEEPING else _module_file(name, [root, *([package_parent] * (
-            name.split(".")[0] == "stages"))])
+        roots = [root, package_parent] if name.split(".")[0] == "stages" else [root]  # torch & co. not followed
+        file = None if name in BOOKKEEPING else _module_file(name, roots)
         if file is None or file in seen:
             continue
         seen.add(file)
@@ -79,14 +79,14 @@ def import_closure(modules: list[str], root: Path) -> set[Path]:
         for level, module, names in _imports(file, file.stat().st_mtime_ns):
             base = package[:len(package) - level + 1] if level else []
             full = ".".join([*base, *([module] if module else [])])
-            todo += [full] + [f"{full}.{name}" for name in names] if names is not None else [module]
+            todo += [full, *(f"{full}.{name}" for name in names)]  # `from m import x`: x may be a module
     return seen
 
 
 @functools.lru_cache(maxsize=None)
-def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str] | None]]:
-    """The imports anywhere in a file: (level, module, names), names None for a plain `import module`."""
-    found: list[tuple[int, str | None, list[str] | None]] = []
+def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str]]]:
+    """The imports anywhere in a file but `if TYPE_CHECKING:` blocks: (level, module, names imported from it)."""
+    found: list[tuple[int, str | None, list[str]]] = []
     tree = ast.parse(file.read_text())
     for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
         block.body = []  # imports for type annotations only: not code the module runs
@@ -94,7 +94,7 @@ def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str
         if isinstance(node, ast.ImportFrom):
             found.append((node.level, node.module, [alias.name for alias in node.names]))
         elif isinstance(node, ast.Import):
-            found += [(0, alias.name, None) for alias in node.names]
+            found += [(0, alias.name, []) for alias in node.names]
     return found
 
 
@@ -221,12 +221,18 @@ def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
 
 def lock_entries(root: Path, pipeline: str) -> dict[str, dict[str, Any]]:
     """{stage: dvc.lock entry} of every stage of `pipeline` that has one."""
-    lock = root / "dvc.lock"
-    stat = lock.stat() if lock.exists() else None
-    locked = copy.deepcopy(_read_lock(lock, stat.st_mtime_ns, stat.st_size, stat.st_ino).get("stages", {})) \
-        if stat else {}
+    locked = read_lock(root).get("stages", {})
     prefix = dvc_name(pipeline, "")
     return {name.removeprefix(prefix): entry for name, entry in locked.items() if name.startswith(prefix)}
+
+
+def read_lock(root: Path) -> dict[str, Any]:
+    """The project's dvc.lock (a copy the caller may change; {} without one)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    stat = lock.stat()
+    return copy.deepcopy(_read_lock(lock, stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
 @functools.lru_cache(maxsize=4)
@@ -237,12 +243,11 @@ def _read_lock(lock: Path, *_version: int) -> dict[str, Any]:
 
 def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, Any]]) -> None:
     """Replace these stages' dvc.lock entries (atomically)."""
-    lock = root / "dvc.lock"
-    content = (yaml.safe_load(lock.read_text()) or {}) if lock.exists() else {}
+    content = read_lock(root)
     content.setdefault("schema", "2.0")
     for stage, entry in entries.items():
         content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
-    write_atomically(lock, yaml.safe_dump(content, sort_keys=False))
+    write_atomically(root / "dvc.lock", yaml.safe_dump(content, sort_keys=False))
 
 
 def checkout(root: Path, pipeline: str, stage: str) -> None:

@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from flows.config import ConfigFile
-from stages.kinds import KIND_MODULES, StageKind, get_kind, kind_module
+from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind, kind_module
 from stages.registry import load_object
 
 
@@ -59,18 +59,18 @@ def pipelines_schema(kinds: list[str] | None = None) -> dict[str, Any]:
     schema["title"] = "rl4llm pipelines.yaml"
     defs = schema.setdefault("$defs", {})
     branches = []
-    for name in kinds or list(KIND_MODULES):
+    for name in kinds or list(BUILT_IN_KINDS):
         params = copy.deepcopy(get_kind(name).params.model_json_schema(ref_template="#/$defs/{model}"))
         defs.update(params.pop("$defs", {}))
         defs[f"params.{name}"] = params
         branches.append({"if": {"properties": {"kind": {"const": name}}, "required": ["kind"]},
                          "then": {"properties": {"params": {"$ref": f"#/$defs/params.{name}"}}}})
     defs["StageSpec"]["allOf"] = branches
-    defs["StageSpec"]["properties"]["kind"]["examples"] = list(KIND_MODULES)
+    defs["StageSpec"]["properties"]["kind"]["examples"] = list(BUILT_IN_KINDS)
     return schema
 
 
 def user_kinds(config: ConfigFile) -> list[str]:
     """The kinds of a config's stages that are a user's own (module paths)."""
     named = {stage.kind for spec in config.pipelines.values() for stage in spec.stages}
-    return sorted(k for k in named if k not in KIND_MODULES)
+    return sorted(k for k in named if k not in BUILT_IN_KINDS)

@@ -65,22 +65,23 @@ def run_stages(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], stag
     """The pipeline's MLflow parent run around `reproduce(stage, env)` of each stage in order: each stage's lineage
     recorded, the final policy registered; the parent run ends KILLED or FAILED if a stage is interrupted or fails.
     Returns {stage: outcome}."""
-    parent = tracking().start_parent_run(root, pipeline, config_hash(specs), settings.get("run_tags", {}))
+    track = tracking()
+    parent = track.start_parent_run(root, pipeline, config_hash(specs), settings.get("run_tags", {}))
     env = {PARENT_RUN_ENV: parent, RUN_PID_ENV: str(os.getpid())}
     outcome: dict[str, str] = {}
     run_ids: dict[str, str] = {}
     try:
         for stage in stages_to_run:
             outcome[stage] = reproduce(stage, env)
-            run_ids[stage] = tracking().record_stage(root, parent, pipeline, stage, specs[stage], outcome[stage])
+            run_ids[stage] = track.record_stage(root, parent, pipeline, stage, specs[stage], outcome[stage])
             log(f"{pipeline}.{stage}: {outcome[stage]}")
         final = settings["final_policy"]
         if final in run_ids:
-            tracking().register_policy(root, parent, pipeline, final, specs[final], run_ids[final])
+            track.register_policy(root, parent, pipeline, final, specs[final], run_ids[final])
     except BaseException as error:
-        tracking().end_parent_run(tracking().end_status(error))
+        track.end_parent_run(track.end_status(error))
         raise
-    tracking().end_parent_run()
+    track.end_parent_run()
     ran = [s for s, o in outcome.items() if o == "ran"]
     log(f"{pipeline}: " + (f"ran {', '.join(ran)}" if ran else f"all {len(outcome)} stages up to date, nothing ran"))
     return outcome
@@ -144,8 +145,8 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
 class RecordedState:
     """What the last recorded run of a pipeline's stages saw: their dvc.lock entries, the run settings and the
     tracking store (its URI; for a local sqlite store also the database file's inode, so a store deleted or
-    replaced is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up to date and
-    this unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
+    replaced is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up
+    to date and this unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
 
     def __init__(self, root: Path, pipeline: str, stages: list[str], settings: dict[str, Any]):
         self.path = root / STATE_DIR / "recorded" / f"{pipeline}.json"

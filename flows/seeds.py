@@ -46,9 +46,9 @@ def add_seed_variants(resolved: dict[str, dict[str, dict[str, Any]]], pipeline: 
             continue
         name = variant_name(pipeline, seed)
         if name in resolved:
-            raise ConfigError(file, f"pipeline '{name}' already exists: seed {seed} of '{pipeline}' "
-                                                "needs that name", pipeline)
-        old, new = f"{ARTIFACTS}/{pipeline}/", f"{ARTIFACTS}/{name}/"
+            raise ConfigError(file, f"pipeline '{name}' already exists: seed {seed} of '{pipeline}' needs that name",
+                              pipeline)
+        old, new = f"{ARTIFACTS}/{pipeline}", f"{ARTIFACTS}/{name}"
         resolved[name] = {stage: _moved(copy.deepcopy(spec), old, new) | {"seed": seed}
                           for stage, spec in specs.items()}
         names[seed] = name
@@ -57,9 +57,11 @@ def add_seed_variants(resolved: dict[str, dict[str, dict[str, Any]]], pipeline: 
 
 def _moved(spec: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     """The spec with its outputs, and its inputs from earlier stages, under `new` instead of `old`."""
-    spec["output_dir"] = spec["output_dir"].replace(old, new, 1)
-    spec["outputs"] = {name: path.replace(old, new, 1) for name, path in spec["outputs"].items()}
+    def move(path: str) -> str:
+        return new + path.removeprefix(old) if path == old or path.startswith(f"{old}/") else path
+
+    spec["output_dir"] = move(spec["output_dir"])
+    spec["outputs"] = {name: move(path) for name, path in spec["outputs"].items()}
     for item in spec["inputs"].values():
-        if item["path"].startswith(old):
-            item["path"] = new + item["path"].removeprefix(old)
+        item["path"] = move(item["path"])
     return spec

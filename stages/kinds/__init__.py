@@ -105,28 +105,28 @@ class StageKind:
         return self.run.partition(":")[0] if isinstance(self.run, str) else None
 
 
-KIND_MODULES = {
-    "synthetic_instructions": "stages.kinds.synthetic_instructions",
-    "pretrain": "stages.kinds.pretrain",
-    "sft": "stages.kinds.sft",
-    "label_preferences": "stages.kinds.label_preferences",
-    "reward_model": "stages.kinds.reward_model",
-    "ppo": "stages.kinds.ppo",
-    "dpo": "stages.kinds.dpo",
-    "synthetic_reasoning": "stages.kinds.synthetic_reasoning",
-    "grpo": "stages.kinds.grpo",
-    "rejection_sampling": "stages.kinds.rejection_sampling",
-    "distill": "stages.kinds.distill",
-}
+BUILT_IN_KINDS = (  # each declared in stages/kinds/<name>.py
+    "synthetic_instructions",
+    "pretrain",
+    "sft",
+    "label_preferences",
+    "reward_model",
+    "ppo",
+    "dpo",
+    "synthetic_reasoning",
+    "grpo",
+    "rejection_sampling",
+    "distill",
+)
 
 
 def kind_module(name: str) -> str:
     """The module of a kind: a built-in's, or a user's own kind named by its module path."""
-    if name in KIND_MODULES:
-        return KIND_MODULES[name]
+    if name in BUILT_IN_KINDS:
+        return f"{__name__}.{name}"
     if is_import_path(name) and ":" not in name:
         return name
-    raise ValueError(f"unknown stage kind '{name}'; built-in: {', '.join(sorted(KIND_MODULES))}, or the module path "
+    raise ValueError(f"unknown stage kind '{name}'; built-in: {', '.join(sorted(BUILT_IN_KINDS))}, or the module path "
                      "of your own (`my_kinds.rank_filter`)")
 
 
