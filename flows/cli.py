@@ -262,9 +262,15 @@ def cmd_schema(args) -> str:
 
 
 def cmd_stage(args) -> str:
+    from stages.warm import run_warm
+
+    argv = [args.pipeline, args.stage, "--params-file", args.params_file]
+    code = run_warm(argv)  # forked from the run's warm process, if it has one
+    if code is not None:
+        sys.exit(code)
     from stages.runner import main as run_stage
 
-    run_stage([args.pipeline, args.stage, "--params-file", args.params_file])  # prints the metrics
+    run_stage(argv)  # prints the metrics
     return ""
 
 

@@ -97,6 +97,7 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
     from flows.prefect_server import prefect_api
     from flows.preflight import check_tracking_server, may_hold_running_runs, tracking_uri_default
     from flows.run_lock import run_lock
+    from stages.warm import warm_stages
 
     specs = resolved[pipeline]
     settings = run_settings(root / config_file)[seed_of or pipeline]
@@ -134,7 +135,7 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
 
             outcome = run_stages(root, pipeline, specs, stages_to_run, settings, skip, lambda _message: None)
         else:
-            with prefect_api():
+            with warm_stages(), prefect_api():  # the warm process loads while the Prefect server starts
                 from flows.flow import pipeline_flow
 
                 outcome = pipeline_flow(str(root), pipeline, specs, stages_to_run, force, settings)

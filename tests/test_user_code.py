@@ -59,6 +59,7 @@ def test_a_users_reward_and_kind_run_and_are_tracked_as_code(custom: Path):
     run = cli(custom, "run", "r1-zero-short")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "reward_my_rewards:brevity=" in run.stderr  # the user's reward scored every rollout
+    assert "starting cold" not in run.stderr  # forked from the run's warm process, importing the user's code anew
     kept = yaml.safe_load((custom / "artifacts/r1-zero-short/short_prompts/metrics.json").read_text())
     assert kept["kept"] == 32  # half of the 64 RL prompts
     assert len((custom / "artifacts/r1-zero-short/short_prompts/rows.jsonl").read_text().splitlines()) == 32

@@ -1,0 +1,270 @@
+"""A warm interpreter for a run's stages: the training stack (torch, transformers, datasets, accelerate, MLflow)
+imported once per `rl4llm run`, then forked for each stage DVC starts, which saves each stage seconds of imports.
+
+`rl4llm run` starts the warm process (`warm_stages`) and names its unix socket in RL4LLM_WARM_SOCKET. The command
+DVC runs, `rl4llm stage`, then hands its arguments, working directory, environment, `sys.path` and its stdin,
+stdout and stderr to the warm process (`run_warm`), which forks a child that runs the stage exactly as the command
+would (`stages.runner.main`). The command passes SIGINT / SIGTERM on to the child and exits with its exit code; if
+the command dies, the child gets SIGTERM. The project's own code (and a user's) is imported fresh in each child, so
+a stage runs the code on disk; only third-party modules come warm.
+
+A stage starts cold, in its own process as before, when no warm process is there (a stage run by hand or by
+`dvc repro`), when the request's interpreter or an environment variable that imports may read differs from the warm
+process's, off Linux (fork is not safe there with these libraries), with a GPU visible (CUDA must not be touched
+before a fork; a GPU stage's work dwarfs its imports anyway), or with RL4LLM_WARM_STAGES=0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.processes import die_with_parent
+
+WARM_SOCKET_ENV = "RL4LLM_WARM_SOCKET"  # set by `rl4llm run` for its stages: the warm process's socket
+WARM_STAGES_ENV = "RL4LLM_WARM_STAGES"  # "0": every stage starts in a fresh interpreter
+WARM_MODULES = ("torch", "numpy", "transformers", "transformers.models.llama.modeling_llama",
+                "transformers.models.llama.configuration_llama", "transformers.tokenization_utils_fast", "tokenizers",
+                "datasets", "accelerate", "mlflow", "mlflow.store.tracking.sqlalchemy_store")  # the slow imports
+PER_RUN_PREFIXES = ("RL4LLM_", "DVC_", "PREFECT_", "MLFLOW_", "_MLFLOW_")  # set per run or stage; read when used
+SHELL_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"}  # set by shells (DVC runs a command in one)
+MAX_REQUEST = 1 << 20
+GPU_VISIBLE = "a GPU is visible"
+
+
+def differences(request: dict[str, Any], ours: dict[str, str]) -> list[str]:
+    """Why this process cannot run the request as a cold `rl4llm stage` would: another interpreter, or environment
+    variables (other than per-run ones) that differ from `ours` (this process's at its start) and might have
+    changed what an import did."""
+    if request["executable"] != sys.executable:
+        return [f"interpreter {request['executable']}"]
+    theirs = request["env"]
+    return sorted(key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key)
+                  and key not in SHELL_VARIABLES and not key.startswith(PER_RUN_PREFIXES))
+
+
+# --- the command's side -------------------------------------------------------------------------------------------
+
+def run_warm(argv: list[str]) -> int | None:
+    """Run `stages.runner.main(argv)` in a child of the warm process, with this process's stdio, directory and
+    environment. Returns its exit code, or None when no warm process takes it (the caller runs the stage itself)."""
+    path = os.environ.get(WARM_SOCKET_ENV)
+    if not path or os.environ.get(WARM_STAGES_ENV) == "0":
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
+                   "executable": sys.executable}
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+        reply = _receive(conn)
+        if "refused" in reply:
+            print(f"rl4llm stage: starting cold ({reply['refused']})", file=sys.stderr, flush=True)
+        if "pid" not in reply:
+            return None
+        child = reply["pid"]
+        previous = {s: signal.signal(s, lambda signum, _frame: _signal(child, signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            reply = _receive(conn)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return reply.get("exit", 128 + signal.SIGKILL)  # no reply: the warm process was killed, and the child too
+    except OSError:  # no warm process (any more)
+        return None
+    finally:
+        conn.close()
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # it has just exited; its exit code is on the way
+        pass
+
+
+def _receive(conn: socket.socket) -> dict[str, Any]:
+    message = conn.recv(MAX_REQUEST)
+    return json.loads(message) if message else {}
+
+
+# --- the warm process ---------------------------------------------------------------------------------------------
+
+def serve(path: str) -> None:
+    """Listen on `path` at once (a request waits while the modules load), import WARM_MODULES, then fork a child per
+    request until SIGTERM, when the running children get SIGTERM too and are waited for."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    started = dict(os.environ)
+    reason = warm_up()
+    if reason:  # the listener closes: every request, queued or to come, runs cold
+        if reason != GPU_VISIBLE:
+            print(f"rl4llm: stages start cold: {reason}", file=sys.stderr)
+        return
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}  # pid: the connection of the command it runs for
+    set_by_imports = {key: value for key, value in os.environ.items() if started.get(key) != value}
+    stopping = threading.Event()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        stopping.set()
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides what a Ctrl-C does to its stages
+    while not (stopping.is_set() and not children):
+        for key, _events in selector.select(timeout=0.1):
+            event, pid = key.data or ("request", 0)
+            if event == "request" and stopping.is_set():
+                selector.unregister(listener)
+            elif event == "request":
+                _start(listener.accept()[0], listener, selector, children, started, set_by_imports)
+            elif event == "command gone" and pid in children:  # the command's end closed: stop its stage
+                selector.unregister(key.fileobj)
+                os.kill(pid, signal.SIGTERM)
+            elif event == "exited":
+                selector.unregister(key.fileobj)
+                os.close(key.fileobj)
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                conn = children.pop(pid)
+                try:
+                    selector.unregister(conn)
+                    conn.send(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
+                except (KeyError, OSError):  # the command is gone
+                    pass
+                conn.close()
+
+
+def warm_up() -> str | None:
+    """Import WARM_MODULES; the reason this process cannot serve stages, if one appears."""
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import torch
+    from accelerate.utils import is_cuda_available
+
+    if is_cuda_available() or torch.cuda.is_initialized():  # the first asks NVML, not CUDA
+        return GPU_VISIBLE
+    if threading.active_count() > 1:
+        return "an import started a thread (fork would lose it)"
+    return None
+
+
+def _start(conn: socket.socket, listener: socket.socket, selector: selectors.BaseSelector,
+           children: dict[int, socket.socket], started: dict[str, str], set_by_imports: dict[str, str]) -> None:
+    """Read a request and fork its child (whose environment is the request's plus what the warm imports set, as a
+    cold process would have it), or refuse it."""
+    message, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST, 3)
+    request = json.loads(message)
+    differ = differences(request, started)
+    request["env"] |= set_by_imports
+    if differ or len(fds) != 3:
+        conn.send(json.dumps({"refused": f"environment differs: {', '.join(differ[:5])}"}).encode())
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        selector.close()
+        for other in children.values():
+            other.close()
+        conn.close()
+        _become_stage(request, fds)
+    for fd in fds:
+        os.close(fd)
+    children[pid] = conn
+    conn.send(json.dumps({"pid": pid}).encode())
+    selector.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
+    selector.register(conn, selectors.EVENT_READ, ("command gone", pid))
+
+
+def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked child: take the command's stdio, directory, environment and import path, run the stage, exit
+    with its code (after the exit handlers, as an interpreter would)."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[:] = request["path"]
+        sys.argv = ["rl4llm stage", *request["argv"]]
+        for name in [m for m in sys.modules if m == "stages" or m.startswith("stages.")]:
+            del sys.modules[name]  # the project's code as it is on disk now
+        from stages.runner import main
+
+        main(request["argv"])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+# --- the run's side -----------------------------------------------------------------------------------------------
+
+@contextmanager
+def warm_stages() -> Iterator[None]:
+    """Inside, the stages this process runs (through DVC) are forked from a warm process started here (on Linux,
+    unless RL4LLM_WARM_STAGES=0 or an outer `warm_stages` already set one up). It stops on exit."""
+    if (os.environ.get(WARM_SOCKET_ENV) or os.environ.get(WARM_STAGES_ENV) == "0"
+            or not sys.platform.startswith("linux")):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="rl4llm-warm-") as scratch:
+        path = str(Path(scratch) / "socket")
+        server = subprocess.Popen([sys.executable, "-m", "stages.warm", path], start_new_session=True,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        os.environ[WARM_SOCKET_ENV] = path
+        try:
+            yield
+        finally:
+            del os.environ[WARM_SOCKET_ENV]
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+if __name__ == "__main__":
+    if sys.path[0] == os.getcwd():
+        sys.path.pop(0)  # put there by `-m`; a stage's own command would not have it
+    serve(sys.argv[1])
+    sys.stderr.flush()
+    os._exit(0)  # nothing to clean up: skip unloading the modules (seconds)
