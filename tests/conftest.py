@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -73,6 +74,21 @@ def write_instruct_data(root: Path, n_prompts: int = 40) -> dict[str, dict]:
     datasets = {name: {"path": f"{name}.jsonl"} for name in files}
     datasets["demos"]["columns"] = {"prompt": "instruction", "response": "output"}
     return datasets
+
+
+@contextmanager
+def warm_stage_processes() -> Iterator[dict[str, str]]:
+    """Inside, `rl4llm stage` commands run with the environment yielded fork from a warm interpreter, as under
+    `rl4llm run` (PATH as the `rl4llm` command sets it, so the stage's own command finds the same environment)."""
+    from stages.warm import warm_stages
+
+    path = os.environ["PATH"]
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        with warm_stages():
+            yield dict(os.environ)
+    finally:
+        os.environ["PATH"] = path
 
 
 def make_project(root: Path, pipelines_file: Path | None = None) -> Path:

@@ -8,7 +8,6 @@ points at a saved HF directory and the data are local files with a column mappin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.distributed import TRACE_DIR_ENV
-from tests.conftest import make_project, write_instruct_data
+from tests.conftest import make_project, warm_stage_processes, write_instruct_data
 
 pytestmark = pytest.mark.e2e
 
@@ -78,11 +77,12 @@ def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
     config = {"pipelines": {"dist": {"defaults": {"seed": 0, "model": str(tiny_model_dir)}, "datasets": datasets,
                                      "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", TRACE_DIR_ENV: str(root / "trace")}
     cli = [sys.executable, "-m", "flows.cli"]
-    subprocess.run([*cli, "sync"], cwd=root, env=env, check=True, timeout=120)
-    for stage in STAGES:
-        subprocess.run([*cli, "stage", "dist", stage["name"]], cwd=root, env=env, check=True, timeout=300)
+    with warm_stage_processes() as warm:  # as under `rl4llm run`: a 2-process stage launches from a forked child
+        env = {**warm, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", TRACE_DIR_ENV: str(root / "trace")}
+        subprocess.run([*cli, "sync"], cwd=root, env=env, check=True, timeout=120)
+        for stage in STAGES:
+            subprocess.run([*cli, "stage", "dist", stage["name"]], cwd=root, env=env, check=True, timeout=300)
     return root
 
 

@@ -17,7 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
-from stages.warm import WARM_SOCKET_ENV, differences, warm_stages
+from stages.warm import WARM_SOCKET_ENV, differences
+from tests.conftest import warm_stage_processes
 from tests.test_run_safety import write_project
 
 STAGE = [sys.executable, "-m", "flows.cli", "stage", "safe", "sft"]
@@ -25,12 +26,8 @@ STAGE = [sys.executable, "-m", "flows.cli", "stage", "safe", "sft"]
 
 @pytest.fixture(scope="module")
 def warm() -> Iterator[dict[str, str]]:
-    """The environment the warm process started in (with its socket): a command with it is served warm."""
-    path = os.environ["PATH"]
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # as `rl4llm` sets it
-    with warm_stages():
-        yield dict(os.environ)
-    os.environ["PATH"] = path
+    with warm_stage_processes() as env:
+        yield env
 
 
 @pytest.fixture
