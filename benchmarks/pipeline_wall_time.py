@@ -3,8 +3,8 @@
     python benchmarks/pipeline_wall_time.py [--pipeline instructgpt]
 
 Copies pipelines.yaml and infra/ into a fresh temporary directory, runs `rl4llm run <pipeline>` there (Prefect
-server start, DVC, every stage subprocess, MLflow included), and prints the wall time and each stage's final metrics with its
-MLflow run's duration (`wall_s`).
+server start, DVC, every stage subprocess, MLflow included), and prints the wall time and each stage's final metrics
+with its MLflow run's duration (`wall_s`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +32,15 @@ def main() -> None:
         shutil.copy(REPO / "pipelines.yaml", root)
         shutil.copytree(REPO / "infra", root / "infra")
         start = time.monotonic()
-        subprocess.run(["rl4llm", "run", args.pipeline], cwd=root, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "flows.cli", "run", args.pipeline], cwd=root, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.monotonic() - start
         print(f"{args.pipeline}: {wall:.1f} s wall, end to end")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
         for row in stage_metrics([args.pipeline], last=1):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
             print(f"  {row['stage']:<18} {shown}")
+
 
 if __name__ == "__main__":
     main()
