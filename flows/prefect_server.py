@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from stages.processes import die_with_parent
+from stages.processes import die_with_parent, terminate
 
 STARTUP_TIMEOUT_S = 120
 
@@ -58,12 +58,7 @@ def temporary_server() -> Iterator[str]:
             time.sleep(0.2)
         yield api_url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        terminate(server, grace_s=10)
 
 
 _outer: list[tuple[ExitStack, dict[str, str]]] = []  # inside `one_server`: its stack, and its server's URL once up

@@ -160,6 +160,16 @@ def run_child(cmd: list[str], forward: int | None = None, new_group: bool = Fals
     return code, (received[0] if received else None)
 
 
+def terminate(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM `process`, SIGKILL it if it is still there after `grace_s`, and reap it."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _handle(signums: tuple[int, ...], handler: Callable) -> dict[int, Any]:
     """Install `handler` where we can (signal handlers belong to the main thread); the previous handlers."""
     try:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.processes import die_with_parent
+from stages.processes import die_with_parent, terminate
 
 WARM_SOCKET_ENV = "RL4LLM_WARM_SOCKET"  # set by `rl4llm run` for its stages: the warm process's socket
 WARM_STAGES_ENV = "RL4LLM_WARM_STAGES"  # "0": every stage starts in a fresh interpreter
@@ -222,8 +222,10 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
 
         main(request["argv"])
         code = 0
-    except SystemExit as exit_:
+    except SystemExit as exit_:  # as the interpreter treats it: a code, None (0) or a message (printed; 1)
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, (int, type(None))):
+            print(exit_.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -254,17 +256,16 @@ def warm_stages() -> Iterator[None]:
             yield
         finally:
             del os.environ[WARM_SOCKET_ENV]
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            terminate(server, grace_s=30)
 
 
 if __name__ == "__main__":
     if sys.path[0] == os.getcwd():
         sys.path.pop(0)  # put there by `-m`; a stage's own command would not have it
-    serve(sys.argv[1])
+    try:
+        serve(sys.argv[1])
+    except Exception as error:  # the stages start cold; the run goes on
+        print(f"rl4llm: stages start cold: the warm process failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
     sys.stderr.flush()
     os._exit(0)  # nothing to clean up: skip unloading the modules (seconds)

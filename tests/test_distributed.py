@@ -1,8 +1,9 @@
 """Every training kind on 2 CPU processes (gloo via accelerate launch), under FSDP2, and in bf16.
 
-One pipeline holds a stage per case; the module fixture runs each stage once with `rl4llm stage` (as DVC does) and
-every rank records the row ids it trained on (RL4LLM_TRACE_DIR). Models come from the path real users take: `model:`
-points at a saved HF directory and the data are local files with a column mapping.
+One pipeline holds a stage per case; the module fixture runs each stage once with `rl4llm stage`, as DVC does under
+`rl4llm run` (forked from a warm interpreter), and every rank records the row ids it trained on (RL4LLM_TRACE_DIR).
+Models come from the path real users take: `model:` points at a saved HF directory and the data are local files with
+a column mapping.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ DPO = {"kind": "dpo", "inputs": {"policy": "sft.model", "comparisons": "datasets
        "params": {"epochs": 1, "batch_size": 8, "eval_fraction": 0.2}}
 GRPO = {"kind": "grpo",
         "inputs": {"policy": "sft.model", "prompts": "datasets.prompts", "eval": "datasets.prompts"},
-        "params": {"evaluator": "instruct_gold", "eval_samples_per_prompt": 1, "iterations": 3, "prompts_per_step": 4, "samples_per_prompt": 4, "minibatch_size": 8,
-                   "max_new_tokens": 6, "lr": 0.01, "rewards": {"overlong": 1.0},
-                   "reward_params": {"overlong": {"max_length": 5, "buffer": 3}}, "temperature": 0.7}}
+        "params": {"evaluator": "instruct_gold", "eval_samples_per_prompt": 1, "iterations": 3, "prompts_per_step": 4,
+                   "samples_per_prompt": 4, "minibatch_size": 8, "max_new_tokens": 6, "lr": 0.01,
+                   "rewards": {"overlong": 1.0}, "reward_params": {"overlong": {"max_length": 5, "buffer": 3}},
+                   "temperature": 0.7}}
 STAGES = [
     {"name": "sft", **SFT, "accelerate_config": DDP},
     {"name": "sft_one", **SFT},
