@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
-from stages.warm import WARM_SOCKET_ENV, differences
+from stages.warm import GPU_VISIBLE, WARM_SOCKET_ENV, differences, warm_up
 from tests.conftest import warm_stage_processes
 from tests.test_run_safety import write_project
 
@@ -52,6 +52,13 @@ def test_only_per_run_variables_may_differ():
     assert differences({**request, "env": {**request["env"], "HF_HOME": "/elsewhere"}}, dict(os.environ)) \
         == ["HF_HOME"]
     assert differences({**request, "executable": "/other/python"}, dict(os.environ)) == ["interpreter /other/python"]
+
+
+def test_no_warm_process_serves_with_a_gpu_visible(monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_cuda_available", lambda: True)
+    assert warm_up() == GPU_VISIBLE
 
 
 @pytest.mark.parametrize("sft_project", [1], indirect=True)
