@@ -78,8 +78,8 @@ def write_instruct_data(root: Path, n_prompts: int = 40) -> dict[str, dict]:
 
 @contextmanager
 def warm_stage_processes() -> Iterator[dict[str, str]]:
-    """Inside, `rl4llm stage` commands run with the environment yielded fork from a warm interpreter, as under
-    `rl4llm run` (PATH as the `rl4llm` command sets it, so the stage's own command finds the same environment)."""
+    """Inside, an `rl4llm stage` command given the yielded environment forks from a warm interpreter, as under
+    `rl4llm run` (PATH first names this interpreter's directory, as the `rl4llm` command sets it)."""
     from stages.warm import warm_stages
 
     path = os.environ["PATH"]
