@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     from flows.run_lock import ProjectBusy
 
     signal.signal(signal.SIGTERM, _terminated)
-    _this_environment_first()
+    this_environment_first()
     args = parser().parse_args(argv)
     try:
         report = args.fn(args)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         print(report)
 
 
-def _this_environment_first() -> None:
+def this_environment_first() -> None:
     """The tools we start (dvc, accelerate, `rl4llm stage` as DVC runs it) come from this interpreter's environment,
     e.g. the project's .venv, even when it is not activated."""
     here = str(Path(sys.executable).parent)

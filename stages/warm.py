@@ -61,8 +61,8 @@ def differences(request: dict[str, Any], ours: dict[str, str]) -> list[str]:
 def run_warm(argv: list[str]) -> int | None:
     """Run `stages.runner.main(argv)` in a child of the warm process, with this process's stdio, directory and
     environment. Returns its exit code, or None when no warm process takes it (the caller runs the stage itself)."""
-    path = os.environ.get(WARM_SOCKET_ENV)
-    if not path or os.environ.get(WARM_STAGES_ENV) == "0":
+    path = os.environ.get(WARM_SOCKET_ENV)  # set only where `warm_stages` started one
+    if not path:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -104,52 +104,90 @@ def _receive(conn: socket.socket) -> dict[str, Any]:
 
 # --- the warm process ---------------------------------------------------------------------------------------------
 
-def serve(path: str) -> None:
-    """Listen on `path` at once (a request waits while the modules load), import WARM_MODULES, then fork a child per
-    request until SIGTERM, when the running children get SIGTERM too and are waited for."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(8)
-    started = dict(os.environ)
-    reason = warm_up()
-    if reason:  # the listener closes: every request, queued or to come, runs cold
-        if reason != GPU_VISIBLE:
-            print(f"rl4llm: stages start cold: {reason}", file=sys.stderr)
-        return
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    children: dict[int, socket.socket] = {}  # pid: the connection of the command it runs for
-    set_by_imports = {key: value for key, value in os.environ.items() if started.get(key) != value}
-    stopping = threading.Event()
+class WarmProcess:
+    """Listens on `path` at once (a request waits while the modules load), imports WARM_MODULES, then forks a child
+    per request until SIGTERM, when the running children get SIGTERM too and are waited for."""
 
-    def stop(_signum: int, _frame: Any) -> None:
-        stopping.set()
-        for pid in children:
+    def __init__(self, path: str):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.started = dict(os.environ)  # what a request's environment must match
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, socket.socket] = {}  # pid: the connection of the command it runs for
+        self.set_by_imports: dict[str, str] = {}  # environment variables the warm imports set (a cold stage's too)
+        self.stopping = False
+
+    def serve(self) -> None:
+        reason = warm_up()
+        if reason:  # the listener closes: every request, queued or to come, runs cold
+            if reason != GPU_VISIBLE:
+                print(f"rl4llm: stages start cold: {reason}", file=sys.stderr)
+            return
+        self.set_by_imports = {key: value for key, value in os.environ.items() if self.started.get(key) != value}
+        self.selector.register(self.listener, selectors.EVENT_READ, ("request", 0))
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides what a Ctrl-C does to its stages
+        while not (self.stopping and not self.children):
+            for key, _events in self.selector.select(timeout=0.1):
+                event, pid = key.data
+                if event == "request" and self.stopping:
+                    self.selector.unregister(self.listener)
+                elif event == "request":
+                    self.start(self.listener.accept()[0])
+                elif event == "command gone" and pid in self.children:  # the command's end closed: stop its stage
+                    self.selector.unregister(key.fileobj)
+                    os.kill(pid, signal.SIGTERM)
+                elif event == "exited":
+                    self.selector.unregister(key.fileobj)
+                    os.close(key.fileobj)
+                    self.report_exit(pid)
+
+    def stop(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+        for pid in self.children:
             os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides what a Ctrl-C does to its stages
-    while not (stopping.is_set() and not children):
-        for key, _events in selector.select(timeout=0.1):
-            event, pid = key.data or ("request", 0)
-            if event == "request" and stopping.is_set():
-                selector.unregister(listener)
-            elif event == "request":
-                _start(listener.accept()[0], listener, selector, children, started, set_by_imports)
-            elif event == "command gone" and pid in children:  # the command's end closed: stop its stage
-                selector.unregister(key.fileobj)
-                os.kill(pid, signal.SIGTERM)
-            elif event == "exited":
-                selector.unregister(key.fileobj)
-                os.close(key.fileobj)
-                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                conn = children.pop(pid)
-                try:
-                    selector.unregister(conn)
-                    conn.send(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
-                except (KeyError, OSError):  # the command is gone
-                    pass
-                conn.close()
+    def start(self, conn: socket.socket) -> None:
+        """Read a request and fork its child (whose environment is the request's plus what the warm imports set, as
+        a cold process would have it), or refuse it."""
+        message, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST, 3)
+        request = json.loads(message)
+        differ = differences(request, self.started)
+        if differ:
+            conn.send(json.dumps({"refused": f"differs from the warm process: {', '.join(differ[:5])}"}).encode())
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            return
+        request["env"] |= self.set_by_imports
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            self.selector.close()
+            for other in self.children.values():
+                other.close()
+            conn.close()
+            _become_stage(request, fds)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        conn.send(json.dumps({"pid": pid}).encode())
+        self.selector.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
+        self.selector.register(conn, selectors.EVENT_READ, ("command gone", pid))
+
+    def report_exit(self, pid: int) -> None:
+        """Reap the child and send its exit code (128 + the signal that killed it) to its command, if still there."""
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        conn = self.children.pop(pid)
+        try:
+            self.selector.unregister(conn)
+            conn.send(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
+        except (KeyError, OSError):  # the command is gone
+            pass
+        conn.close()
 
 
 def warm_up() -> str | None:
@@ -167,38 +205,6 @@ def warm_up() -> str | None:
     if threading.active_count() > 1:
         return "an import started a thread (fork would lose it)"
     return None
-
-
-def _start(conn: socket.socket, listener: socket.socket, selector: selectors.BaseSelector,
-           children: dict[int, socket.socket], started: dict[str, str], set_by_imports: dict[str, str]) -> None:
-    """Read a request and fork its child (whose environment is the request's plus what the warm imports set, as a
-    cold process would have it), or refuse it."""
-    message, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST, 3)
-    request = json.loads(message)
-    differ = differences(request, started)
-    request["env"] |= set_by_imports
-    if differ:
-        conn.send(json.dumps({"refused": f"environment differs: {', '.join(differ[:5])}"}).encode())
-        conn.close()
-        for fd in fds:
-            os.close(fd)
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        listener.close()
-        selector.close()
-        for other in children.values():
-            other.close()
-        conn.close()
-        _become_stage(request, fds)
-    for fd in fds:
-        os.close(fd)
-    children[pid] = conn
-    conn.send(json.dumps({"pid": pid}).encode())
-    selector.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
-    selector.register(conn, selectors.EVENT_READ, ("command gone", pid))
 
 
 def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
@@ -263,7 +269,7 @@ if __name__ == "__main__":
     if sys.path[0] == os.getcwd():
         sys.path.pop(0)  # put there by `-m`; a stage's own command would not have it
     try:
-        serve(sys.argv[1])
+        WarmProcess(sys.argv[1]).serve()
     except Exception as error:  # the stages start cold; the run goes on
         print(f"rl4llm: stages start cold: the warm process failed: {type(error).__name__}: {error}",
               file=sys.stderr)

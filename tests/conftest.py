@@ -79,11 +79,12 @@ def write_instruct_data(root: Path, n_prompts: int = 40) -> dict[str, dict]:
 @contextmanager
 def warm_stage_processes() -> Iterator[dict[str, str]]:
     """Inside, an `rl4llm stage` command given the yielded environment forks from a warm interpreter, as under
-    `rl4llm run` (PATH first names this interpreter's directory, as the `rl4llm` command sets it)."""
+    `rl4llm run` (PATH as the `rl4llm` command sets it)."""
+    from flows.cli import this_environment_first
     from stages.warm import warm_stages
 
     path = os.environ["PATH"]
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    this_environment_first()
     try:
         with warm_stages():
             yield dict(os.environ)

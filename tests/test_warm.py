@@ -82,7 +82,7 @@ def test_the_stage_has_the_commands_output_directory_and_exit_code(warm: dict[st
 def test_a_request_whose_environment_differs_runs_cold(warm: dict[str, str], sft_project: Path):
     (sft_project / "params.yaml").write_text("safe: {}\n")
     served = stage(sft_project, warm, OMP_NUM_THREADS="7")  # read when torch loads: the warm modules did not see it
-    assert "rl4llm stage: starting cold (environment differs: OMP_NUM_THREADS)" in served.stderr
+    assert "rl4llm stage: starting cold (differs from the warm process: OMP_NUM_THREADS)" in served.stderr
     assert served.returncode == 2 and "no stage 'sft' in pipeline 'safe'" in served.stderr
 
 
