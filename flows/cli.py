@@ -40,9 +40,11 @@ def cmd_validate(args) -> str:
 
 def cmd_sync(args) -> str:
     from flows import dvc
+    from flows.run_lock import run_lock
 
     root, resolved = _resolved(args)
-    changed = dvc.sync(root, resolved)
+    with run_lock(root, "(sync)"):  # never under a running stage's feet
+        changed = dvc.sync(root, resolved)
     return "dvc.yaml and params.yaml " + ("updated" if changed else "already in sync")
 
 
@@ -71,14 +73,17 @@ def cmd_run(args) -> str:
 
 def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
     from flows import dvc
+    from flows.errors import DvcError, StageFailed
     from flows.run import run_pipeline
+    from flows.run_lock import ProjectBusy
 
     try:
         outcome = run_pipeline(root, resolved, pipeline, chosen, args.force, args.fresh,
                                True if args.push else None, os.path.relpath(Path(args.config).resolve(), root),
                                seed_of)
-    except Exception as error:  # a stage failed, or a service died: done if every chosen stage is up to date
-        if isinstance(error, (subprocess.CalledProcessError, ConfigError)) or not (root / ".dvc").exists():
+    except Exception as error:  # a service died: done if every chosen stage is up to date
+        if isinstance(error, (StageFailed, DvcError, subprocess.CalledProcessError, ConfigError, ProjectBusy)) \
+                or not (root / ".dvc").exists():
             raise
         states = dvc.status(root, pipeline, resolved[pipeline])
         if any(states[s] != "up to date" for s in chosen):
@@ -104,7 +109,10 @@ def cmd_pull(args) -> str:
                           args.pipeline)
     locked = [s for s in stages if s in dvc.lock_entries(root, args.pipeline)]
     if locked:
-        dvc.pull(root, args.pipeline, locked)
+        from flows.run_lock import run_lock
+
+        with run_lock(root, args.pipeline):  # a run holds DVC's lock: say who, not DVC's advice to delete it
+            dvc.pull(root, args.pipeline, locked)
     missing = [s for s in stages if s not in locked]
     return (f"{args.pipeline}: pulled {', '.join(locked) or 'nothing'}"
             + (f"; never run (not in dvc.lock): {', '.join(missing)}" if missing else ""))
@@ -343,6 +351,7 @@ def execute(argv: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from flows.errors import DvcError, StageFailed
     from flows.run_lock import ProjectBusy
 
     signal.signal(signal.SIGTERM, _terminated)
@@ -356,6 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     except ProjectBusy as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BUSY)
+    except StageFailed as e:  # the stage's exit code is the run's (2: bad input)
+        print(e, file=sys.stderr)
+        sys.exit(e.code if 0 < e.code < 256 else 1)
+    except DvcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except subprocess.CalledProcessError as e:  # a stage's own cause line (in `stderr`) ends the output, if it has one
         print(e.stderr or f"error: `{' '.join(e.cmd)}` failed with exit code {e.returncode} (its output is above)",
               file=sys.stderr)

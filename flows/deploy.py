@@ -16,7 +16,8 @@ import flows
 from flows import dvc
 from flows.config import ConfigError
 
-FLOWS_FILE = "flows/flow.py"
+FLOWS_FILE = "flows/flow.py"  # the stage flow
+DEPLOYED_FILE = "flows/deployed.py"  # the pipeline flow a deployment runs
 
 
 def package_source() -> str:
@@ -43,7 +44,7 @@ def deploy(pipeline: str, settings: dict, pool: str | None, source: str | None, 
             stage_flow.deploy(name=dvc.dvc_name(pipeline, stage), work_pool_name=stage_pool, build=False,
                               push=False, print_next_steps=False, ignore_warnings=True)
             names.append(f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}")
-        pipeline_flow = Flow.from_source(where, f"{FLOWS_FILE}:deployed_pipeline")
+        pipeline_flow = Flow.from_source(where, f"{DEPLOYED_FILE}:deployed_pipeline")
         pipeline_flow.deploy(name=pipeline, work_pool_name=pipeline_pool, parameters={"pipeline": pipeline},
                              build=False, push=False, print_next_steps=False, ignore_warnings=True)
         names.append(f"{PIPELINE_FLOW}-deployment/{pipeline}")

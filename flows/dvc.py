@@ -7,104 +7,35 @@ and the code that shapes its output (`code_deps`), when that code lives in the p
 
 from __future__ import annotations
 
-import ast
 import configparser
 import copy
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-import stages
-from flows.config import ARTIFACTS
-from stages import BOOKKEEPING
-from stages.kinds import get_kind, kind_module
+from flows.code_deps import code_deps
+from flows.config import ConfigError
+from flows.errors import DvcError, StageFailed
+from stages.paths import ARTIFACTS
 from stages.processes import Interrupted, run_child
-from stages.registry import REGISTRIES
 from stages.runner import METRICS_FILE, PARAMS_FILE
 
 DVC_HINTS = ("To track the changes with git", "To enable auto staging", "Use `dvc push`", "git add ",
              "dvc config core.autostage", "dvc push")  # DVC's advice to its own users, not to ours
+LOCK_FILE = "dvc.lock"
 HEADER = "# Generated from pipelines.yaml by `rl4llm sync` (also run by `rl4llm run`). Do not edit.\n"
 
 
 def dvc_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}.{stage}"
-
-
-def code_deps(root: Path, spec: dict[str, Any]) -> list[str]:
-    """The code that shapes the stage's output, as files of the project (relative to `root`): its kind's module and
-    the modules of the code its params name (rewards, step reward, evaluator, labeler; built-in or the user's own),
-    with what they import, transitively. `stages.BOOKKEEPING` modules are left out."""
-    root = root.resolve()
-    kind = get_kind(spec["kind"])
-    files = import_closure([kind_module(kind.name), *filter(None, [kind.run_module()]), *named_code(spec["params"])],
-                           root)
-    return sorted(str(f.relative_to(root)) for f in files if f.is_relative_to(root))
-
-
-def named_code(value: Any) -> list[str]:
-    """Modules of the code that params name: registry entries, and `module:function` import paths."""
-    if isinstance(value, dict):
-        return [m for item in [*value, *value.values()] for m in named_code(item)]
-    if isinstance(value, list):
-        return [m for item in value for m in named_code(item)]
-    if not isinstance(value, str):
-        return []
-    path = next((r.import_path(value) for r in REGISTRIES if value in r), value if ":" in value else None)
-    return [path.partition(":")[0]] if path else []
-
-
-def import_closure(modules: list[str], root: Path) -> set[Path]:
-    """Files of `modules`, their parent packages and what they import, transitively: the project's modules (under
-    `root`) and this package's; others (torch, …) are not followed."""
-    package_parent = Path(stages.__file__).resolve().parents[1]
-    seen: set[Path] = set()
-    todo = list(modules)
-    while todo:
-        name = todo.pop()
-        roots = [root, package_parent] if name.split(".")[0] == "stages" else [root]  # torch & co. not followed
-        file = None if name in BOOKKEEPING else _module_file(name, roots)
-        if file is None or file in seen:
-            continue
-        seen.add(file)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        package = parts if file.name == "__init__.py" else parts[:-1]
-        for level, module, names in _imports(file, file.stat().st_mtime_ns):
-            base = package[:len(package) - level + 1] if level else []
-            full = ".".join([*base, *([module] if module else [])])
-            todo += [full, *(f"{full}.{name}" for name in names)]  # `from m import x`: x may be a module
-    return seen
-
-
-@functools.lru_cache(maxsize=None)
-def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str]]]:
-    """The imports anywhere in a file but `if TYPE_CHECKING:` blocks: (level, module, names imported from it)."""
-    found: list[tuple[int, str | None, list[str]]] = []
-    tree = ast.parse(file.read_text())
-    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
-        block.body = []  # imports for type annotations only: not code the module runs
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            found.append((node.level, node.module, [alias.name for alias in node.names]))
-        elif isinstance(node, ast.Import):
-            found += [(0, alias.name, []) for alias in node.names]
-    return found
-
-
-def _module_file(name: str, roots: list[Path]) -> Path | None:
-    parts = name.split(".")
-    for root in roots:
-        for file in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
-            if file.is_file():
-                return file.resolve()
-    return None
 
 
 def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -179,39 +110,75 @@ def remote_url(root: Path) -> str | None:
     return _config(root).get(f"'remote \"{name}\"'", "url", fallback=None) if name else None
 
 
+OUTCOMES = {"Running stage '": "ran", "is cached - skipping run": "restored", "Pulling data for": "restored"}
+STAGE_EXIT = re.compile(r"exited with (-?\d+)")  # DVC's "failed to run: <cmd>, exited with <code>"
+
+
 def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str],
-          on_line: Callable[[str], None]) -> None:
-    """`dvc repro` of one stage, in its own process group and dying with us. With a default remote, DVC first
+          on_line: Callable[[str], None]) -> str:
+    """`dvc repro` of one stage, in its own process group and dying with us; returns what DVC did: 'ran',
+    'restored' (from its run cache or the remote) or 'skipped' (up to date). With a default remote, DVC first
     pulls the run cache and the stage's missing inputs, and restores the outputs of a pushed run with the same
     inputs, params and code instead of running it (`--pull`). Our SIGINT or SIGTERM reaches the stage as SIGINT
-    (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`. `on_line` gets
-    each line of output (DVC's and the stage's)."""
+    (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`, as we do when
+    the stage was stopped by a signal sent to it alone. A failed stage raises `StageFailed` with its exit code and
+    its `error: …` line; a failure of DVC's own, `DvcError`. `on_line` gets each line of output (DVC's and the
+    stage's)."""
     pull = ["--pull"] if default_remote(root) else []
     cmd = ["dvc", "repro", "--single-item", *pull, *(["--force"] if force else []), dvc_name(pipeline, stage)]
     causes: list[str] = []  # the stage's `error: …` lines (runner.main prints one, naming its full log)
+    dvc_errors: list[str] = []
+    outcome = ["skipped"]
 
     def shown(line: str) -> None:
         if line.startswith("error: "):
             causes.append(line)
+        elif line.startswith("ERROR: "):
+            dvc_errors.append(line.removeprefix("ERROR: "))
+        outcome.extend(result for marker, result in OUTCOMES.items() if marker in line)
         if line.strip() and not line.strip().startswith(DVC_HINTS):
             on_line(line)
 
     code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, on_line=shown, cwd=root,
                                env={**os.environ, **env})
+    label = f"{pipeline}/{stage}"
     if received is not None:
-        raise Interrupted(received, f"{pipeline}/{stage}: stopped by {signal.Signals(received).name}")
-    if code != 0:
-        raise subprocess.CalledProcessError(code, cmd, stderr=causes[-1] if causes else None)
+        raise Interrupted(received, f"{label}: stopped by {signal.Signals(received).name}")
+    if code == 0:
+        return outcome[-1]
+    found = STAGE_EXIT.search(dvc_errors[-1]) if dvc_errors else None
+    if found is None:
+        raise DvcError(f"`dvc repro` of {label} failed: {dvc_errors[-1] if dvc_errors else f'exit code {code}'}")
+    stage_code = int(found.group(1))
+    if stage_code - 128 in (signal.SIGINT, signal.SIGTERM):  # a signal sent to the stage alone
+        raise Interrupted(stage_code - 128, f"{label}: stopped by {signal.Signals(stage_code - 128).name}")
+    raise StageFailed(stage_code, causes[-1] if causes else
+                      f"error: {label} failed with exit code {stage_code} (its output is above)")
 
 
 def push(root: Path, pipeline: str, stage: str) -> None:
     """Push a stage's outputs and the run cache to the default remote."""
-    dvc(root, "push", "--run-cache", "-q", dvc_name(pipeline, stage), capture=True)
+    with remote_errors(root, f"push of {pipeline}/{stage}"):
+        dvc(root, "push", "--run-cache", "-q", dvc_name(pipeline, stage), capture=True)
 
 
 def pull(root: Path, pipeline: str, stages: list[str]) -> None:
     """Fetch the outputs dvc.lock names for `stages` from the default remote into the workspace; runs nothing."""
-    dvc(root, "pull", "-q", *[dvc_name(pipeline, s) for s in stages], capture=True)
+    with remote_errors(root, f"pull of {pipeline}/{', '.join(stages)}"):
+        dvc(root, "pull", "-q", *[dvc_name(pipeline, s) for s in stages], capture=True)
+
+
+@contextmanager
+def remote_errors(root: Path, what: str) -> Iterator[None]:
+    """A failed DVC command that talks to the default remote becomes a `DvcError` naming the remote, its URL and
+    DVC's cause (its `ERROR:` lines, without its advice)."""
+    try:
+        yield
+    except subprocess.CalledProcessError as e:
+        cause = " ".join(line.removeprefix("ERROR: ").strip() for line in (e.stderr or "").splitlines()
+                         if line.startswith("ERROR: ")) or f"`{' '.join(e.cmd)}` exited with {e.returncode}"
+        raise DvcError(f"{what} to/from DVC remote '{default_remote(root)}' ({remote_url(root)}) failed: "
+                       f"{cause}") from None
 
 
 def lock_entry(root: Path, pipeline: str, stage: str) -> dict[str, Any] | None:
@@ -227,8 +194,9 @@ def lock_entries(root: Path, pipeline: str) -> dict[str, dict[str, Any]]:
 
 
 def read_lock(root: Path) -> dict[str, Any]:
-    """The project's dvc.lock (a copy the caller may change; {} without one)."""
-    lock = root / "dvc.lock"
+    """The project's dvc.lock (a copy the caller may change; {} without one). A garbled one is a `ConfigError`
+    naming the file and the line."""
+    lock = root / LOCK_FILE
     if not lock.exists():
         return {}
     stat = lock.stat()
@@ -237,8 +205,18 @@ def read_lock(root: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _read_lock(lock: Path, *_version: int) -> dict[str, Any]:
-    """dvc.lock parsed, once per version of the file (its mtime, size and inode)."""
-    return yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    """dvc.lock parsed and its shape checked, once per version of the file (its mtime, size and inode)."""
+    advice = "restore it (`git checkout dvc.lock`) or delete it (every stage then counts as never run)"
+    try:
+        content = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(lock), f"{where}invalid YAML ({getattr(e, 'problem', None) or e}); {advice}") from None
+    stages = content.get("stages", {}) if isinstance(content, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(entry, dict) for entry in stages.values()):
+        raise ConfigError(str(lock), f"not a dvc.lock: expected `stages:` mapping each stage to its entry; {advice}")
+    return content
 
 
 def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, Any]]) -> None:
@@ -247,7 +225,7 @@ def write_lock_entries(root: Path, pipeline: str, entries: dict[str, dict[str, A
     content.setdefault("schema", "2.0")
     for stage, entry in entries.items():
         content.setdefault("stages", {})[dvc_name(pipeline, stage)] = entry
-    write_atomically(root / "dvc.lock", yaml.safe_dump(content, sort_keys=False))
+    write_atomically(root / LOCK_FILE, yaml.safe_dump(content, sort_keys=False))
 
 
 def checkout(root: Path, pipeline: str, stage: str) -> None:
@@ -257,7 +235,8 @@ def checkout(root: Path, pipeline: str, stage: str) -> None:
     except subprocess.CalledProcessError:
         if not default_remote(root):
             raise
-        dvc(root, "pull", "-q", "--force", dvc_name(pipeline, stage), capture=True)
+        with remote_errors(root, f"pull of {pipeline}/{stage}"):
+            dvc(root, "pull", "-q", "--force", dvc_name(pipeline, stage), capture=True)
 
 
 def outputs_present(root: Path, spec: dict[str, Any]) -> bool:
@@ -270,8 +249,8 @@ def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bo
     in dvc.lock, unchecked."""
     stage_names = list(specs)
     names = [dvc_name(pipeline, s) for s in stage_names]
+    locked = lock_entries(root, pipeline)  # first: a garbled dvc.lock is named here, not in DVC's words
     report = json.loads(dvc(root, "status", "--json", *names, capture=True).stdout or "{}") if live else {}
-    locked = lock_entries(root, pipeline)
     out = {}
     for stage, name in zip(stage_names, names):
         if stage not in locked:

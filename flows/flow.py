@@ -9,28 +9,65 @@ run restores them here from the remote (DVC's run cache) instead of running the 
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc
-from flows.config import ConfigError, config_hash, input_graph, resolve, select_stages
+from flows.config import ConfigError, config_hash, resolve
+from flows.errors import DvcError, StageFailed
 from flows.preflight import tracking_uri_default
-from flows.run import project_root, reproduce_here, run_pipeline, run_stages
-from stages.processes import RUN_PID_ENV, interrupt_signal
+from flows.reproduce import project_root, reproduce_here, run_stages
+from flows.run_lock import run_lock
+from stages.processes import RUN_PID_ENV, Interrupted, interrupt_signal
+from stages.runner import EXIT_BAD_INPUT
 
 PIPELINE_FLOW = "rl4llm-pipeline"
 STAGE_FLOW = "rl4llm-stage"
+STAGE_OUTPUT = logging.getLogger("rl4llm.stage")  # a stage's own output lines, sent to the Prefect API
+EXPLAINED = (StageFailed, DvcError, ConfigError, Interrupted)  # failures whose message is their whole story
+
+
+def stream(label: str) -> Callable[[str], None]:
+    """Where the lines of stage `label`'s output go: prefixed `[label]` (unless the stage did), to the terminal and
+    to the Prefect logs of the task."""
+    return lambda line: _stream(line if line.startswith(f"[{label}]") else f"[{label}] {line}")
+
+
+def _stream(line: str) -> None:
+    sys.stderr.write(line + "\n")  # not print: the flow's log_prints would log it a second time
+    sys.stderr.flush()
+    if not STAGE_OUTPUT.handlers:
+        from prefect.logging.handlers import APILogHandler
+
+        STAGE_OUTPUT.addHandler(APILogHandler())
+        STAGE_OUTPUT.setLevel(logging.INFO)
+        STAGE_OUTPUT.propagate = False  # the terminal already has the line
+    STAGE_OUTPUT.info(line)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task or flow with the traceback of its exception: for a failure that explains itself
+    in one line (a stage's cause, an interrupt), that line is enough."""
+    if record.exc_info and isinstance(record.exc_info[1], EXPLAINED):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_without_traceback)
 
 
 @task(cache_policy=NO_CACHE)
 def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
                     push: bool) -> str:
     """The stage in this process's project (see `reproduce_here`)."""
-    return reproduce_here(Path(root), pipeline, stage, spec, force, env, push)
+    return reproduce_here(Path(root), pipeline, stage, spec, force, env, push, stream(f"{pipeline}/{stage}"))
 
 
 @task(cache_policy=NO_CACHE)
@@ -42,10 +79,10 @@ def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], f
     back here through the DVC remote (restored from the run cache the worker pushed)."""
     from prefect.deployments import run_deployment
 
-    project = Path(root)
+    project, on_line = Path(root), stream(f"{pipeline}/{stage}")
     state = dvc.status(project, pipeline, {stage: spec})[stage]
     if not force and (state == "up to date" or state.startswith("not pulled")):  # nothing to run: DVC restores
-        return reproduce_here(project, pipeline, stage, spec, False, env, push)
+        return reproduce_here(project, pipeline, stage, spec, False, env, push, on_line)
     locked = {s: entry for s, entry in dvc.lock_entries(project, pipeline).items() if s != stage}
     name = f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}"
     flow_run = run_deployment(name, parameters={"pipeline": pipeline, "stage": stage, "force": force, "env": env,
@@ -53,7 +90,7 @@ def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], f
     if not flow_run.state.is_completed():
         raise RuntimeError(f"{pipeline}/{stage}: flow run '{flow_run.name}' on work pool '{work_pool}' ended "
                            f"{flow_run.state.name}: {flow_run.state.message or 'see its logs in Prefect'}")
-    return reproduce_here(project, pipeline, stage, spec, False, env, push)
+    return reproduce_here(project, pipeline, stage, spec, False, env, push, on_line)
 
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
@@ -82,6 +119,8 @@ def _worth_retrying(_task, _task_run, state) -> bool:
         state.result()
     except ConfigError:
         return False
+    except StageFailed as error:
+        return error.code != EXIT_BAD_INPUT
     except BaseException as error:
         return interrupt_signal(error) is None
     return False
@@ -98,25 +137,11 @@ def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipe
     if config_hash(resolved.get(pipeline, {})) != pipeline_hash:
         raise ConfigError(str(root / "pipelines.yaml"), "this worker's project differs from the run's (update "
                                                         "its checkout)", pipeline, stage)
-    from flows.run_lock import run_lock
-
     os.chdir(root)
     tracking_uri_default(root)
     with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
         dvc.ensure_repo(root)
         dvc.sync(root, resolved)
         dvc.write_lock_entries(root, pipeline, locked)
-        return reproduce_here(root, pipeline, stage, resolved[pipeline][stage], force, env, push=True)
-
-
-@flow(name=f"{PIPELINE_FLOW}-deployment", log_prints=True)
-def deployed_pipeline(pipeline: str, stage: str | None = None, downstream: bool = False,
-                      force: bool = False) -> dict[str, str]:
-    """A pipeline run started from its deployment (`rl4llm deploy`), in the worker's clone of the project."""
-    root = project_root()
-    resolved = resolve(root / "pipelines.yaml")
-    specs = resolved[pipeline]
-    return run_pipeline(root, resolved, pipeline, select_stages(list(specs), input_graph(specs), stage, downstream),
-                        force)
-
-
+        return reproduce_here(root, pipeline, stage, resolved[pipeline][stage], force, env, True,
+                              stream(f"{pipeline}/{stage}"))

@@ -24,13 +24,17 @@ from typing import Any
 import yaml
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
+from stages.paths import ARTIFACTS, claim, output_dir, within
 from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
 
 PARAMS_FILE = "params.yaml"
 FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
 METRICS_FILE = "metrics.json"
-ARTIFACTS = "artifacts"
 EXIT_BAD_INPUT = 2
+
+
+class InputChanged(ValueError):
+    """An input's contents changed while the stage ran: its outputs would not match what dvc.lock records."""
 
 
 def load_spec(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, Any]:
@@ -42,16 +46,32 @@ def load_spec(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
                          f"(run `rl4llm sync` after editing pipelines.yaml)") from None
 
 
-def owned_output_dir(pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> Path:
-    """The stage's output directory, `artifacts/<pipeline>/<stage>` of this project, checked on the resolved
-    paths (a hand-edited params.yaml must not make a stage delete or write anywhere else)."""
-    expected = (Path.cwd() / ARTIFACTS / pipeline / stage).resolve()
-    claimed = [Path(spec["output_dir"]), *map(Path, spec["outputs"].values())]
-    if Path(spec["output_dir"]).resolve() != expected or not all(
-            p.resolve().is_relative_to(expected) and p.resolve() != expected for p in claimed[1:]):
+def owned_output_dir(root: Path, pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> Path:
+    """The stage's output directory, `artifacts/<pipeline>/<stage>` of this project, checked on the normalised
+    paths (a hand-edited params.yaml must not make a stage delete or write anywhere else; `stages.paths` guards
+    against symbolic links on the way)."""
+    expected = within(root, output_dir(pipeline, stage))
+    outputs = [within(root, p) for p in spec["outputs"].values()]
+    if within(root, spec["output_dir"]) != expected or not all(
+            p.is_relative_to(expected) and p != expected for p in outputs):
         raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in "
                          f"{ARTIFACTS}/{pipeline}/{stage}/ (got {spec['output_dir']}, {list(spec['outputs'].values())})")
     return expected
+
+
+def input_hashes(root: Path, spec: dict[str, Any]) -> dict[str, str]:
+    """{path: content hash} of the stage's local inputs (files and directories) as they are now."""
+    return {i["path"]: tree_hash([root / i["path"]]) for i in spec["inputs"].values() if (root / i["path"]).exists()}
+
+
+def check_inputs_unchanged(root: Path, label: str, spec: dict[str, Any], read: dict[str, str]) -> None:
+    """Refuse to publish when an input differs from what the stage read at its start (`read`): DVC would record the
+    new contents in dvc.lock, for outputs made from the old."""
+    changed = sorted(path for path, digest in input_hashes(root, spec).items() if read.get(path) != digest)
+    changed += sorted(set(read) - set(input_hashes(root, spec))) if not changed else []
+    if changed:
+        raise InputChanged(f"{label}: input {', '.join(changed)} changed while the stage ran (it read the contents "
+                           "of its start); nothing published: run the stage again")
 
 
 def is_launched_worker() -> bool:
@@ -71,11 +91,17 @@ def launch_distributed(pipeline: str, stage: str, spec: dict[str, Any], params_f
 
 def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, float]:
     spec = load_spec(pipeline, stage, params_file)
-    output_dir = owned_output_dir(pipeline, stage, spec, params_file)
     root = Path.cwd()
+    published = owned_output_dir(root, pipeline, stage, spec, params_file)
+    staging = published.parent / f".{published.name}.partial"
+    if not is_launched_worker():  # before anything is written: no symbolic link on the way
+        for folder in (published, staging):
+            claim(root, folder)
+        claim(root, stage_checkpoints(root, pipeline, stage), replaceable=False)
     if spec["num_processes"] > 1 and not is_launched_worker():
         launch_distributed(pipeline, stage, spec, params_file)
-        return json.loads((output_dir / METRICS_FILE).read_text())
+        return json.loads((published / METRICS_FILE).read_text())
+    read = input_hashes(root, spec) if os.environ.get("RANK", "0") == "0" else {}  # the inputs as the stage reads them
     install_stop_handlers()
 
     import datasets  # the training stack loads after the checks above
@@ -97,7 +123,6 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     kind = get_kind(spec["kind"])
     params = kind.params(**spec["params"])
     checkpoints = checkpoint_dir(root, pipeline, stage, spec)
-    staging = output_dir.parent / f".{output_dir.name}.partial"
     if accelerator.is_main_process:
         if os.environ.get(FRESH_ENV):
             remove(stage_checkpoints(root, pipeline, stage))
@@ -108,14 +133,15 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     tracker = StageRun(pipeline, stage, spec["kind"], spec["params"], is_main=accelerator.is_main_process)
     ctx = StageContext(
         pipeline=pipeline, stage=stage, seed=spec["seed"], params=params, inputs=spec["inputs"],
-        outputs={name: staging / Path(path).resolve().relative_to(output_dir)
-                 for name, path in spec["outputs"].items()},
+        outputs={name: staging / within(root, path).relative_to(published) for name, path in spec["outputs"].items()},
         output_dir=staging, model=spec.get("model"), accelerator=accelerator, tracker=tracker,
         checkpoint_dir=checkpoints, declared=kind.inputs,
     )
     try:
         metrics = kind.load_run()(ctx)
         check_finite(f"{ctx.label} final metrics", metrics)
+        if accelerator.is_main_process:
+            check_inputs_unchanged(root, ctx.label, spec, read)
     except Interrupted:
         tracker.end("KILLED")
         raise
@@ -126,8 +152,8 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     if accelerator.is_main_process:
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
         fault_point("publish", 0)
-        remove(output_dir)
-        staging.rename(output_dir)
+        remove(claim(root, published))
+        staging.rename(published)
         remove(stage_checkpoints(root, pipeline, stage))
         outputs = [Path(p) for p in spec["outputs"].values()]
         tracker.finish(metrics, {"output_hash": tree_hash(outputs), "skipped": "false"})

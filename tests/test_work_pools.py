@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from flows import cli
 from flows.prefect_server import temporary_server
-from flows.run import PROJECT_ENV
+from flows.reproduce import PROJECT_ENV
 from tests.conftest import REPO, commit_run, descendants, git, git_project_with_remote, make_project, stop_service
 
 pytestmark = pytest.mark.e2e
