@@ -119,23 +119,27 @@ def cmd_pull(args) -> str:
 
 
 def cmd_versions(args) -> str:
+    from flows import dvc
     from flows.preflight import tracking_uri_default
     from flows.versions import current_version, format_versions, stage_versions
 
     root, resolved = _resolved(args)
     _stage(args, resolved)
+    dvc.read_lock(root)  # a garbled dvc.lock is named before MLflow loads
     tracking_uri_default(root)
     return format_versions(args.pipeline, args.stage, stage_versions(args.pipeline, args.stage),
                            current_version(root, args.pipeline, args.stage))
 
 
 def cmd_restore(args) -> str:
+    from flows import dvc
     from flows.preflight import tracking_uri_default
     from flows.run_lock import run_lock
     from flows.versions import restore
 
     root, resolved = _resolved(args)
     _stage(args, resolved)
+    dvc.read_lock(root)  # a garbled dvc.lock is named before MLflow loads
     tracking_uri_default(root)
     with run_lock(root, args.pipeline):
         version = restore(root, args.pipeline, args.stage, args.version, args.config)

@@ -18,6 +18,7 @@ PR_SET_PDEATHSIG = 1
 RUN_PID_ENV = "RL4LLM_RUN_PID"  # set by `rl4llm run`: its stages stop when that process is gone
 THREADS_ENV = "RL4LLM_TORCH_THREADS"  # overrides the torch thread count of each stage process
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>" (cgroup v2)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 _stop_signal: int | None = None  # the first SIGINT / SIGTERM this stage received
 _deferred = False  # a training loop is running: a stop waits for its next step boundary
 
@@ -65,11 +66,11 @@ def stop_signal() -> int | None:
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `signum` to this process when its parent dies (no-op off Linux). If the parent is
-    already gone, act as if the signal came now."""
-    if not sys.platform.startswith("linux"):
+    already gone, act as if the signal came now. Safe in a `preexec_fn`: it loads nothing."""
+    if _LIBC is None:
         return
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), signum)
 

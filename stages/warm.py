@@ -21,20 +21,20 @@ import importlib
 import json
 import os
 import selectors
+import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from stages.processes import die_with_parent, terminate
 
-WARM_SOCKET_ENV = "RL4LLM_WARM_SOCKET"  # set by `rl4llm run` for its stages: the warm process's socket
+WARM_SOCKET_ENV = "RL4LLM_WARM_SOCKET"  # set by `rl4llm run` for its stages: the warm process's socket name
 WARM_STAGES_ENV = "RL4LLM_WARM_STAGES"  # "0": every stage starts in a fresh interpreter
 WARM_MODULES = ("torch", "numpy", "transformers", "transformers.models.llama.modeling_llama",
                 "transformers.models.llama.configuration_llama", "transformers.tokenization_utils_fast", "tokenizers",
@@ -61,12 +61,12 @@ def differences(request: dict[str, Any], ours: dict[str, str]) -> list[str]:
 def run_warm(argv: list[str]) -> int | None:
     """Run `stages.runner.main(argv)` in a child of the warm process, with this process's stdio, directory and
     environment. Returns its exit code, or None when no warm process takes it (the caller runs the stage itself)."""
-    path = os.environ.get(WARM_SOCKET_ENV)  # set only where `warm_stages` started one
-    if not path:
+    name = os.environ.get(WARM_SOCKET_ENV)  # set only where `warm_stages` started one
+    if not name:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        conn.connect(path)
+        conn.connect(address(name))
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                    "executable": sys.executable}
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
@@ -97,6 +97,12 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+def address(name: str) -> str:
+    """The socket address of a warm process's name: in Linux's abstract namespace, so no file is ever left behind,
+    whatever kills the process."""
+    return "\0" + name
+
+
 def _receive(conn: socket.socket) -> dict[str, Any]:
     message = conn.recv(MAX_REQUEST)
     return json.loads(message) if message else {}
@@ -105,13 +111,14 @@ def _receive(conn: socket.socket) -> dict[str, Any]:
 # --- the warm process ---------------------------------------------------------------------------------------------
 
 class WarmProcess:
-    """Listens on `path` at once (a request waits while the modules load), imports WARM_MODULES, then forks a child
+    """Listens on its socket at once (a request waits while the modules load), imports WARM_MODULES, then forks a child
     per request until SIGTERM, when the running children get SIGTERM too and are waited for."""
 
-    def __init__(self, path: str):
+    def __init__(self, name: str):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
+        self.listener.bind(address(name))
         self.listener.listen(8)
+        self.threads = 1  # OS threads after the imports (their idle pools): a fork must find no other
         self.started = dict(os.environ)  # what a request's environment must match
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, socket.socket] = {}  # pid: the connection of the command it runs for
@@ -125,6 +132,7 @@ class WarmProcess:
                 print(f"rl4llm: stages start cold: {reason}", file=sys.stderr)
             return
         self.set_by_imports = {key: value for key, value in os.environ.items() if self.started.get(key) != value}
+        self.threads = os_threads()
         self.selector.register(self.listener, selectors.EVENT_READ, ("request", 0))
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides what a Ctrl-C does to its stages
@@ -153,9 +161,9 @@ class WarmProcess:
         a cold process would have it), or refuse it."""
         message, fds, _flags, _address = socket.recv_fds(conn, MAX_REQUEST, 3)
         request = json.loads(message)
-        differ = differences(request, self.started)
-        if differ:
-            conn.send(json.dumps({"refused": f"differs from the warm process: {', '.join(differ[:5])}"}).encode())
+        refused = self.refusal(request, conn)
+        if refused:
+            conn.send(json.dumps({"refused": refused}).encode())
             conn.close()
             for fd in fds:
                 os.close(fd)
@@ -163,20 +171,47 @@ class WarmProcess:
         request["env"] |= self.set_by_imports
         sys.stdout.flush()
         sys.stderr.flush()
+        stops = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the child has its own handlers
         pid = os.fork()
         if pid == 0:
-            self.listener.close()
-            self.selector.close()
-            for other in self.children.values():
-                other.close()
-            conn.close()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self.close_inherited(conn)
             _become_stage(request, fds)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
         conn.send(json.dumps({"pid": pid}).encode())
         self.selector.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
         self.selector.register(conn, selectors.EVENT_READ, ("command gone", pid))
+
+    def refusal(self, request: dict[str, Any], conn: socket.socket) -> str | None:
+        """Why this process must not fork a stage for `request`: another user's, another environment, or a thread
+        started since the imports (a fork would lose it, mid-work)."""
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        if uid != os.getuid():
+            return f"the request came from user {uid}"
+        differ = differences(request, self.started)
+        if differ:
+            return f"differs from the warm process: {', '.join(differ[:5])}"
+        if os_threads() > self.threads:
+            return f"the warm process runs {os_threads() - self.threads} thread(s) more than after its imports"
+        return None
+
+    def close_inherited(self, conn: socket.socket) -> None:
+        """In a forked child: close what belongs to the warm process (its listener, the other children's
+        connections and pidfds), keeping only the stdio the request handed over."""
+        for key in list(self.selector.get_map().values()):
+            if key.data[0] == "exited":
+                os.close(key.fd)
+        self.selector.close()
+        self.listener.close()
+        for other in self.children.values():
+            other.close()
+        conn.close()
 
     def report_exit(self, pid: int) -> None:
         """Reap the child and send its exit code (128 + the signal that killed it) to its command, if still there."""
@@ -203,8 +238,13 @@ def warm_up() -> str | None:
     if is_cuda_available() or torch.cuda.is_initialized():  # the first asks NVML, not CUDA
         return GPU_VISIBLE
     if threading.active_count() > 1:
-        return "an import started a thread (fork would lose it)"
+        return "an import started a Python thread (a fork would lose it)"
     return None
+
+
+def os_threads() -> int:
+    """This process's OS threads: Python's and those native code started (/proc/self/task)."""
+    return len(os.listdir("/proc/self/task"))
 
 
 def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
@@ -215,8 +255,6 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -253,16 +291,15 @@ def warm_stages() -> Iterator[None]:
             or not sys.platform.startswith("linux")):
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="rl4llm-warm-") as scratch:
-        path = str(Path(scratch) / "socket")
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm", path], start_new_session=True,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        os.environ[WARM_SOCKET_ENV] = path
-        try:
-            yield
-        finally:
-            del os.environ[WARM_SOCKET_ENV]
-            terminate(server, grace_s=30)
+    name = f"rl4llm-warm-{os.getpid()}-{secrets.token_hex(8)}"
+    server = subprocess.Popen([sys.executable, "-m", "stages.warm", name], start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    os.environ[WARM_SOCKET_ENV] = name
+    try:
+        yield
+    finally:
+        del os.environ[WARM_SOCKET_ENV]
+        terminate(server, grace_s=30)
 
 
 if __name__ == "__main__":

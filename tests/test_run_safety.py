@@ -163,3 +163,40 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
     statuses = [(r.data.tags.get("mlflow.runName"), r.info.status) for r in runs]
     assert statuses == [("safe", "KILLED"), ("sft", "KILLED"), ("safe", "FAILED"), ("sft", "KILLED"),
                         ("safe", "FINISHED"), ("sft", "FINISHED")]
+
+
+def warm_processes(run: subprocess.Popen) -> list[int]:
+    return [pid for pid in descendants(run.pid) if b"stages.warm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def warm_sockets() -> list[str]:
+    """The warm processes' sockets on this machine (abstract unix sockets: listed by the kernel, never files)."""
+    return [line for line in Path("/proc/net/unix").read_text().splitlines() if "@rl4llm-warm-" in line]
+
+
+@pytest.mark.e2e
+def test_sigterm_to_the_warm_process_ends_the_run_143_with_its_checkpoint_and_resume_hint(tmp_path, tiny_model_dir):
+    root = write_project(tmp_path, tiny_model_dir, epochs=12)
+    run = start_run(root)
+    wait_for_checkpoint_after(root, 0, run)
+    (warm,) = warm_processes(run)
+    os.kill(warm, signal.SIGTERM)
+    out = run.communicate(timeout=180)[0]
+    assert run.returncode == 143, out[-3000:]
+    assert "interrupted (SIGTERM): safe/sft: stopped by SIGTERM; resume with `rl4llm run safe`" in out
+    assert "checkpoint saved" in out and "exit code 255" not in out
+    assert newest_checkpoint(root) > 0 and not warm_sockets()
+
+
+@pytest.mark.e2e
+def test_a_run_beside_a_run_in_a_dvc_project_exits_75_naming_the_holder(tmp_path, tiny_model_dir):
+    """DVC's own lock is never what refuses it, and its advice to delete lock files is never printed."""
+    root = write_project(tmp_path, tiny_model_dir)
+    first = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with run_lock(root, "other"):
+        second = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
+                                timeout=120)
+    assert second.returncode == 75, second.stderr[-3000:]
+    assert f"pid {os.getpid()}" in second.stderr and "pipeline 'other'" in second.stderr
+    assert "rwlock" not in second.stderr and "manually" not in second.stderr
