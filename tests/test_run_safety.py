@@ -165,8 +165,15 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
                         ("safe", "FINISHED"), ("sft", "FINISHED")]
 
 
-def warm_processes(run: subprocess.Popen) -> list[int]:
-    return [pid for pid in descendants(run.pid) if b"stages.warm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+def warm_process(run: subprocess.Popen) -> int:
+    """The run's warm process (its stages are forks of it, with its command line)."""
+    (warm,) = [pid for pid in descendants(run.pid) if b"stages.warm" in Path(f"/proc/{pid}/cmdline").read_bytes()
+               and b"stages.warm" not in Path(f"/proc/{parent_of(pid)}/cmdline").read_bytes()]
+    return warm
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def warm_sockets() -> list[str]:
@@ -179,8 +186,7 @@ def test_sigterm_to_the_warm_process_ends_the_run_143_with_its_checkpoint_and_re
     root = write_project(tmp_path, tiny_model_dir, epochs=12)
     run = start_run(root)
     wait_for_checkpoint_after(root, 0, run)
-    (warm,) = warm_processes(run)
-    os.kill(warm, signal.SIGTERM)
+    os.kill(warm_process(run), signal.SIGTERM)
     out = run.communicate(timeout=180)[0]
     assert run.returncode == 143, out[-3000:]
     assert "interrupted (SIGTERM): safe/sft: stopped by SIGTERM; resume with `rl4llm run safe`" in out
