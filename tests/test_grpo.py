@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -14,7 +15,9 @@ from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
+from stages.loop import NonFinite
 from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.rewards import RewardError, accuracy_reward, format_reward
 from stages.runs import grpo
 from tests.conftest import Tracker
 
@@ -96,7 +99,7 @@ def test_mask_truncated_zeroes_truncated_samples(inputs):
     tokenizer, policy = load_tokenizer(inputs["policy"]["path"]), load_policy(inputs["policy"]["path"])
     p = grpo.Params(rewards={"accuracy": 1.0}, samples_per_prompt=16, max_new_tokens=3, mask_truncated=True)
     samples = grpo.roll_out(policy, tokenizer, [{"prompt": "ana has 2 cats", "answer": "2"}], p,
-                            grpo.build_rewards(p, None))
+                            grpo.build_rewards(p, None), "test/grpo")
     for s in samples:  # truncated = no EOS within max_new_tokens
         assert s["truncated"] == (s["response_ids"][-1] != tokenizer.eos_token_id)
     samples = [{"truncated": t} for t in (True, False, True)]
@@ -125,11 +128,60 @@ def test_routed_rewards_score_each_row_by_its_route():
     fns = grpo.build_rewards(p, lambda prompts, texts: [float(len(t.split())) for t in texts])
     completions = ["<answer> 4 </answer>", "a b c d"]
     columns = {"prompt": ["q1", "q2"], "answer": ["4", None], "task": ["reasoning", "general"]}
-    from stages.rewards import score_components
-
-    total, components = score_components(fns, p.rewards, completions, **columns)
+    total, components = grpo.score("test/grpo", fns, p.rewards, completions, columns)
     assert components == {"accuracy": [1.0, 0.0], "reward_model": [0.0, 4.0]}
     assert total == [1.0, 2.0]
+
+
+def test_score_weights_each_reward():
+    completions = ["<think>r</think><answer>4</answer>", "<answer>4</answer>", "<think>r</think><answer>5</answer>"]
+    total, parts = grpo.score("test/grpo", {"accuracy": accuracy_reward, "format": format_reward},
+                              {"accuracy": 2.0, "format": 0.5}, completions, {"answer": ["4", "4", "4"]})
+    assert parts == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
+    assert total == [2.5, 2.0, 0.5]
+
+
+# --- a user's reward that misbehaves: named (as pipelines.yaml writes it), with the stage and the step ----------
+
+
+def explodes(completions: list[str], **_) -> list[float]:
+    raise RuntimeError("my reward exploded")
+
+
+def says_good(completions: list[str], **_) -> list:
+    return [0.5] + ["good"] * (len(completions) - 1)
+
+
+def is_nan(completions: list[str], **_) -> list[float]:
+    return [0.0, float("nan")] + [0.0] * (len(completions) - 2)
+
+
+def one_short(completions: list[str], **_) -> list[float]:
+    return [1.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize("reward, error, message", [
+    ("explodes", RewardError, "reward 'tests.test_grpo:explodes' raised RuntimeError: my reward exploded"),
+    ("says_good", RewardError, "reward 'tests.test_grpo:says_good' returned 'good' (str) for completion 1, "
+                               "not a number"),
+    ("is_nan", NonFinite, "non-finite reward 'tests.test_grpo:is_nan' completion 1=nan"),
+    ("one_short", RewardError, "reward 'tests.test_grpo:one_short' returned 3 values for 4 completions"),
+])
+def test_a_bad_user_reward_is_named_with_the_stage_and_step(inputs, tmp_path, reward, error, message):
+    with pytest.raises(error) as failure:
+        run_grpo(inputs, tmp_path, rewards={"format": 1.0, f"tests.test_grpo:{reward}": 1.0}, iterations=2,
+                 prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4)
+    assert str(failure.value).startswith(f"test/grpo step 1/2: {message}")
+    assert isinstance(failure.value, ValueError) == (error is RewardError)  # bad input: the stage exits 2, else 1
+    if reward == "explodes":
+        assert str(failure.value.__cause__) == "my reward exploded"
+
+
+def test_call_reward_takes_any_sequence_of_real_numbers():
+    assert grpo.call_reward("test/grpo", "r", lambda c, **_: (1, True, np.float32(0.5)), ["a", "b", "c"], {}) \
+        == [1.0, 1.0, 0.5]
+    with pytest.raises(RewardError, match=r"^test/grpo: reward 'r' returned 0.5 \(float\), not a list of 2 numbers"):
+        grpo.call_reward("test/grpo", "r", lambda c, **_: 0.5, ["a", "b"], {})
 
 
 def test_process_supervision(inputs, tmp_path):
