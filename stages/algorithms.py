@@ -553,15 +553,3 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 def groups_with_signal(scores: Tensor, group_ids: Tensor) -> Tensor:
     """DAPO dynamic sampling: True for samples whose group's scores are not all equal. [B], [B] -> BoolTensor [B]."""
     return _group_stats(scores.to(torch.float64), group_ids)[3]
-
-
-def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
-    """DAPO soft overlong punishment (Yu et al. 2025, eq. 13), a reward to add (<= 0). lengths: [B] -> [B].
-
-    0 for L <= max_len - buffer, linear down to -penalty at L = max_len, -penalty beyond (buffer = 0: a step).
-    """
-    lengths = lengths if lengths.is_floating_point() else lengths.to(torch.get_default_dtype())
-    if buffer == 0:
-        return -penalty * (lengths > max_len).to(lengths.dtype)
-    frac = ((max_len - buffer) - lengths) / buffer
-    return penalty * frac.clamp(min=-1.0, max=0.0)

@@ -522,14 +522,6 @@ def test_groups_with_signal():
     assert A.groups_with_signal(torch.tensor([1, 1]), torch.tensor([4, 4])).dtype == torch.bool
 
 
-def test_overlong_penalty():
-    lengths = torch.tensor([50, 80, 90, 100, 120])
-    assert_close(A.overlong_penalty(lengths, max_len=100, buffer=20),
-                 torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
-    assert_close(A.overlong_penalty(lengths, max_len=100, buffer=20, penalty=2.0),
-                 torch.tensor([0.0, 0.0, -1.0, -2.0, -2.0]))
-
-
 def test_outcome_token_rewards_on_last_response_token():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert_close(A.outcome_token_rewards(torch.tensor([2.0, -1.0]), mask),
@@ -548,11 +540,6 @@ def test_aggregate_loss_leaves_fully_masked_rows_out():
 
 def test_pairwise_accuracy_all_tied_is_zero_not_nan():
     assert A.pairwise_accuracy(torch.tensor([[0.3, 0.1]]), torch.tensor([[0, 0]])).item() == 0.0
-
-
-def test_overlong_penalty_zero_buffer_is_a_step():
-    assert_close(A.overlong_penalty(torch.tensor([9, 10, 11]), max_len=10, buffer=0, penalty=2.0),
-                 torch.tensor([0.0, 0.0, -2.0]))
 
 
 def test_the_names_params_accept_are_the_registries_names():

@@ -139,6 +139,8 @@ def test_overlong_reward() -> None:
     assert rewards == [0.0, 0.0, -0.5, -0.75, -1.0, -1.0, -1.0]
     assert overlong_reward(["a " * 8], max_length=10, buffer=4, penalty=2.0) == [-1.0]
     assert overlong_reward(["a " * 10, "a " * 11], max_length=10, buffer=0) == [0.0, -1.0]
+    assert overlong_reward(["x"] * 3, completion_length=[9, 10, 11], max_length=10, buffer=0, penalty=2.0) == \
+        [0.0, 0.0, -2.0]  # buffer 0: a step at max_length
     with pytest.raises(ValueError, match="buffer"):
         overlong_reward(["x"], max_length=10, buffer=20)
 
