@@ -365,7 +365,7 @@ def ppo_policy_loss(
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) with decoupled bounds [1 - eps_low, 1 + eps_high]
     (DAPO clip-higher; clip_high=None means symmetric). logp, old_logp, advantages, response_mask: [B, T].
 
-    Returns (loss, stats) with detached stats: "clipfrac" (share of tokens where the clipped term is active),
+    Returns (loss, stats) with detached stats: "clip_fraction" (share of tokens where the clipped term is active),
     "approx_kl" (k3 estimate of KL(pi_old || pi_theta) on the sampled tokens), "ratio_mean".
     """
     clip_high = clip_low if clip_high is None else clip_high
@@ -376,7 +376,7 @@ def ppo_policy_loss(
     loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, loss_agg_mode, max_len)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), response_mask),
+            "clip_fraction": masked_mean((clipped > unclipped).to(logp.dtype), response_mask),
             "approx_kl": masked_mean(kl_k3(old_logp, logp), response_mask),
             "ratio_mean": masked_mean(ratio, response_mask),
         }

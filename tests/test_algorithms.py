@@ -289,21 +289,21 @@ def test_ppo_clip_positive_advantage_above_upper_bound():
     loss, grad, stats = _ppo_token(1.5, 1.0, clip_low=0.2)
     assert loss == pytest.approx(-1.2)  # -A * min(r, 1 + eps)
     assert grad == 0.0
-    assert stats["clipfrac"].item() == 1.0
+    assert stats["clip_fraction"].item() == 1.0
     loss, grad, stats = _ppo_token(1.1, 1.0, clip_low=0.2)  # inside the trust region: plain -A r
     assert loss == pytest.approx(-1.1) and grad == pytest.approx(-1.1)
-    assert stats["clipfrac"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.0
 
 
 def test_ppo_clip_negative_advantage_below_lower_bound():
     loss, grad, stats = _ppo_token(0.5, -1.0, clip_low=0.2)
     assert loss == pytest.approx(0.8)  # -A * max(r, 1 - eps)
     assert grad == 0.0
-    assert stats["clipfrac"].item() == 1.0
+    assert stats["clip_fraction"].item() == 1.0
     # pessimism: a negative advantage with r > 1 + eps is NOT clipped
     loss, grad, stats = _ppo_token(1.5, -1.0, clip_low=0.2)
     assert loss == pytest.approx(1.5) and grad == pytest.approx(1.5)
-    assert stats["clipfrac"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.0
 
 
 def test_ppo_clip_higher_asymmetry():
@@ -327,7 +327,7 @@ def test_ppo_batch_stats_and_aggregation():
     assert_close(loss, t((-1.2 - 1.1 + 0.8) / 3))
     loss_seq, _ = A.ppo_policy_loss(logp, old, adv, mask, loss_agg_mode="seq-mean-token-mean")
     assert_close(loss_seq, t(((-1.2 - 1.1) / 2 + 0.8) / 2))
-    assert_close(stats["clipfrac"], t(2 / 3))
+    assert_close(stats["clip_fraction"], t(2 / 3))
     assert_close(stats["ratio_mean"], t((1.5 + 1.1 + 0.5) / 3))
     k3 = [r - math.log(r) - 1 for r in (1.5, 1.1, 0.5)]  # k3 of KL(old || new), samples from old: r = new/old
     assert_close(stats["approx_kl"], t(sum(k3) / 3))

@@ -53,8 +53,10 @@ def test_grpo_raises_reward(inputs, tmp_path):
                        samples_per_prompt=8, max_new_tokens=6, lr=3e-3, kl_coef=0.0, ppo_epochs=2)
     rewards = [m["reward"] for m in tracker.logged]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert {"reward_language_consistency", "accuracy", "format_rate", "clipfrac", "entropy", "response_length",
-            "dropped_groups"} <= set(tracker.logged[-1])
+    assert {"reward_language_consistency", "accuracy", "format_rate", "clip_fraction", "approx_kl", "ratio_mean",
+            "entropy", "response_length", "dropped_groups"} <= set(tracker.logged[-1])
+    # means over both epochs' minibatches: the second epoch's policy has moved from π_old
+    assert all(m["approx_kl"] > 0 for m in tracker.logged)
     assert (tmp_path / "model" / "config.json").exists()
 
 

@@ -284,7 +284,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             old = logp.detach() if old_logp is None else old_logp[idx]
             loss, pg_stats = ppo_policy_loss(logp, old, advantages[idx], mb_mask, p.clip_low,
                                              p.clip_high, p.agg_mode, p.max_new_tokens)
-            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+            stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
             if ref_logp is not None:
                 kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
