@@ -531,6 +531,24 @@ def kto_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
+                      ) -> Tensor:
+    """Token-level knowledge distillation (Hinton et al. 2015): tau^2 · mean over the masked tokens of
+    KL(softmax(z_teacher / tau) || softmax(z_student / tau)); the tau^2 keeps the gradient's scale independent of tau.
+
+    student_logits, teacher_logits: [B, T, V]; mask: [B, T] -> scalar.
+    """
+    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+    student_logp = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return masked_mean(kl, mask) * temperature ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Log-probs and sampling helpers
 # ----------------------------------------------------------------------------------------------------------------
 

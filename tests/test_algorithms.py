@@ -498,6 +498,24 @@ def test_kto_loss_weights_and_hand_values():
     assert not clamped.requires_grad
 
 
+# --------------------------------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_hand_values():
+    # token 0: at tau = 2 the teacher's logits [0, 2 ln 3] give p = [1/4, 3/4], the student's [0, 0] q = [1/2, 1/2];
+    # token 1: student = teacher (KL 0); token 2 is masked out (its logits are garbage)
+    tau = 2.0
+    teacher = t([[[0.0, 2 * math.log(3)], [1.0, -1.0], [0.0, 0.0]]])
+    student = t([[[0.0, 0.0], [1.0, -1.0], [50.0, -50.0]]])
+    mask = t([[1.0, 1.0, 0.0]])
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert_close(A.distillation_loss(student, teacher, mask, tau), t(tau ** 2 * kl / 2))
+    assert_close(A.distillation_loss(teacher, teacher, mask, tau), t(0.0))
+    # at tau = 1 the same logits: p = softmax([0, 2 ln 3]) = [1/10, 9/10]
+    kl1 = 0.1 * math.log(0.1 / 0.5) + 0.9 * math.log(0.9 / 0.5)
+    assert_close(A.distillation_loss(student, teacher, mask), t(kl1 / 2))
+
+
 # --------------------------------------------------------------------------------------------- log-probs / helpers
 
 
