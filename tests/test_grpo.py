@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -186,10 +187,28 @@ def test_call_reward_takes_any_sequence_of_real_numbers():
         grpo.call_reward("test/grpo", "r", lambda c, **_: 0.5, ["a", "b"], {})
 
 
-def test_process_supervision(inputs, tmp_path):
+def test_process_advantages_by_hand():
     tokens = "<think> 5 plus 3 is 8 , 8 minus 2 is 7 </think> <answer> 7 </answer>".split()
     assert reasoning_task.step_rewards(tokens) == [(5, 1.0), (11, 0.0)]
-    tracker = run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=1,
-                       prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo",
-                       clip_high=0.28)
-    assert tracker.logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # one update: π_old = π_ref when it is scored
+    # one group: A = a right step ending at token 5 and the outcome 1 at its last token 9; B = no step, outcome 0 at
+    # token 2. Group rewards [1, 1, 0]: mean 2/3, unbiased std 1/sqrt(3) -> A's steps 1/sqrt(3), B's -2/sqrt(3);
+    # A_t sums the normalised rewards of the steps ending at or after t
+    vocab = "<think> 5 plus 3 is 8 </think> <answer> </answer> 9".split()
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda ids: [vocab[i] for i in ids])
+    responses = ["<think> 5 plus 3 is 8 </think> <answer> 8 </answer>", "<answer> 9 </answer>"]
+    samples = [{"response_ids": [vocab.index(w) for w in r.split()], "reward": reward}
+               for r, reward in zip(responses, [1.0, 0.0])]
+    mask = torch.tensor([[1.0] * 10, [1.0] * 3 + [0.0] * 7])
+    advantages = grpo.process_advantages(samples, tokenizer, mask, torch.tensor([0, 0]), reasoning_task.step_rewards)
+    s = 1 / 3 ** 0.5
+    expected = torch.tensor([[2 * s] * 6 + [s] * 4, [-2 * s] * 3 + [0.0] * 7])
+    torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
+
+
+def test_advantage_process_trains_on_process_advantages(inputs, tmp_path, monkeypatch):
+    calls = []
+    process_advantages = grpo.process_advantages
+    monkeypatch.setattr(grpo, "process_advantages", lambda *args: calls.append(args[0]) or process_advantages(*args))
+    run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=2,
+             prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo")
+    assert [len(samples) for samples in calls] == [8, 8]  # every step's whole batch
