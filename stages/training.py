@@ -44,7 +44,8 @@ class Optimization:
     def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss) -> dict[str, float]:
         """Accumulate the gradients of `loss_fn` over `micro_batches` (each weighted 1/len), then clip, step the
         optimiser and the schedule. Gradients sync across processes on the last micro-batch only. Returns the mean
-        of the micro-batches' metrics on this rank and the gradient norm; a non-finite one stops before the step."""
+        of the micro-batches' metrics on this rank, the gradient norm and the learning rate of this step; a
+        non-finite one stops before the step."""
         acc, totals = self.ctx.accelerator, {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
@@ -55,6 +56,7 @@ class Optimization:
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
         norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
         totals[f"{self.prefix}grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        totals[f"{self.prefix}lr"] = self.scheduler.get_last_lr()[0]
         check_finite(self.ctx.label, totals)
         self.optimizer.step()
         self.scheduler.step()
