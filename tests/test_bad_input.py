@@ -368,3 +368,47 @@ def test_a_stage_writes_only_inside_its_own_output_directory(tmp_path, monkeypat
     assert owned_output_dir("demo", "sft", {"output_dir": "artifacts/demo/sft",
                                             "outputs": {"model": "artifacts/demo/sft/model"}}, "params.yaml") \
         == tmp_path / "artifacts/demo/sft"
+
+
+def line_of(text: str, line: str, nth: int = 0) -> int:
+    """The 1-based number of the `nth` line of `text` equal to `line`."""
+    return [i for i, x in enumerate(text.splitlines(), 1) if x == line][nth]
+
+
+def duplicated(case: str) -> tuple[str, str]:
+    """BASE as YAML with a key twice in one mapping, and the message that names it."""
+    text = yaml.safe_dump(BASE)
+    if case == "a param twice":
+        text = text.replace("        lr: 0.01\n", "        lr: 0.01\n        lr: 0.5\n")
+        return text, (f"pipelines.yaml: line {line_of(text, '        lr: 0.5')} column 9: invalid YAML (duplicate key "
+                      f"'lr' in pipelines.demo.stages[0].params, first on line {line_of(text, '        lr: 0.01')})")
+    text = text.replace("pipelines:\n", "pipelines:\n  demo:\n    stages: []\n")
+    return text, (f"pipelines.yaml: line {line_of(text, '  demo:', 1)} column 3: invalid YAML (duplicate key 'demo' "
+                  "in pipelines, first on line 2)")
+
+
+@pytest.mark.parametrize("case", ["a param twice", "a pipeline twice"])
+def test_cli_validate_exits_2_on_a_duplicate_key_and_writes_nothing(project: Path, case: str):
+    text, expected = duplicated(case)
+    write(project, BASE).write_text(text)
+    before = tree(project)
+    result = cli(project, "validate")
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+    assert cli(project, "sync").returncode == 2 and tree(project) == before  # no params.yaml, no dvc.yaml
+
+
+def test_a_duplicate_key_in_an_accelerate_config_is_named_by_line(project: Path):
+    (project / "infra/bad.yaml").write_text("num_processes: 1\nmixed_precision: 'no'\nnum_processes: 2\n")
+    error = error_of(project, config_with(lambda p: p["stages"][0].update(accelerate_config="infra/bad.yaml")))
+    assert "accelerate config infra/bad.yaml: line 3 column 1: invalid YAML (duplicate key 'num_processes', first " \
+           "on line 1)" in str(error), str(error)
+    assert (error.stage, error.key) == ("sft", "accelerate_config")
+
+
+def test_merge_keys_may_override_what_they_merge(project: Path):
+    text = yaml.safe_dump(BASE).replace("    defaults:\n", "    defaults: &shared\n").replace(
+        "        lr: 0.01\n", "        lr: 0.01\n      <<: *shared\n      seed: 7\n")
+    assert "<<: *shared" in text
+    write(project, BASE).write_text(text)
+    assert resolve(project / "pipelines.yaml")["demo"]["sft"]["seed"] == 7
