@@ -264,6 +264,8 @@ def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, A
         if declared.or_columns and set(declared.or_columns) <= available:
             required = declared.or_columns
         for column in required:
+            if column in present and column not in available:
+                raise ConfigError(file, _taken_message(name, column, mapped), **where)
             if column not in available:
                 alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
                 raise ConfigError(file, f"dataset {name} has no column '{column}'{alternative} (map one with "
@@ -272,6 +274,29 @@ def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, A
             data.check_row(row, row_where, {*required, *mapped}, mapped)
     except ValueError as e:
         raise ConfigError(file, str(e), **where) from None
+
+
+def _taken_message(name: str, column: str, mapped: dict[str, str]) -> str:
+    """Why the stage lacks `column` although dataset `name` has it: the mapping gives it to another name."""
+    taken = next(ours for ours, theirs in mapped.items() if theirs == column)
+    return (f"dataset {name}: its column '{column}' is mapped to '{taken}' (columns: {{{taken}: {column}}}), which "
+            f"leaves the stage no '{column}'; a mapping reads {{stage's name: dataset's column}}: map '{column}' "
+            f"too (columns: {{{column}: <its column>}}) or drop that mapping")
+
+
+def _check_column_sources(file: str, pipeline: str, datasets: dict[str, DatasetSpec]) -> list[ConfigError]:
+    """Mappings that give one dataset column to two names: a column is renamed, not copied, so a stage would lack
+    one of them."""
+    errors = []
+    for dataset, spec in datasets.items():
+        named: dict[str, str] = {}
+        for ours, theirs in spec.columns.items():
+            if theirs in named:
+                errors.append(ConfigError(
+                    file, f"'{named[theirs]}' and '{ours}' both map to column '{theirs}' of {spec.path}; each "
+                          "name needs a column of its own", pipeline=pipeline, key=f"datasets.{dataset}.columns"))
+            named.setdefault(theirs, ours)
+    return errors
 
 
 def _check_model_dir(file: str, where: dict, name: str, path: Path) -> None:
@@ -349,6 +374,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
         resolved[pipeline] = {}
+        errors += _check_column_sources(file, pipeline, spec.datasets)
         for key in spec.defaults.params:
             if not any(key in kind.params.model_fields for kind in map(_kind_or_none, spec.stages) if kind):
                 errors.append(ConfigError(file, "no stage kind of this pipeline has this param",

@@ -412,3 +412,35 @@ def test_merge_keys_may_override_what_they_merge(project: Path):
     assert "<<: *shared" in text
     write(project, BASE).write_text(text)
     assert resolve(project / "pipelines.yaml")["demo"]["sft"]["seed"] == 7
+
+
+PLAIN = lines({"prompt": "name two animals", "response": "cat dog"})
+BAD_MAPPINGS = {  # columns of plain.jsonl ({prompt, response}) -> (key, message)
+    "a column given away": ({"prompt": "response"}, "inputs.data",
+                            "dataset plain.jsonl: its column 'response' is mapped to 'prompt' (columns: {prompt: "
+                            "response}), which leaves the stage no 'response'"),
+    "one column to two names": ({"prompt": "response", "response": "response"}, "datasets.demos.columns",
+                                "'prompt' and 'response' both map to column 'response' of plain.jsonl; each name "
+                                "needs a column of its own"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MAPPINGS, ids=list(BAD_MAPPINGS))
+def test_cli_validate_checks_a_column_mapping_against_the_files_columns(project: Path, case: str):
+    columns, key, expected = BAD_MAPPINGS[case]
+    (project / "plain.jsonl").write_text(PLAIN)
+    error = error_of(project, config_with(use("plain.jsonl", columns=columns)))
+    assert expected in str(error) and error.key == key and error.pipeline == "demo", str(error)
+    before = tree(project)
+    result = cli(project, "validate")
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+
+
+def test_a_mapping_may_swap_the_files_columns(project: Path):
+    (project / "plain.jsonl").write_text(PLAIN)
+    sft = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"}}
+    columns = {"prompt": "response", "response": "prompt"}
+    config = config_with(lambda p: (use("plain.jsonl", columns=columns)(p), p.update(stages=[sft])))
+    spec = resolve(write(project, config))["demo"]["sft"]["inputs"]["data"]
+    assert data.load_rows(spec, ("prompt", "response")) == [{"prompt": "cat dog", "response": "name two animals"}]
