@@ -4,6 +4,7 @@ before anything trains or is written, naming the file, the line or row and the c
 from __future__ import annotations
 
 import copy
+import functools
 import http.server
 import json
 import os
@@ -444,3 +445,55 @@ def test_a_mapping_may_swap_the_files_columns(project: Path):
     config = config_with(lambda p: (use("plain.jsonl", columns=columns)(p), p.update(stages=[sft])))
     spec = resolve(write(project, config))["demo"]["sft"]["inputs"]["data"]
     assert data.load_rows(spec, ("prompt", "response")) == [{"prompt": "cat dog", "response": "name two animals"}]
+
+
+def long_row_project(project: Path, tiny_model_dir: Path, long_input: str) -> None:
+    """BASE's sft on the tiny model (64 positions), its line 3 of `long_input` (data or eval) 200 words long."""
+    def edit(p: dict) -> None:
+        p["defaults"]["model"] = str(tiny_model_dir)
+        p["datasets"]["prompts"] = {"path": "prompts.jsonl"}
+        p["stages"] = [{"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos", "eval": "datasets.prompts"},
+                        "params": {"epochs": 1, "evaluator": "instruct_gold"}}]
+
+    write(project, config_with(edit))
+    long = {"question": "name " * 200, "answer": "cat dog"}
+    demos = [GOOD, GOOD, long if long_input == "data" else GOOD, GOOD]
+    prompts = [{"prompt": "name two animals"}] * 2 + [{"prompt": "name " * 200 if long_input == "eval" else "name"}]
+    (project / "demos.jsonl").write_text(lines(*demos))
+    (project / "prompts.jsonl").write_text(lines(*prompts))
+    assert cli(project, "sync").returncode == 0
+
+
+LONG_ROWS = {
+    "data": "error: demo/sft bad input: ValueError: demos.jsonl line 3: 205 tokens, more than the model's context "
+            "(max_position_embeddings=64), and max_length is not set; set params.max_length (at most 64) to "
+            "truncate rows",
+    "eval": "error: demo/sft bad input: ValueError: prompts.jsonl line 3: a prompt of 202 tokens, with "
+            "eval_max_new_tokens=16, is more than the model's context (max_position_embeddings=64)",
+}
+
+
+@pytest.mark.parametrize("long_input", LONG_ROWS)
+def test_a_row_longer_than_the_models_context_is_refused_before_training(project: Path, tiny_model_dir: Path,
+                                                                         long_input: str):
+    long_row_project(project, tiny_model_dir, long_input)
+    result = cli(project, "stage", "demo", "sft")
+    assert result.returncode == 2 and LONG_ROWS[long_input] in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (project / "artifacts/demo/sft").exists()  # nothing published
+
+
+def test_max_length_truncates_what_the_context_refuses_and_rows_are_named_by_file_line(project: Path):
+    from stages.text import fit_rows
+
+    (project / "demos.jsonl").write_text(lines(GOOD, "", GOOD, GOOD))  # row 2 is on line 4 (a blank line 2)
+    spec = {"path": "demos.jsonl", "columns": {"prompt": "question", "response": "answer"}}
+    encoded = [([1] * 3, [2] * 3, None), ([1] * 3, [2] * 3, None), ([1] * 50, [2] * 50, None)]
+    name = functools.partial(data.row_name, spec)
+    with pytest.raises(ValueError, match=r"^demos.jsonl line 4: 100 tokens, more than the model's context "
+                                         r"\(max_position_embeddings=64\), and max_length is not set"):
+        fit_rows(encoded, "input 'data'", None, None, 64, name)
+    with pytest.raises(ValueError, match=r"^demos.jsonl line 4: 100 tokens, .*, and max_length=100 is larger"):
+        fit_rows(encoded, "input 'data'", None, 100, 64, name)
+    fitted, truncated = fit_rows(encoded, "input 'data'", None, 64, 64, name)
+    assert truncated == 1 and [len(p) + len(r) for p, r, _ in fitted] == [6, 6, 64]
+    assert data.row_name({"path": "someone/chat", "split": "test"}, 1) == "someone/chat (split test) row 2"
