@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import yaml
 from pydantic import Field, ValidationError
+from yaml.error import MarkedYAMLError
 
 from stages import data
 from stages.kinds import BUILT_IN_KINDS, Described, Input, StageKind, get_kind
@@ -152,20 +153,43 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
     return sizes[id(node)]
 
 
+def _check_unique_keys(node: yaml.Node, path: str = "") -> None:
+    """Raise a MarkedYAMLError at the second of two equal keys in one mapping under `node` (`path` names where it
+    is: `pipelines.demo.stages[0].params`). Merged keys (`<<: *defaults`) may be overridden; they are not compared."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+            continue
+        if (key.tag, key.value) in first:
+            where = f" in {path}" if path else ""
+            raise MarkedYAMLError(problem=f"duplicate key {key.value!r}{where}, first on line "
+                                          f"{first[key.tag, key.value].start_mark.line + 1}",
+                                  problem_mark=key.start_mark)
+        first[key.tag, key.value] = key
+        _check_unique_keys(value, f"{path}.{key.value}".lstrip("."))
+
+
 class _Loader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that rejects documents whose aliases expand to more than MAX_ALIAS_NODES extra nodes."""
+    """`yaml.SafeLoader` that rejects documents whose aliases expand to more than MAX_ALIAS_NODES extra nodes, and
+    duplicate keys in a mapping (which YAML would resolve silently, the last one winning)."""
 
     def compose_document(self) -> yaml.Node:
         node = super().compose_document()
         sizes: dict[int, int | None] = {}
         if _expanded_size(node, sizes) - len(sizes) > MAX_ALIAS_NODES:
             raise yaml.YAMLError(f"aliases expand to more than {MAX_ALIAS_NODES:,} nodes; an alias bomb?")
+        _check_unique_keys(node)
         return node
 
 
 def _read_yaml(path: Path) -> Any:
     """The YAML document at `path`, or a ValueError saying why not (missing, a directory, not UTF-8, invalid YAML
-    with its line and column, aliases expanding too far)."""
+    with its line and column, aliases expanding too far, a key twice in one mapping)."""
     try:
         return yaml.load(data.decode_utf8(path.read_bytes()), Loader=_Loader)
     except FileNotFoundError:
@@ -240,6 +264,8 @@ def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, A
         if declared.or_columns and set(declared.or_columns) <= available:
             required = declared.or_columns
         for column in required:
+            if column in present and column not in available:
+                raise ConfigError(file, _taken_message(name, column, mapped), **where)
             if column not in available:
                 alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
                 raise ConfigError(file, f"dataset {name} has no column '{column}'{alternative} (map one with "
@@ -248,6 +274,29 @@ def _check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, A
             data.check_row(row, row_where, {*required, *mapped}, mapped)
     except ValueError as e:
         raise ConfigError(file, str(e), **where) from None
+
+
+def _taken_message(name: str, column: str, mapped: dict[str, str]) -> str:
+    """Why the stage lacks `column` although dataset `name` has it: the mapping gives it to another name."""
+    taken = next(ours for ours, theirs in mapped.items() if theirs == column)
+    return (f"dataset {name}: its column '{column}' is mapped to '{taken}' (columns: {{{taken}: {column}}}), which "
+            f"leaves the stage no '{column}'; a mapping reads {{stage's name: dataset's column}}: map '{column}' "
+            f"too (columns: {{{column}: <its column>}}) or drop that mapping")
+
+
+def _check_column_sources(file: str, pipeline: str, datasets: dict[str, DatasetSpec]) -> list[ConfigError]:
+    """Mappings that give one dataset column to two names: a column is renamed, not copied, so a stage would lack
+    one of them."""
+    errors = []
+    for dataset, spec in datasets.items():
+        named: dict[str, str] = {}
+        for ours, theirs in spec.columns.items():
+            if theirs in named:
+                errors.append(ConfigError(
+                    file, f"'{named[theirs]}' and '{ours}' both map to column '{theirs}' of {spec.path}; each "
+                          "name needs a column of its own", pipeline=pipeline, key=f"datasets.{dataset}.columns"))
+            named.setdefault(theirs, ours)
+    return errors
 
 
 def _check_model_dir(file: str, where: dict, name: str, path: Path) -> None:
@@ -325,6 +374,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
         resolved[pipeline] = {}
+        errors += _check_column_sources(file, pipeline, spec.datasets)
         for key in spec.defaults.params:
             if not any(key in kind.params.model_fields for kind in map(_kind_or_none, spec.stages) if kind):
                 errors.append(ConfigError(file, "no stage kind of this pipeline has this param",

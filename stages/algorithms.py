@@ -365,7 +365,7 @@ def ppo_policy_loss(
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) with decoupled bounds [1 - eps_low, 1 + eps_high]
     (DAPO clip-higher; clip_high=None means symmetric). logp, old_logp, advantages, response_mask: [B, T].
 
-    Returns (loss, stats) with detached stats: "clipfrac" (share of tokens where the clipped term is active),
+    Returns (loss, stats) with detached stats: "clip_fraction" (share of tokens where the clipped term is active),
     "approx_kl" (k3 estimate of KL(pi_old || pi_theta) on the sampled tokens), "ratio_mean".
     """
     clip_high = clip_low if clip_high is None else clip_high
@@ -376,7 +376,7 @@ def ppo_policy_loss(
     loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, loss_agg_mode, max_len)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), response_mask),
+            "clip_fraction": masked_mean((clipped > unclipped).to(logp.dtype), response_mask),
             "approx_kl": masked_mean(kl_k3(old_logp, logp), response_mask),
             "ratio_mean": masked_mean(ratio, response_mask),
         }
@@ -531,6 +531,24 @@ def kto_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
+                      ) -> Tensor:
+    """Token-level knowledge distillation (Hinton et al. 2015): tau^2 · mean over the masked tokens of
+    KL(softmax(z_teacher / tau) || softmax(z_student / tau)); the tau^2 keeps the gradient's scale independent of tau.
+
+    student_logits, teacher_logits: [B, T, V]; mask: [B, T] -> scalar.
+    """
+    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+    student_logp = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return masked_mean(kl, mask) * temperature ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Log-probs and sampling helpers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -553,15 +571,3 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 def groups_with_signal(scores: Tensor, group_ids: Tensor) -> Tensor:
     """DAPO dynamic sampling: True for samples whose group's scores are not all equal. [B], [B] -> BoolTensor [B]."""
     return _group_stats(scores.to(torch.float64), group_ids)[3]
-
-
-def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
-    """DAPO soft overlong punishment (Yu et al. 2025, eq. 13), a reward to add (<= 0). lengths: [B] -> [B].
-
-    0 for L <= max_len - buffer, linear down to -penalty at L = max_len, -penalty beyond (buffer = 0: a step).
-    """
-    lengths = lengths if lengths.is_floating_point() else lengths.to(torch.get_default_dtype())
-    if buffer == 0:
-        return -penalty * (lengths > max_len).to(lengths.dtype)
-    frac = ((max_len - buffer) - lengths) / buffer
-    return penalty * frac.clamp(min=-1.0, max=0.0)

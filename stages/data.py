@@ -10,6 +10,7 @@ loads it (`load_rows`). Errors name the file (or Hub id and split), the 1-based 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import reprlib
 from pathlib import Path
@@ -73,12 +74,25 @@ def load_rows(spec: dict[str, Any], columns: tuple[str, ...] = (),
     stage's names, and text columns must hold text or chat messages."""
     rows = load(spec).to_list()
     if not is_local(spec["path"]):
-        source = f"{spec['path']} (split {spec.get('split') or 'train'})"
+        source = _hub_source(spec)
         if or_columns and rows and all(c in rows[0] for c in or_columns):
             columns = or_columns
         for number, row in enumerate(rows, 1):
             check_row(row, f"{source} row {number}", {*columns, *(spec.get("columns") or {})})
     return rows
+
+
+def _hub_source(spec: dict[str, Any]) -> str:
+    return f"{spec['path']} (split {spec.get('split') or 'train'})"
+
+
+def row_name(spec: dict[str, Any], index: int) -> str:
+    """How errors name row `index` (0-based) of `load_rows(spec)`: by its file and 1-based line or row as
+    `local_rows` does (`demos.jsonl line 3`; read again, so call it for an error only), or a Hub row by number."""
+    if is_local(spec["path"]):
+        rows = local_rows(Path(spec["path"]), spec.get("split"), spec["path"])
+        return next(itertools.islice(rows, index, None), (f"{spec['path']} row {index + 1}",))[0]
+    return f"{_hub_source(spec)} row {index + 1}"
 
 
 def check_row(row: dict[str, Any], where: str, required: Iterable[str] = (),

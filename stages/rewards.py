@@ -52,6 +52,10 @@ class RewardConfigError(KeyError, ValueError):
         return str(self.args[0])
 
 
+class RewardError(ValueError):
+    """A reward raised, or returned anything but one number per completion: bad input (the stage exits 2)."""
+
+
 # --- answer extraction and math verification -------------------------------------------------------------------
 
 
@@ -338,39 +342,8 @@ def routed_reward(route_column: str, routes: dict[str, RewardFn]) -> RewardFn:
             if len(values) != len(indices):
                 raise ValueError(f"route {value!r} returned {len(values)} rewards for {len(indices)} samples")
             for i, v in zip(indices, values):
-                rewards[i] = float(v)
+                rewards[i] = v  # as the route returned it: the caller checks every value
         return rewards
-
-    return reward
-
-
-def score_components(reward_fns: dict[str, RewardFn], weights: dict[str, float], completions: list[str],
-                     **columns: Any) -> tuple[list[float], dict[str, list[float]]]:
-    """Weighted total and the unweighted per-reward values (for logging). A reward without a weight has weight 1."""
-    unknown = sorted(set(weights) - set(reward_fns))
-    if unknown:
-        raise KeyError(f"weights for unknown rewards {unknown}; rewards: {sorted(reward_fns)}")
-    total = [0.0] * len(completions)
-    components = {}
-    for name, fn in reward_fns.items():
-        values = [float(v) for v in fn(completions, **columns)]
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
-        components[name] = values
-        weight = weights.get(name, 1.0)
-        total = [t + weight * v for t, v in zip(total, values)]
-    return total, components
-
-
-def weighted_sum(rewards: dict[str, tuple[RewardFn, float]]) -> RewardFn:
-    """Reward fn returning `sum(weight * fn(...))` over `rewards = {name: (fn, weight)}`."""
-    if not rewards:
-        raise ValueError("weighted_sum needs at least one reward")
-    fns = {name: fn for name, (fn, _) in rewards.items()}
-    weights = {name: weight for name, (_, weight) in rewards.items()}
-
-    def reward(completions: list[str], **columns: Any) -> list[float]:
-        return score_components(fns, weights, completions, **columns)[0]
 
     return reward
 

@@ -12,6 +12,7 @@ log-probs recomputed for training match the ones seen while sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,20 +87,48 @@ def encode_row(tokenizer: PreTrainedTokenizerBase, row: dict) -> tuple[list[int]
     return encode_prompt(tokenizer, row["prompt"]), encode_response(tokenizer, row["response"]), None
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """The most positions `model` was built for (its config's `max_position_embeddings`; None if it has none)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def fit_rows(encoded: list[tuple[list[int], list[int], list[int] | None]], source: str,
-             max_prompt_length: int | None, max_length: int | None
+             max_prompt_length: int | None, max_length: int | None, context: int | None = None,
+             row_name: Callable[[int], str] | None = None
              ) -> tuple[list[tuple[list[int], list[int], list[int] | None]], int]:
-    """`fit` over encoded rows: the fitted rows and how many were truncated. `source` (the dataset) is named with
-    the row in the error when a row cannot fit at all."""
+    """`fit` over encoded rows: the fitted rows and how many were truncated. A row that cannot fit at all, or is
+    still longer than the model's `context` (attention over it would not fit in memory, or index past the model's
+    positions), is named in the error by `row_name(index)` (e.g. `demos.jsonl line 3`), else by `source` (the
+    dataset) and its index."""
+    name = row_name or (lambda i: f"{source}: row {i}")
     fitted, truncated = [], 0
     for i, (prompt_ids, response_ids, loss_mask) in enumerate(encoded):
         try:
             prompt_ids, cut_response, cut = fit(prompt_ids, response_ids, max_prompt_length, max_length)
         except ValueError as e:
-            raise ValueError(f"{source}: row {i} cannot fit: {e}; raise max_length or set max_prompt_length") from None
+            raise ValueError(f"{name(i)} cannot fit: {e}; raise max_length or set max_prompt_length") from None
+        length = len(prompt_ids) + len(cut_response)
+        if context and length > context:
+            cause = "max_length is not set" if max_length is None else f"max_length={max_length} is larger"
+            raise ValueError(f"{name(i)}: {length} tokens, more than the model's context (max_position_embeddings="
+                             f"{context}), and {cause}; set params.max_length (at most {context}) to truncate rows")
         fitted.append((prompt_ids, cut_response, loss_mask[:len(cut_response)] if loss_mask else None))
         truncated += cut
     return fitted, truncated
+
+
+def check_eval_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], eval_max_new_tokens: int,
+                           context: int | None, row_name: Callable[[int], str]) -> None:
+    """Raise a ValueError naming `row_name(index)` when a held-out prompt plus the `eval_max_new_tokens` sampled for
+    it is longer than the model's `context` (checked before training, so evaluation cannot fail after it)."""
+    if not context:
+        return
+    for i, prompt in enumerate(prompts):
+        length = len(encode_prompt(tokenizer, prompt))
+        if length + eval_max_new_tokens > context:
+            raise ValueError(f"{row_name(i)}: a prompt of {length} tokens, with eval_max_new_tokens="
+                             f"{eval_max_new_tokens}, is more than the model's context (max_position_embeddings="
+                             f"{context}); shorten it or lower eval_max_new_tokens")
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

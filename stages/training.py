@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from stages import data
 from stages.algorithms import masked_mean, masked_sum
 from stages.chat import Prompt
 from stages.context import StageContext
@@ -20,7 +22,8 @@ from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
-from stages.text import PairBatch, encode_row, fit_rows, pair_batch, response_logprobs, sample
+from stages.text import (PairBatch, check_eval_prompts_fit, context_length, encode_row, fit_rows,
+                         pair_batch, response_logprobs, sample)
 
 if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
     from stages.kinds.sft import Params as SFTParams
@@ -44,7 +47,8 @@ class Optimization:
     def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss) -> dict[str, float]:
         """Accumulate the gradients of `loss_fn` over `micro_batches` (each weighted 1/len), then clip, step the
         optimiser and the schedule. Gradients sync across processes on the last micro-batch only. Returns the mean
-        of the micro-batches' metrics on this rank and the gradient norm; a non-finite one stops before the step."""
+        of the micro-batches' metrics on this rank, the gradient norm and the learning rate of this step; a
+        non-finite one stops before the step."""
         acc, totals = self.ctx.accelerator, {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
@@ -55,6 +59,7 @@ class Optimization:
                 totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
         norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
         totals[f"{self.prefix}grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        totals[f"{self.prefix}lr"] = self.scheduler.get_last_lr()[0]
         check_finite(self.ctx.label, totals)
         self.optimizer.step()
         self.scheduler.step()
@@ -229,8 +234,13 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     """
     p: SFTParams = ctx.params  # the sft kind's params (or a kind's that extends them, as distill's)
     acc = ctx.accelerator
+    context = context_length(model)  # rows longer than the model's context are refused before training
     encoded, truncated = fit_rows([encode_row(tokenizer, r) for r in rows], ctx.source("data"),
-                                  p.max_prompt_length, p.max_length)
+                                  p.max_prompt_length, p.max_length, context,
+                                  partial(data.row_name, ctx.inputs["data"]))
+    if p.evaluator and ctx.has("eval"):
+        check_eval_prompts_fit(tokenizer, [r["prompt"] for r in ctx.rows("eval")], p.eval_max_new_tokens,
+                               context, partial(data.row_name, ctx.inputs["eval"]))
     n_holdout = int(len(encoded) * p.holdout_fraction)
     train, holdout = encoded[n_holdout:], encoded[:n_holdout]
 

@@ -289,21 +289,21 @@ def test_ppo_clip_positive_advantage_above_upper_bound():
     loss, grad, stats = _ppo_token(1.5, 1.0, clip_low=0.2)
     assert loss == pytest.approx(-1.2)  # -A * min(r, 1 + eps)
     assert grad == 0.0
-    assert stats["clipfrac"].item() == 1.0
+    assert stats["clip_fraction"].item() == 1.0
     loss, grad, stats = _ppo_token(1.1, 1.0, clip_low=0.2)  # inside the trust region: plain -A r
     assert loss == pytest.approx(-1.1) and grad == pytest.approx(-1.1)
-    assert stats["clipfrac"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.0
 
 
 def test_ppo_clip_negative_advantage_below_lower_bound():
     loss, grad, stats = _ppo_token(0.5, -1.0, clip_low=0.2)
     assert loss == pytest.approx(0.8)  # -A * max(r, 1 - eps)
     assert grad == 0.0
-    assert stats["clipfrac"].item() == 1.0
+    assert stats["clip_fraction"].item() == 1.0
     # pessimism: a negative advantage with r > 1 + eps is NOT clipped
     loss, grad, stats = _ppo_token(1.5, -1.0, clip_low=0.2)
     assert loss == pytest.approx(1.5) and grad == pytest.approx(1.5)
-    assert stats["clipfrac"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.0
 
 
 def test_ppo_clip_higher_asymmetry():
@@ -327,7 +327,7 @@ def test_ppo_batch_stats_and_aggregation():
     assert_close(loss, t((-1.2 - 1.1 + 0.8) / 3))
     loss_seq, _ = A.ppo_policy_loss(logp, old, adv, mask, loss_agg_mode="seq-mean-token-mean")
     assert_close(loss_seq, t(((-1.2 - 1.1) / 2 + 0.8) / 2))
-    assert_close(stats["clipfrac"], t(2 / 3))
+    assert_close(stats["clip_fraction"], t(2 / 3))
     assert_close(stats["ratio_mean"], t((1.5 + 1.1 + 0.5) / 3))
     k3 = [r - math.log(r) - 1 for r in (1.5, 1.1, 0.5)]  # k3 of KL(old || new), samples from old: r = new/old
     assert_close(stats["approx_kl"], t(sum(k3) / 3))
@@ -498,6 +498,24 @@ def test_kto_loss_weights_and_hand_values():
     assert not clamped.requires_grad
 
 
+# --------------------------------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_hand_values():
+    # token 0: at tau = 2 the teacher's logits [0, 2 ln 3] give p = [1/4, 3/4], the student's [0, 0] q = [1/2, 1/2];
+    # token 1: student = teacher (KL 0); token 2 is masked out (its logits are garbage)
+    tau = 2.0
+    teacher = t([[[0.0, 2 * math.log(3)], [1.0, -1.0], [0.0, 0.0]]])
+    student = t([[[0.0, 0.0], [1.0, -1.0], [50.0, -50.0]]])
+    mask = t([[1.0, 1.0, 0.0]])
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert_close(A.distillation_loss(student, teacher, mask, tau), t(tau ** 2 * kl / 2))
+    assert_close(A.distillation_loss(teacher, teacher, mask, tau), t(0.0))
+    # at tau = 1 the same logits: p = softmax([0, 2 ln 3]) = [1/10, 9/10]
+    kl1 = 0.1 * math.log(0.1 / 0.5) + 0.9 * math.log(0.9 / 0.5)
+    assert_close(A.distillation_loss(student, teacher, mask), t(kl1 / 2))
+
+
 # --------------------------------------------------------------------------------------------- log-probs / helpers
 
 
@@ -522,14 +540,6 @@ def test_groups_with_signal():
     assert A.groups_with_signal(torch.tensor([1, 1]), torch.tensor([4, 4])).dtype == torch.bool
 
 
-def test_overlong_penalty():
-    lengths = torch.tensor([50, 80, 90, 100, 120])
-    assert_close(A.overlong_penalty(lengths, max_len=100, buffer=20),
-                 torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
-    assert_close(A.overlong_penalty(lengths, max_len=100, buffer=20, penalty=2.0),
-                 torch.tensor([0.0, 0.0, -1.0, -2.0, -2.0]))
-
-
 def test_outcome_token_rewards_on_last_response_token():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert_close(A.outcome_token_rewards(torch.tensor([2.0, -1.0]), mask),
@@ -548,11 +558,6 @@ def test_aggregate_loss_leaves_fully_masked_rows_out():
 
 def test_pairwise_accuracy_all_tied_is_zero_not_nan():
     assert A.pairwise_accuracy(torch.tensor([[0.3, 0.1]]), torch.tensor([[0, 0]])).item() == 0.0
-
-
-def test_overlong_penalty_zero_buffer_is_a_step():
-    assert_close(A.overlong_penalty(torch.tensor([9, 10, 11]), max_len=10, buffer=0, penalty=2.0),
-                 torch.tensor([0.0, 0.0, -2.0]))
 
 
 def test_the_names_params_accept_are_the_registries_names():

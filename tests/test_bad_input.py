@@ -4,6 +4,7 @@ before anything trains or is written, naming the file, the line or row and the c
 from __future__ import annotations
 
 import copy
+import functools
 import http.server
 import json
 import os
@@ -368,3 +369,131 @@ def test_a_stage_writes_only_inside_its_own_output_directory(tmp_path, monkeypat
     assert owned_output_dir("demo", "sft", {"output_dir": "artifacts/demo/sft",
                                             "outputs": {"model": "artifacts/demo/sft/model"}}, "params.yaml") \
         == tmp_path / "artifacts/demo/sft"
+
+
+def line_of(text: str, line: str, nth: int = 0) -> int:
+    """The 1-based number of the `nth` line of `text` equal to `line`."""
+    return [i for i, x in enumerate(text.splitlines(), 1) if x == line][nth]
+
+
+def duplicated(case: str) -> tuple[str, str]:
+    """BASE as YAML with a key twice in one mapping, and the message that names it."""
+    text = yaml.safe_dump(BASE)
+    if case == "a param twice":
+        text = text.replace("        lr: 0.01\n", "        lr: 0.01\n        lr: 0.5\n")
+        return text, (f"pipelines.yaml: line {line_of(text, '        lr: 0.5')} column 9: invalid YAML (duplicate key "
+                      f"'lr' in pipelines.demo.stages[0].params, first on line {line_of(text, '        lr: 0.01')})")
+    text = text.replace("pipelines:\n", "pipelines:\n  demo:\n    stages: []\n")
+    return text, (f"pipelines.yaml: line {line_of(text, '  demo:', 1)} column 3: invalid YAML (duplicate key 'demo' "
+                  "in pipelines, first on line 2)")
+
+
+@pytest.mark.parametrize("case", ["a param twice", "a pipeline twice"])
+def test_cli_validate_exits_2_on_a_duplicate_key_and_writes_nothing(project: Path, case: str):
+    text, expected = duplicated(case)
+    write(project, BASE).write_text(text)
+    before = tree(project)
+    result = cli(project, "validate")
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+    assert cli(project, "sync").returncode == 2 and tree(project) == before  # no params.yaml, no dvc.yaml
+
+
+def test_a_duplicate_key_in_an_accelerate_config_is_named_by_line(project: Path):
+    (project / "infra/bad.yaml").write_text("num_processes: 1\nmixed_precision: 'no'\nnum_processes: 2\n")
+    error = error_of(project, config_with(lambda p: p["stages"][0].update(accelerate_config="infra/bad.yaml")))
+    assert "accelerate config infra/bad.yaml: line 3 column 1: invalid YAML (duplicate key 'num_processes', first " \
+           "on line 1)" in str(error), str(error)
+    assert (error.stage, error.key) == ("sft", "accelerate_config")
+
+
+def test_merge_keys_may_override_what_they_merge(project: Path):
+    text = yaml.safe_dump(BASE).replace("    defaults:\n", "    defaults: &shared\n").replace(
+        "        lr: 0.01\n", "        lr: 0.01\n      <<: *shared\n      seed: 7\n")
+    assert "<<: *shared" in text
+    write(project, BASE).write_text(text)
+    assert resolve(project / "pipelines.yaml")["demo"]["sft"]["seed"] == 7
+
+
+PLAIN = lines({"prompt": "name two animals", "response": "cat dog"})
+BAD_MAPPINGS = {  # columns of plain.jsonl ({prompt, response}) -> (key, message)
+    "a column given away": ({"prompt": "response"}, "inputs.data",
+                            "dataset plain.jsonl: its column 'response' is mapped to 'prompt' (columns: {prompt: "
+                            "response}), which leaves the stage no 'response'"),
+    "one column to two names": ({"prompt": "response", "response": "response"}, "datasets.demos.columns",
+                                "'prompt' and 'response' both map to column 'response' of plain.jsonl; each name "
+                                "needs a column of its own"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MAPPINGS, ids=list(BAD_MAPPINGS))
+def test_cli_validate_checks_a_column_mapping_against_the_files_columns(project: Path, case: str):
+    columns, key, expected = BAD_MAPPINGS[case]
+    (project / "plain.jsonl").write_text(PLAIN)
+    error = error_of(project, config_with(use("plain.jsonl", columns=columns)))
+    assert expected in str(error) and error.key == key and error.pipeline == "demo", str(error)
+    before = tree(project)
+    result = cli(project, "validate")
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and tree(project) == before
+
+
+def test_a_mapping_may_swap_the_files_columns(project: Path):
+    (project / "plain.jsonl").write_text(PLAIN)
+    sft = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"}}
+    columns = {"prompt": "response", "response": "prompt"}
+    config = config_with(lambda p: (use("plain.jsonl", columns=columns)(p), p.update(stages=[sft])))
+    spec = resolve(write(project, config))["demo"]["sft"]["inputs"]["data"]
+    assert data.load_rows(spec, ("prompt", "response")) == [{"prompt": "cat dog", "response": "name two animals"}]
+
+
+def long_row_project(project: Path, tiny_model_dir: Path, long_input: str) -> None:
+    """BASE's sft on the tiny model (64 positions), its line 3 of `long_input` (data or eval) 200 words long."""
+    def edit(p: dict) -> None:
+        p["defaults"]["model"] = str(tiny_model_dir)
+        p["datasets"]["prompts"] = {"path": "prompts.jsonl"}
+        p["stages"] = [{"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos", "eval": "datasets.prompts"},
+                        "params": {"epochs": 1, "evaluator": "instruct_gold"}}]
+
+    write(project, config_with(edit))
+    long = {"question": "name " * 200, "answer": "cat dog"}
+    demos = [GOOD, GOOD, long if long_input == "data" else GOOD, GOOD]
+    prompts = [{"prompt": "name two animals"}] * 2 + [{"prompt": "name " * 200 if long_input == "eval" else "name"}]
+    (project / "demos.jsonl").write_text(lines(*demos))
+    (project / "prompts.jsonl").write_text(lines(*prompts))
+    assert cli(project, "sync").returncode == 0
+
+
+LONG_ROWS = {
+    "data": "error: demo/sft bad input: ValueError: demos.jsonl line 3: 205 tokens, more than the model's context "
+            "(max_position_embeddings=64), and max_length is not set; set params.max_length (at most 64) to "
+            "truncate rows",
+    "eval": "error: demo/sft bad input: ValueError: prompts.jsonl line 3: a prompt of 202 tokens, with "
+            "eval_max_new_tokens=16, is more than the model's context (max_position_embeddings=64)",
+}
+
+
+@pytest.mark.parametrize("long_input", LONG_ROWS)
+def test_a_row_longer_than_the_models_context_is_refused_before_training(project: Path, tiny_model_dir: Path,
+                                                                         long_input: str):
+    long_row_project(project, tiny_model_dir, long_input)
+    result = cli(project, "stage", "demo", "sft")
+    assert result.returncode == 2 and LONG_ROWS[long_input] in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (project / "artifacts/demo/sft").exists()  # nothing published
+
+
+def test_max_length_truncates_what_the_context_refuses_and_rows_are_named_by_file_line(project: Path):
+    from stages.text import fit_rows
+
+    (project / "demos.jsonl").write_text(lines(GOOD, "", GOOD, GOOD))  # row 2 is on line 4 (a blank line 2)
+    spec = {"path": "demos.jsonl", "columns": {"prompt": "question", "response": "answer"}}
+    encoded = [([1] * 3, [2] * 3, None), ([1] * 3, [2] * 3, None), ([1] * 50, [2] * 50, None)]
+    name = functools.partial(data.row_name, spec)
+    with pytest.raises(ValueError, match=r"^demos.jsonl line 4: 100 tokens, more than the model's context "
+                                         r"\(max_position_embeddings=64\), and max_length is not set"):
+        fit_rows(encoded, "input 'data'", None, None, 64, name)
+    with pytest.raises(ValueError, match=r"^demos.jsonl line 4: 100 tokens, .*, and max_length=100 is larger"):
+        fit_rows(encoded, "input 'data'", None, 100, 64, name)
+    fitted, truncated = fit_rows(encoded, "input 'data'", None, 64, 64, name)
+    assert truncated == 1 and [len(p) + len(r) for p, r, _ in fitted] == [6, 6, 64]
+    assert data.row_name({"path": "someone/chat", "split": "test"}, 1) == "someone/chat (split test) row 2"

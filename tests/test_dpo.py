@@ -1,5 +1,6 @@
 """The dpo stage kind on a tiny local Llama and an easy synthetic preference: chosen responses use "sunny" words,
-rejected ones "rainy" words, so every loss should learn it and generalise to held-out prompts."""
+rejected ones "rainy" words, so every loss should learn it and generalise to held-out prompts. And the reward model's
+held-out accuracy on known scores."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydantic
 import pytest
@@ -180,3 +182,19 @@ def test_kto_reads_pairs_and_labelled_rows(setup, tmp_path, comparisons):
     metrics, _ = run_stage(setup, tmp_path, comparisons=comparisons, loss="kto")
     assert metrics["eval_accuracy"] >= 0.9
     assert len(jsonl(tmp_path / "reference_logps" / "train.jsonl")) == (N_PROMPTS - 10) * 2
+
+
+def test_reward_model_accuracy_counts_every_untied_pair(monkeypatch):
+    from stages.runs import reward_model
+
+    def last_token_id(model, ids, mask, bias=0.0):  # a known scorer: the score of a response is its token's id
+        return ids.gather(1, (mask * torch.arange(ids.shape[1])).argmax(1, keepdim=True)).squeeze(1).float()
+
+    monkeypatch.setattr(reward_model, "last_token_scores", last_token_id)
+    rows = [([1], [[5], [3]], [0, 1]),  # 5 > 3: right (1 of 1 pair)
+            ([1], [[2], [7]], [0, 1]),  # 2 < 7: wrong (0 of 1)
+            ([1], [[9], [4], [6]], [0, 1, 2]),  # 9 > 4, 9 > 6 right, 4 < 6 wrong (2 of 3)
+            ([1], [[1], [8], [8]], [0, 1, 1])]  # 1 < 8 twice: wrong; the tie is no pair (0 of 2)
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    for batch_size in (1, 2, 8):  # 3 right of 7 pairs, however the comparisons are batched
+        assert reward_model.accuracy(None, tokenizer, rows, "cpu", batch_size) == pytest.approx(3 / 7)

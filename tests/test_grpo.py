@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -14,7 +16,9 @@ from stages import reasoning_task
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
+from stages.loop import NonFinite
 from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.rewards import RewardError, accuracy_reward, format_reward
 from stages.runs import grpo
 from tests.conftest import Tracker
 
@@ -50,8 +54,10 @@ def test_grpo_raises_reward(inputs, tmp_path):
                        samples_per_prompt=8, max_new_tokens=6, lr=3e-3, kl_coef=0.0, ppo_epochs=2)
     rewards = [m["reward"] for m in tracker.logged]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert {"reward_language_consistency", "accuracy", "format_rate", "clipfrac", "entropy", "response_length",
-            "dropped_groups"} <= set(tracker.logged[-1])
+    assert {"reward_language_consistency", "accuracy", "format_rate", "clip_fraction", "approx_kl", "ratio_mean",
+            "entropy", "response_length", "dropped_groups"} <= set(tracker.logged[-1])
+    # means over both epochs' minibatches: the second epoch's policy has moved from π_old
+    assert all(m["approx_kl"] > 0 for m in tracker.logged)
     assert (tmp_path / "model" / "config.json").exists()
 
 
@@ -96,7 +102,7 @@ def test_mask_truncated_zeroes_truncated_samples(inputs):
     tokenizer, policy = load_tokenizer(inputs["policy"]["path"]), load_policy(inputs["policy"]["path"])
     p = grpo.Params(rewards={"accuracy": 1.0}, samples_per_prompt=16, max_new_tokens=3, mask_truncated=True)
     samples = grpo.roll_out(policy, tokenizer, [{"prompt": "ana has 2 cats", "answer": "2"}], p,
-                            grpo.build_rewards(p, None))
+                            grpo.build_rewards(p, None), "test/grpo")
     for s in samples:  # truncated = no EOS within max_new_tokens
         assert s["truncated"] == (s["response_ids"][-1] != tokenizer.eos_token_id)
     samples = [{"truncated": t} for t in (True, False, True)]
@@ -125,17 +131,84 @@ def test_routed_rewards_score_each_row_by_its_route():
     fns = grpo.build_rewards(p, lambda prompts, texts: [float(len(t.split())) for t in texts])
     completions = ["<answer> 4 </answer>", "a b c d"]
     columns = {"prompt": ["q1", "q2"], "answer": ["4", None], "task": ["reasoning", "general"]}
-    from stages.rewards import score_components
-
-    total, components = score_components(fns, p.rewards, completions, **columns)
+    total, components = grpo.score("test/grpo", fns, p.rewards, completions, columns)
     assert components == {"accuracy": [1.0, 0.0], "reward_model": [0.0, 4.0]}
     assert total == [1.0, 2.0]
 
 
-def test_process_supervision(inputs, tmp_path):
+def test_score_weights_each_reward():
+    completions = ["<think>r</think><answer>4</answer>", "<answer>4</answer>", "<think>r</think><answer>5</answer>"]
+    total, parts = grpo.score("test/grpo", {"accuracy": accuracy_reward, "format": format_reward},
+                              {"accuracy": 2.0, "format": 0.5}, completions, {"answer": ["4", "4", "4"]})
+    assert parts == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
+    assert total == [2.5, 2.0, 0.5]
+
+
+# --- a user's reward that misbehaves: named (as pipelines.yaml writes it), with the stage and the step ----------
+
+
+def explodes(completions: list[str], **_) -> list[float]:
+    raise RuntimeError("my reward exploded")
+
+
+def says_good(completions: list[str], **_) -> list:
+    return [0.5] + ["good"] * (len(completions) - 1)
+
+
+def is_nan(completions: list[str], **_) -> list[float]:
+    return [0.0, float("nan")] + [0.0] * (len(completions) - 2)
+
+
+def one_short(completions: list[str], **_) -> list[float]:
+    return [1.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize("reward, error, message", [
+    ("explodes", RewardError, "reward 'tests.test_grpo:explodes' raised RuntimeError: my reward exploded"),
+    ("says_good", RewardError, "reward 'tests.test_grpo:says_good' returned 'good' (str) for completion 1, "
+                               "not a number"),
+    ("is_nan", NonFinite, "non-finite reward 'tests.test_grpo:is_nan' completion 1=nan"),
+    ("one_short", RewardError, "reward 'tests.test_grpo:one_short' returned 3 values for 4 completions"),
+])
+def test_a_bad_user_reward_is_named_with_the_stage_and_step(inputs, tmp_path, reward, error, message):
+    with pytest.raises(error) as failure:
+        run_grpo(inputs, tmp_path, rewards={"format": 1.0, f"tests.test_grpo:{reward}": 1.0}, iterations=2,
+                 prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4)
+    assert str(failure.value).startswith(f"test/grpo step 1/2: {message}")
+    assert isinstance(failure.value, ValueError) == (error is RewardError)  # bad input: the stage exits 2, else 1
+    if reward == "explodes":
+        assert str(failure.value.__cause__) == "my reward exploded"
+
+
+def test_call_reward_takes_any_sequence_of_real_numbers():
+    assert grpo.call_reward("test/grpo", "r", lambda c, **_: (1, True, np.float32(0.5)), ["a", "b", "c"], {}) \
+        == [1.0, 1.0, 0.5]
+    with pytest.raises(RewardError, match=r"^test/grpo: reward 'r' returned 0.5 \(float\), not a list of 2 numbers"):
+        grpo.call_reward("test/grpo", "r", lambda c, **_: 0.5, ["a", "b"], {})
+
+
+def test_process_advantages_by_hand():
     tokens = "<think> 5 plus 3 is 8 , 8 minus 2 is 7 </think> <answer> 7 </answer>".split()
     assert reasoning_task.step_rewards(tokens) == [(5, 1.0), (11, 0.0)]
-    tracker = run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=1,
-                       prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo",
-                       clip_high=0.28)
-    assert tracker.logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # one update: π_old = π_ref when it is scored
+    # one group: A = a right step ending at token 5 and the outcome 1 at its last token 9; B = no step, outcome 0 at
+    # token 2. Group rewards [1, 1, 0]: mean 2/3, unbiased std 1/sqrt(3) -> A's steps 1/sqrt(3), B's -2/sqrt(3);
+    # A_t sums the normalised rewards of the steps ending at or after t
+    vocab = "<think> 5 plus 3 is 8 </think> <answer> </answer> 9".split()
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda ids: [vocab[i] for i in ids])
+    responses = ["<think> 5 plus 3 is 8 </think> <answer> 8 </answer>", "<answer> 9 </answer>"]
+    samples = [{"response_ids": [vocab.index(w) for w in r.split()], "reward": reward}
+               for r, reward in zip(responses, [1.0, 0.0])]
+    mask = torch.tensor([[1.0] * 10, [1.0] * 3 + [0.0] * 7])
+    advantages = grpo.process_advantages(samples, tokenizer, mask, torch.tensor([0, 0]), reasoning_task.step_rewards)
+    s = 1 / 3 ** 0.5
+    expected = torch.tensor([[2 * s] * 6 + [s] * 4, [-2 * s] * 3 + [0.0] * 7])
+    torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
+
+
+def test_advantage_process_trains_on_process_advantages(inputs, tmp_path, monkeypatch):
+    calls = []
+    process_advantages = grpo.process_advantages
+    monkeypatch.setattr(grpo, "process_advantages", lambda *args: calls.append(args[0]) or process_advantages(*args))
+    run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=2,
+             prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo")
+    assert [len(samples) for samples in calls] == [8, 8]  # every step's whole batch

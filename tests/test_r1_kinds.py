@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -160,6 +161,18 @@ def test_distill_trains_the_student(traces, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     assert "kd_loss" in tracker.logged[0] and "eval_loss" in metrics
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_cosine_schedule_sets_each_steps_learning_rate(traces, tmp_path):
+    inputs = {"student": str(traces / "student"), "data": str(traces / "traces.jsonl")}
+    _, tracker = run_kind("distill", tmp_path, inputs, epochs=2, batch_size=16, lr=1e-2, lr_scheduler="cosine",
+                          warmup_ratio=0.25)
+    rates = [m["lr"] for m in tracker.logged]
+    total, warmup = 8, 2  # 58 training rows (6 held out) in batches of 16: 4 steps an epoch; ceil(0.25 * 8)
+    # linear warm-up from 0, then half a cosine period down to 0: lr · ½(1 + cos(π (s − warmup) / (total − warmup)))
+    expected = [1e-2 * s / warmup if s < warmup else
+                1e-2 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(total)]
+    assert rates == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
 def test_distill_refuses_kd_across_vocabularies(traces, tmp_path):

@@ -20,9 +20,7 @@ from stages.rewards import (
     repetition_ratio,
     reward_model_reward,
     routed_reward,
-    score_components,
     verify_answer,
-    weighted_sum,
     word_script,
 )
 
@@ -141,6 +139,8 @@ def test_overlong_reward() -> None:
     assert rewards == [0.0, 0.0, -0.5, -0.75, -1.0, -1.0, -1.0]
     assert overlong_reward(["a " * 8], max_length=10, buffer=4, penalty=2.0) == [-1.0]
     assert overlong_reward(["a " * 10, "a " * 11], max_length=10, buffer=0) == [0.0, -1.0]
+    assert overlong_reward(["x"] * 3, completion_length=[9, 10, 11], max_length=10, buffer=0, penalty=2.0) == \
+        [0.0, 0.0, -2.0]  # buffer 0: a step at max_length
     with pytest.raises(ValueError, match="buffer"):
         overlong_reward(["x"], max_length=10, buffer=20)
 
@@ -185,20 +185,6 @@ def test_routed_reward_scatters_in_order() -> None:
         reward(["0"], task=["chat"], answer=["a"])
     with pytest.raises(KeyError, match="task"):
         reward(["0"], answer=["a"])
-
-
-def test_weighted_sum_and_components() -> None:
-    combined = weighted_sum({"accuracy": (accuracy_reward, 2.0), "format": (format_reward, 0.5)})
-    completions = ["<think>r</think><answer>4</answer>", "<answer>4</answer>", "<think>r</think><answer>5</answer>"]
-    assert combined(completions, answer=["4", "4", "4"]) == [2.5, 2.0, 0.5]
-    total, parts = score_components({"accuracy": accuracy_reward, "format": format_reward}, {"accuracy": 2.0},
-                                    completions, answer=["4", "4", "4"])
-    assert total == [3.0, 2.0, 1.0]
-    assert parts == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
-    with pytest.raises(KeyError, match="nope"):
-        score_components({"format": format_reward}, {"nope": 1.0}, completions)
-    with pytest.raises(ValueError):
-        weighted_sum({})
 
 
 def test_build_reward() -> None:
@@ -291,8 +277,7 @@ def test_adversarial_inputs_are_bounded_and_inert(text: str, tmp_path, no_eval) 
         values = _timed(fn, texts, answer=ref, prompt=texts, language=[None, None])
         assert len(values) == 2 and all(isinstance(v, float) for v in values), name
     for reward in (reward_model_reward(lambda p, t: [0.0] * len(t), score_on="answer"),
-                   routed_reward("task", {"r": accuracy_reward}),
-                   weighted_sum({"a": (accuracy_reward, 1.0), "f": (format_reward, 1.0)})):
+                   routed_reward("task", {"r": accuracy_reward})):
         assert all(isinstance(v, float) for v in _timed(reward, texts, prompt=texts, answer=ref, task=["r", "r"]))
     assert isinstance(_timed(repetition_ratio, text), float)
     assert isinstance(_timed(verify_answer, text, text), bool)

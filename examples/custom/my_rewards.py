@@ -2,7 +2,8 @@
 
 A reward takes the completions and, as keyword lists aligned with them, every column of the prompt rows (`answer`,
 `language`, …) plus `completion_length`; it returns one float per completion. Keyword-only parameters are set per
-stage in `reward_params`.
+stage in `reward_params`. A reward that raises or returns anything else (a string, NaN, too few values) stops the
+stage with an error naming it (`my_rewards:brevity`), the stage and the step.
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ Params, inputs and outputs: stages/kinds/distill.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stages.algorithms import masked_mean
+from stages.algorithms import distillation_loss
 from stages.context import StageContext
 from stages.kinds.distill import Params
 from stages.models import load_policy, load_tokenizer
@@ -28,14 +27,11 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
 
 
 def kd_loss(student: PreTrainedModel, teacher: PreTrainedModel, batch: PairBatch, temperature: float) -> torch.Tensor:
-    """τ² · mean over response tokens of KL(softmax(z_teacher/τ) ‖ softmax(z_student/τ))."""
+    """`distillation_loss` of the student's next-token logits towards the teacher's, on the response tokens."""
     _, student_logits = response_logprobs(student, batch, return_logits=True)
     with torch.no_grad():
         _, teacher_logits = response_logprobs(teacher, batch, return_logits=True)
-    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
-    student_logp = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return masked_mean(kl, batch.response_mask) * temperature ** 2
+    return distillation_loss(student_logits, teacher_logits, batch.response_mask, temperature)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

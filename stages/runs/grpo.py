@@ -20,12 +20,15 @@ Params, inputs and outputs: stages/kinds/grpo.py.
 
 from __future__ import annotations
 
+import numbers
 import random
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+import stages.loop
 from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, entropy_from_logits, groups_with_signal,
                                kl_penalty, masked_mean, outcome_token_rewards, ppo_policy_loss,
                                process_supervision_advantages)
@@ -36,8 +39,8 @@ from stages.kinds.grpo import MODEL_REWARD, Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.registry import STEP_REWARDS
-from stages.rewards import (RewardFn, Scorer, accuracy_reward, build_reward, format_reward, reward_model_reward,
-                            routed_reward, score_components)
+from stages.rewards import (RewardError, RewardFn, Scorer, accuracy_reward, build_reward, format_reward,
+                            reward_model_reward, routed_reward)
 from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
 from stages.training import (disable_dropout, evaluate, prepare_optimization, reference_logprobs, rl_optimiser_steps,
                              save_model, update_on_buffer)
@@ -75,17 +78,55 @@ def build_rewards(p: Params, scorer: Scorer | None) -> dict[str, RewardFn]:
             for name, fn in fns.items()}
 
 
+def call_reward(label: str, name: str, fn: RewardFn, completions: list[str], columns: dict[str, list[Any]]
+                ) -> list[float]:
+    """`fn(completions, **columns)`, checked: one finite real number per completion, returned as floats.
+
+    Errors name the stage `label`, the running step, the reward `name` as pipelines.yaml writes it
+    (`my_rewards:brevity`) and the first bad completion: RewardError (bad input, the stage exits 2; the reward's own
+    exception chained) when it raises or returns anything but one number per completion, NonFinite (exit 1) for
+    NaN or ±inf.
+    """
+    step = stages.loop.current_step
+    where = f"{label} step {step[0]}/{step[1]}" if step else label  # as check_finite names it
+    try:
+        values = fn(completions, **columns)
+    except Exception as e:
+        raise RewardError(f"{where}: reward '{name}' raised {type(e).__name__}: {e}") from e
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+        raise RewardError(f"{where}: reward '{name}' returned {values!r:.60} ({type(values).__name__}), not a list "
+                          f"of {len(completions)} numbers")
+    values = list(values)
+    if len(values) != len(completions):
+        raise RewardError(f"{where}: reward '{name}' returned {len(values)} values for {len(completions)} "
+                          "completions")
+    for i, value in enumerate(values):
+        if not isinstance(value, numbers.Real):
+            raise RewardError(f"{where}: reward '{name}' returned {value!r:.60} ({type(value).__name__}) for "
+                              f"completion {i}, not a number")
+        check_finite(label, {f"reward '{name}' completion {i}": float(value)})
+    return [float(v) for v in values]
+
+
+def score(label: str, reward_fns: dict[str, RewardFn], weights: dict[str, float], completions: list[str],
+          columns: dict[str, list[Any]]) -> tuple[list[float], dict[str, list[float]]]:
+    """The weighted total Σ_k w_k r_k per completion, and each reward's values r_k (`call_reward`) by name."""
+    components = {name: call_reward(label, name, fn, completions, columns) for name, fn in reward_fns.items()}
+    total = [sum(weights[name] * values[i] for name, values in components.items()) for i in range(len(completions))]
+    return total, components
+
+
 def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
-             reward_fns: dict[str, RewardFn]) -> list[dict[str, Any]]:
+             reward_fns: dict[str, RewardFn], label: str) -> list[dict[str, Any]]:
     """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
-    accuracy, format, and `reward_<name>` for each reward component}."""
+    accuracy, format, and `reward_<name>` for each reward component}. `label` names the stage in errors."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
                      max_prompt_length=p.max_prompt_length)
     response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
-    total, components = score_components(reward_fns, p.rewards, samples.completions, **columns)
+    total, components = score(label, reward_fns, p.rewards, samples.completions, columns)
     accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
     formatted = format_reward(samples.completions)
     return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
@@ -113,7 +154,7 @@ def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTok
     with full_parameters(acc, policy) as model:
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
-            samples = roll_out(model, tokenizer, rows, p, reward_fns)
+            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label)
             if p.dynamic_sampling:
                 signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
                                             torch.arange(len(samples)) // G)
@@ -204,7 +245,6 @@ def run(ctx: StageContext) -> dict[str, float]:
             loop.end_step(it, {"dropped_groups": dropped})
             continue
         metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
-        check_finite(ctx.label, {"reward": metrics["reward"]})
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
         full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
                                tokenizer.pad_token_id).response_mask.float().to(device)
@@ -244,7 +284,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             old = logp.detach() if old_logp is None else old_logp[idx]
             loss, pg_stats = ppo_policy_loss(logp, old, advantages[idx], mb_mask, p.clip_low,
                                              p.clip_high, p.agg_mode, p.max_new_tokens)
-            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+            stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
             if ref_logp is not None:
                 kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)

@@ -136,7 +136,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             mb, mb_mask = batch.select(idx), mask[idx]
             logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
             loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
-            stats = {"pg_loss": loss.item(), "clipfrac": float(pg_stats["clipfrac"]),
+            stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
                      "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
             if ptx_texts:
                 lm = text_lm_loss(policy.model, tokenizer, ptx_batch())
