@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.config import ConfigError
+from flows.errors import ConfigError
 
 EXIT_CONFIG = 2
 EXIT_BUSY = 75  # EX_TEMPFAIL: the project is busy with another run; try again later
@@ -25,7 +25,7 @@ def _resolved(args) -> tuple[Path, dict]:
 
 
 def _pipeline(args, resolved: dict) -> dict:
-    from flows.config import nearest
+    from flows.schema import nearest
 
     if args.pipeline not in resolved:
         raise ConfigError(args.config, f"no pipeline '{args.pipeline}'; {nearest(args.pipeline, resolved)}")
@@ -160,7 +160,7 @@ def cmd_deploy(args) -> str:
 def _stage(args, resolved: dict) -> dict:
     specs = _pipeline(args, resolved)
     if args.stage not in specs:
-        from flows.config import nearest
+        from flows.schema import nearest
 
         raise ConfigError(args.config, f"no stage '{args.stage}'; {nearest(args.stage, specs)}", args.pipeline)
     return specs[args.stage]
@@ -233,8 +233,8 @@ def cmd_compare(args) -> str:
 
 def _all_kinds(args) -> list[str]:
     """The built-in kinds, and the user's own that the pipelines file names (found from its directory)."""
-    from flows.config import load
     from flows.reference import user_kinds
+    from flows.schema import load
     from stages.kinds import BUILT_IN_KINDS
     from stages.registry import use_project
 
@@ -246,8 +246,8 @@ def _all_kinds(args) -> list[str]:
 
 
 def cmd_kinds(args) -> str:
-    from flows.config import nearest
     from flows.reference import describe_kind
+    from flows.schema import nearest
     from stages.kinds import get_kind
 
     known = _all_kinds(args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import flows
 from flows import dvc
-from flows.config import ConfigError
+from flows.errors import ConfigError
 
 FLOWS_FILE = "flows/flow.py"  # the stage flow
 DEPLOYED_FILE = "flows/deployed.py"  # the pipeline flow a deployment runs

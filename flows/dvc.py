@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from flows.code_deps import code_deps
-from flows.config import ConfigError
-from flows.errors import DvcError, StageFailed
+from flows.errors import ConfigError, DvcError, StageFailed
 from stages.paths import ARTIFACTS
 from stages.processes import Interrupted, run_child
 from stages.runner import METRICS_FILE, PARAMS_FILE

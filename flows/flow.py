@@ -19,8 +19,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc
-from flows.config import ConfigError, config_hash, resolve
-from flows.errors import DvcError, StageFailed
+from flows.config import config_hash, resolve
+from flows.errors import ConfigError, DvcError, StageFailed
 from flows.preflight import tracking_uri_default
 from flows.reproduce import project_root, reproduce_here, run_stages
 from flows.run_lock import run_lock

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from flows.config import ConfigError
+from flows.errors import ConfigError
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from flows.config import ConfigFile
+from flows.schema import ConfigFile
 from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind, kind_module
 from stages.registry import load_object
 

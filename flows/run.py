@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from flows import dvc
-from flows.config import ConfigError, run_settings
+from flows.config import run_settings
+from flows.errors import ConfigError
 from flows.reproduce import run_stages, tracking
 from flows.seeds import pipeline_seed
 from stages.checkpoint import STATE_DIR

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from flows.config import ARTIFACTS, ConfigError
+from flows.errors import ConfigError
+from stages.paths import ARTIFACTS
 
 
 def parse_seeds(text: str, file: str) -> list[int]:

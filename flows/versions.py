@@ -13,7 +13,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from flows import dvc
-from flows.config import ConfigError
+from flows.errors import ConfigError
 from flows.tracking import LOCK_ARTIFACT, VERSION_TAG, version_id
 from stages.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, configure_mlflow
 

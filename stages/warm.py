@@ -20,8 +20,8 @@ import atexit
 import importlib
 import json
 import os
-import selectors
 import secrets
+import selectors
 import signal
 import socket
 import struct

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.config import ConfigError, resolve
+from flows.config import resolve
+from flows.errors import ConfigError
 from flows.preflight import check_tracking_server
 from stages import data
 from tests.conftest import free_port

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from flows import dvc
-from flows.config import ConfigError, ConfigErrors, resolve
+from flows.config import resolve
+from flows.errors import ConfigError, ConfigErrors
 from tests.conftest import REPO, make_project
 
 BASE = {

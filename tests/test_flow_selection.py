@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from flows.config import input_graph, select_stages
-from flows.config import resolve
+from flows.config import input_graph, resolve, select_stages
 from tests.conftest import REPO
 
 

@@ -11,7 +11,8 @@ import yaml
 from prefect.states import Failed
 
 from flows import dvc
-from flows.config import ConfigError, resolve, run_settings
+from flows.config import resolve, run_settings
+from flows.errors import ConfigError
 from flows.flow import _worth_retrying
 from stages.processes import Interrupted
 from tests.conftest import REPO, make_project

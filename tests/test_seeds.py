@@ -12,7 +12,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from flows.config import ConfigError, resolve
+from flows.config import resolve
+from flows.errors import ConfigError
 from flows.seeds import add_seed_variants, parse_seeds
 from tests.conftest import REPO, make_project
 

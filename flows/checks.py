@@ -1,0 +1,123 @@
+"""The local files pipelines.yaml names, checked before anything runs: datasets (their columns and rows), model
+directories and accelerate configs. Each problem is a `ConfigError` naming the file, pipeline, stage and key."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from flows.errors import ConfigError
+from flows.schema import DatasetSpec, nearest
+from flows.yaml_file import read_yaml
+from stages import data
+from stages.kinds import Input
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's (models.ADAPTER_CONFIG)
+
+
+def check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, Any], declared: Input):
+    """A local input read once: a model directory (for an input the kind reads no columns from), else a dataset
+    whose every row holds the columns `declared` needs (through the column mapping), with values of the right type."""
+    name, split, path = dataset["path"], dataset.get("split"), root / dataset["path"]
+    if not data.is_local(name, root):
+        return  # an HF dataset id: checked when the stage loads it
+    if not (declared.columns or declared.or_columns) and path.suffix not in data.LOCAL_FORMATS and \
+            not any(path.glob(f"**/{split or 'train'}-*")):
+        return check_model_dir(file, where, name, path)
+    if not path.exists():
+        raise ConfigError(file, f"dataset file not found: {name}", **where)
+    mapped = dataset.get("columns") or {}
+    try:
+        rows = data.local_rows(path, split, name)
+        first = next(rows)
+        present = set(first[1])
+        for ours, theirs in mapped.items():
+            if theirs not in present:
+                raise ConfigError(file, f"column '{theirs}' (mapped to '{ours}') not in {name}; "
+                                        f"{nearest(theirs, present)}", **where)
+        available = (present - set(mapped.values())) | set(mapped)
+        required = declared.columns
+        if declared.or_columns and set(declared.or_columns) <= available:
+            required = declared.or_columns
+        for column in required:
+            if column in present and column not in available:
+                raise ConfigError(file, _taken_message(name, column, mapped), **where)
+            if column not in available:
+                alternative = f" (or {', '.join(declared.or_columns)})" if declared.or_columns else ""
+                raise ConfigError(file, f"dataset {name} has no column '{column}'{alternative} (map one with "
+                                        f"columns: {{{column}: <its column>}}); columns: {sorted(present)}", **where)
+        for row_where, row in itertools.chain([first], rows):
+            data.check_row(row, row_where, {*required, *mapped}, mapped)
+    except ValueError as e:
+        raise ConfigError(file, str(e), **where) from None
+
+
+def _taken_message(name: str, column: str, mapped: dict[str, str]) -> str:
+    """Why the stage lacks `column` although dataset `name` has it: the mapping gives it to another name."""
+    taken = next(ours for ours, theirs in mapped.items() if theirs == column)
+    return (f"dataset {name}: its column '{column}' is mapped to '{taken}' (columns: {{{taken}: {column}}}), which "
+            f"leaves the stage no '{column}'; a mapping reads {{stage's name: dataset's column}}: map '{column}' "
+            f"too (columns: {{{column}: <its column>}}) or drop that mapping")
+
+
+def check_column_sources(file: str, pipeline: str, datasets: dict[str, DatasetSpec]) -> list[ConfigError]:
+    """Mappings that give one dataset column to two names: a column is renamed, not copied, so a stage would lack
+    one of them."""
+    errors = []
+    for dataset, spec in datasets.items():
+        named: dict[str, str] = {}
+        for ours, theirs in spec.columns.items():
+            if theirs in named:
+                errors.append(ConfigError(
+                    file, f"'{named[theirs]}' and '{ours}' both map to column '{theirs}' of {spec.path}; each "
+                          "name needs a column of its own", pipeline=pipeline, key=f"datasets.{dataset}.columns"))
+            named.setdefault(theirs, ours)
+    return errors
+
+
+def check_model_dir(file: str, where: dict, name: str, path: Path) -> None:
+    """A local model: a directory holding a readable config.json (or a LoRA adapter's adapter_config.json)."""
+    if not path.is_dir():
+        raise ConfigError(file, f"model directory not found: {name}" if not path.exists() else
+                                f"model {name} is a file, not a save_pretrained directory", **where)
+    config = next((path / c for c in MODEL_CONFIGS if (path / c).exists()), None)
+    if config is None:
+        raise ConfigError(file, f"model directory {name} has no config.json (not a save_pretrained directory)",
+                          **where)
+    label = f"{name}/{config.name}"
+    try:
+        parsed = json.loads(data.decode_utf8(config.read_bytes(), label))
+    except json.JSONDecodeError as e:
+        raise ConfigError(file, f"{label} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})", **where) \
+            from None
+    except ValueError as e:  # not UTF-8
+        raise ConfigError(file, str(e), **where) from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(file, f"{label}: expected a JSON object, got {data.short_repr(parsed)}", **where)
+
+
+def check_accelerate_config(file: str, root: Path, where: dict, name: str) -> int:
+    """An accelerate config file: a YAML mapping with a valid `num_processes` (returned) and `mixed_precision`."""
+    where = {**where, "key": "accelerate_config"}
+    if not (root / name).exists():
+        raise ConfigError(file, f"accelerate config not found: {name}", **where)
+    try:
+        config = read_yaml(root / name) or {}
+    except ValueError as e:
+        raise ConfigError(file, f"accelerate config {name}: {e}", **where) from None
+    if not isinstance(config, dict):
+        raise ConfigError(file, f"accelerate config {name}: expected a YAML mapping, got {data.short_repr(config)}",
+                          **where)
+    processes = config.get("num_processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(file, f"accelerate config {name}: num_processes must be a positive integer, got "
+                                f"{data.short_repr(processes)}", **where)
+    precision = config.get("mixed_precision", "no")
+    if precision not in MIXED_PRECISION:
+        hint = " (quote it: 'no')" if precision is False else ""
+        raise ConfigError(file, f"accelerate config {name}: mixed_precision must be one of "
+                                f"{', '.join(MIXED_PRECISION)}, got {data.short_repr(precision)}{hint}", **where)
+    return processes
