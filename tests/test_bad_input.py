@@ -366,10 +366,10 @@ def test_a_stage_writes_only_inside_its_own_output_directory(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="must lie in artifacts/demo/sft/"):
-        owned_output_dir("demo", "sft", {"output_dir": output_dir, "outputs": outputs}, "params.yaml")
-    assert owned_output_dir("demo", "sft", {"output_dir": "artifacts/demo/sft",
-                                            "outputs": {"model": "artifacts/demo/sft/model"}}, "params.yaml") \
-        == tmp_path / "artifacts/demo/sft"
+        owned_output_dir(tmp_path, "demo", "sft", {"output_dir": output_dir, "outputs": outputs}, "params.yaml")
+    assert owned_output_dir(tmp_path, "demo", "sft", {"output_dir": "artifacts/demo/sft",
+                                                      "outputs": {"model": "artifacts/demo/sft/model"}},
+                            "params.yaml") == tmp_path / "artifacts/demo/sft"
 
 
 def line_of(text: str, line: str, nth: int = 0) -> int:
