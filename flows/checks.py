@@ -9,19 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import ConfigError
-from flows.schema import DatasetSpec, nearest
+from flows.schema import nearest
 from flows.yaml_file import read_yaml
 from stages import data
 from stages.kinds import Input
+from stages.spec import DataInput
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's (models.ADAPTER_CONFIG)
 
 
-def check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, Any], declared: Input):
+def check_dataset_file(file: str, root: Path, where: dict, dataset: DataInput, declared: Input):
     """A local input read once: a model directory (for an input the kind reads no columns from), else a dataset
     whose every row holds the columns `declared` needs (through the column mapping), with values of the right type."""
-    name, split, path = dataset["path"], dataset.get("split"), root / dataset["path"]
+    name, split, path = dataset.path, dataset.split, root / dataset.path
     if not data.is_local(name, root):
         return  # an HF dataset id: checked when the stage loads it
     if not (declared.columns or declared.or_columns) and path.suffix not in data.LOCAL_FORMATS and \
@@ -29,7 +30,7 @@ def check_dataset_file(file: str, root: Path, where: dict, dataset: dict[str, An
         return check_model_dir(file, where, name, path)
     if not path.exists():
         raise ConfigError(file, f"dataset file not found: {name}", **where)
-    mapped = dataset.get("columns") or {}
+    mapped = dataset.columns
     try:
         rows = data.local_rows(path, split, name)
         first = next(rows)
@@ -63,7 +64,7 @@ def _taken_message(name: str, column: str, mapped: dict[str, str]) -> str:
             f"too (columns: {{{column}: <its column>}}) or drop that mapping")
 
 
-def check_column_sources(file: str, pipeline: str, datasets: dict[str, DatasetSpec]) -> list[ConfigError]:
+def check_column_sources(file: str, pipeline: str, datasets: dict[str, DataInput]) -> list[ConfigError]:
     """Mappings that give one dataset column to two names: a column is renamed, not copied, so a stage would lack
     one of them."""
     errors = []

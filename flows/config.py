@@ -6,37 +6,62 @@ the schema, flows/checks.py the checks of the files it names).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from flows import checks
 from flows.errors import ConfigError, ConfigErrors, raise_all
 from flows.schema import Overridable, PipelineSpec, Scheduling, StageSpec, load, nearest
+from stages.spec import DataInput, ResolvedStage
 from stages import data
 from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind
 from stages.paths import output_dir as stage_output_dir
 from stages.registry import is_import_path, use_project
 
 
+class StageSettings(BaseModel):
+    """How one stage runs (never part of its spec: changing it makes nothing stale)."""
+
+    work_pool: str | None = None  # Prefect work pool whose worker runs the stage (None: this process)
+    retries: int = 0  # times Prefect retries a failed stage
+    retry_delay_seconds: float = 10.0  # wait before a retry
+
+
+class RunSettings(BaseModel):
+    """How a pipeline runs: its own settings and each stage's (stage over the pipeline's defaults)."""
+
+    push: bool = False  # push each stage's outputs and run cache to the default DVC remote
+    final_policy: str | None = None  # the stage whose model is registered in MLflow
+    default_work_pool: str | None = None  # the work pool of the pipeline's own deployment
+    stages: dict[str, StageSettings] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)  # MLflow tags of the run (seed, seed_of)
+    fresh: bool = False  # stages ignore (and remove) their checkpoints
+
+
+class Resolved(BaseModel):
+    """A pipelines file resolved: every stage's spec (what params.yaml holds) and each pipeline's run settings."""
+
+    stages: dict[str, dict[str, ResolvedStage]]  # pipeline -> stage -> its spec, in pipeline order
+    settings: dict[str, RunSettings]  # pipeline -> how it runs
+
+
 def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpec, name: str, ref: str,
-                   produced: dict[str, dict[str, str]]) -> dict[str, Any]:
+                   produced: dict[str, dict[str, str]]) -> DataInput:
     where = dict(pipeline=pipeline, stage=stage.name, key=f"inputs.{name}")
     source, _, item = ref.partition(".")
     if source == "datasets":
         if item not in spec.datasets:
             raise ConfigError(file, f"no dataset '{item}' in this pipeline; {nearest(item, spec.datasets)}", **where)
-        return spec.datasets[item].model_dump()
+        return spec.datasets[item]
     if source not in produced:
         raise ConfigError(file, f"'{ref}' names no earlier stage's output; earlier stages: "
                                 f"{nearest(source, produced)}", **where)
     if item not in produced[source]:
         raise ConfigError(file, f"stage '{source}' has no output '{item}'; {nearest(item, produced[source])}",
                           **where)
-    return {"path": produced[source][item], "columns": {}}
+    return DataInput(path=produced[source][item])
 
 
 def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +78,9 @@ def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any
     return checked
 
 
-def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """Validate pipelines.yaml fully and return {pipeline: {stage: resolved spec}} (what params.yaml holds). Every
-    problem found is reported at once (`ConfigErrors`), not only the first.
+def resolve(path: str | Path) -> Resolved:
+    """Validate pipelines.yaml fully and resolve it: each stage's spec (what params.yaml holds) and each pipeline's
+    run settings. Every problem found is reported at once (`ConfigErrors`), not only the first.
 
     A resolved spec is flat and self-contained: kind, seed, model, accelerate config and process count, input paths
     (with column mappings), output paths, and every param (defaults filled in).
@@ -64,7 +89,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     root = Path(path).resolve().parent
     config = load(path)
     use_project(root)
-    resolved: dict[str, dict[str, dict[str, Any]]] = {}
+    resolved: dict[str, dict[str, ResolvedStage]] = {}
     errors: list[ConfigError] = []
     for pipeline, spec in config.pipelines.items():
         produced: dict[str, dict[str, str]] = {}
@@ -102,7 +127,7 @@ def resolve(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
             errors.append(ConfigError(file, f"'{spec.final_policy}' is not a stage of this pipeline with a model "
                                             "output", pipeline=pipeline, key="final_policy"))
     raise_all(errors)
-    return resolved
+    return Resolved(stages=resolved, settings={name: _run_settings(spec) for name, spec in config.pipelines.items()})
 
 
 class _AnyOutputs(dict):
@@ -127,7 +152,7 @@ def _kind_or_none(stage: StageSpec) -> StageKind | None:
 
 
 def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, stage: StageSpec, kind: StageKind,
-                   produced: dict[str, dict[str, str]], output_dir: str, outputs: dict[str, str]) -> dict[str, Any]:
+                   produced: dict[str, dict[str, str]], output_dir: str, outputs: dict[str, str]) -> ResolvedStage:
     """One stage's resolved spec; raises every problem of the stage found (params, inputs, settings) together."""
     where = dict(pipeline=pipeline, stage=stage.name)
     errors: list[ConfigError] = []
@@ -168,44 +193,26 @@ def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
     accelerate_config = settings["accelerate_config"] or "infra/accelerate/single.yaml"
     num_processes = check(checks.check_accelerate_config, file, root, where, accelerate_config)
     raise_all(errors)
-    return {
-        "kind": stage.kind,
-        "seed": settings["seed"] if settings["seed"] is not None else 0,
-        "model": settings["model"],
-        "accelerate_config": accelerate_config,
-        "num_processes": num_processes,
-        "inputs": inputs,
-        "output_dir": output_dir,
-        "outputs": outputs,
-        "params": params,
-    }
+    return ResolvedStage(kind=stage.kind, seed=settings["seed"] if settings["seed"] is not None else 0,
+                         model=settings["model"], accelerate_config=accelerate_config, num_processes=num_processes,
+                         inputs=inputs, output_dir=output_dir, outputs=outputs, params=params)
 
 
-def run_settings(path: str | Path) -> dict[str, dict[str, Any]]:
-    """{pipeline: {"push", "final_policy", "default_work_pool", "stages": {stage: {"work_pool", "retries",
-    "retry_delay_seconds"}}}} of a file `resolve` accepted (stage settings over the pipeline's defaults)."""
-    out = {}
-    for pipeline, spec in load(path).pipelines.items():
-        stages = {}
-        for stage in spec.stages:
-            chosen = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
-                      for k in Scheduling.model_fields}
-            stages[stage.name] = {**chosen, "retries": chosen["retries"] or 0,
-                                  "retry_delay_seconds": 10.0 if chosen["retry_delay_seconds"] is None
-                                  else chosen["retry_delay_seconds"]}
-        out[pipeline] = {"push": spec.push, "final_policy": spec.final_policy or _last_policy(spec),
-                         "default_work_pool": spec.defaults.work_pool, "stages": stages}
-    return out
+def _run_settings(spec: PipelineSpec) -> RunSettings:
+    """A pipeline's run settings: each stage's scheduling over the pipeline's defaults, Prefect's defaults below."""
+    stages = {}
+    for stage in spec.stages:
+        chosen = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
+                  for k in Scheduling.model_fields}
+        stages[stage.name] = StageSettings(**{k: v for k, v in chosen.items() if v is not None})
+    return RunSettings(push=spec.push, final_policy=spec.final_policy or _last_policy(spec),
+                       default_work_pool=spec.defaults.work_pool, stages=stages)
 
 
 def _last_policy(spec: PipelineSpec) -> str | None:
     """The last stage that trains a policy (a kind with a `model` output that is not a reward model)."""
     policies = [s.name for s in spec.stages if "model" in get_kind(s.kind).outputs and s.kind != "reward_model"]
     return policies[-1] if policies else None
-
-
-def config_hash(resolved_pipeline: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(resolved_pipeline, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def select_stages(order: list[str], graph: dict[str, set[str]], stage: str | None, downstream: bool) -> list[str]:
@@ -220,8 +227,8 @@ def select_stages(order: list[str], graph: dict[str, set[str]], stage: str | Non
     return [name for name in order if name in selected]
 
 
-def input_graph(specs: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
+def input_graph(specs: dict[str, ResolvedStage]) -> dict[str, set[str]]:
     """stage -> the earlier stages whose outputs it reads."""
-    producers = {path: stage for stage, spec in specs.items() for path in spec["outputs"].values()}
-    return {stage: {producers[i["path"]] for i in spec["inputs"].values() if i["path"] in producers}
+    producers = {path: stage for stage, spec in specs.items() for path in spec.outputs.values()}
+    return {stage: {producers[i.path] for i in spec.inputs.values() if i.path in producers}
             for stage, spec in specs.items()}

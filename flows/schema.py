@@ -13,19 +13,13 @@ from pydantic import Field, ValidationError
 from flows.errors import ConfigError, raise_all
 from flows.yaml_file import read_yaml
 from stages.kinds import Described
+from stages.spec import DataInput
 
 NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"  # matched whole: pydantic's (Rust) `$` and re.fullmatch reject "sft\n"
 
 
 class Strict(Described):
     """A part of pipelines.yaml (unknown keys are errors; comments on fields are their descriptions)."""
-
-
-class DatasetSpec(Strict):
-    path: str  # local jsonl/json/parquet/csv file (relative to pipelines.yaml) or an HF dataset id
-    split: str = "train"  # split of an HF dataset (or of a local Hub-layout folder)
-    subset: str | None = None  # HF dataset configuration name
-    columns: dict[str, str] = Field(default_factory=dict)  # name a stage expects -> the dataset's column
 
 
 class Overridable(Strict):
@@ -62,7 +56,7 @@ class PipelineSpec(Strict):
     push: bool = False  # push each stage's outputs and DVC's run cache to the default remote as it finishes
     final_policy: str | None = None  # the stage whose model is registered in MLflow (default: the last policy)
     defaults: Defaults = Field(default_factory=Defaults)  # settings, inputs and params given to every stage
-    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)  # named datasets the stages read
+    datasets: dict[str, DataInput] = Field(default_factory=dict)  # named datasets the stages read
     stages: list[StageSpec]  # run in order; each reads earlier stages' outputs
 
 
