@@ -22,8 +22,8 @@ from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
-from stages.text import (PairBatch, check_eval_prompts_fit, context_length, encode_row, fit_rows,
-                         pair_batch, response_logprobs, sample)
+from stages.text import (PairBatch, check_prompts_fit, context_length, encode_row, fit_rows, pair_batch,
+                         response_logprobs, sample)
 
 if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
     from stages.kinds.sft import Params as SFTParams
@@ -178,6 +178,13 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     return metrics
 
 
+def check_evaluation_fits(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, context: int | None) -> None:
+    """At stage start: every `eval` prompt `evaluate` samples for leaves room for `eval_max_new_tokens` in the model's
+    `context` (`check_prompts_fit`), so that evaluation cannot fail after training."""
+    if ctx.params.evaluator and ctx.has("eval"):
+        check_prompts_fit(ctx, tokenizer, context, "eval", "eval_max_new_tokens")
+
+
 @torch.no_grad()
 def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
                     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int) -> float:
@@ -238,9 +245,7 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     encoded, truncated = fit_rows([encode_row(tokenizer, r) for r in rows], ctx.source("data"),
                                   p.max_prompt_length, p.max_length, context,
                                   partial(data.row_name, ctx.inputs["data"]))
-    if p.evaluator and ctx.has("eval"):
-        check_eval_prompts_fit(tokenizer, [r["prompt"] for r in ctx.rows("eval")], p.eval_max_new_tokens,
-                               context, partial(data.row_name, ctx.inputs["eval"]))
+    check_evaluation_fits(ctx, tokenizer, context)
     n_holdout = int(len(encoded) * p.holdout_fraction)
     train, holdout = encoded[n_holdout:], encoded[:n_holdout]
 
