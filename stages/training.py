@@ -7,7 +7,7 @@ import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -230,6 +230,17 @@ def sft_loss(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
     return -masked_mean(response_logprobs(model, batch), batch.response_mask)
 
 
+@torch.no_grad()
+def held_out_loss(model: PreTrainedModel, batches: Iterable[PairBatch]) -> float:
+    """`sft_loss` over all the batches' response tokens together (each batch's sum, divided by the total count), so
+    the value does not depend on how the rows are batched, and memory is one batch's."""
+    total, tokens = 0.0, 0.0
+    for batch in batches:
+        total -= masked_sum(response_logprobs(model, batch), batch.response_mask).item()
+        tokens += batch.response_mask.sum().item()
+    return total / max(tokens, 1e-8)
+
+
 ExtraLoss = Callable[[PreTrainedModel, PairBatch], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -266,9 +277,9 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
     train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
     metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
-    if holdout:
-        with torch.no_grad():
-            opt.model.eval()
-            metrics["eval_loss"] = sft_loss(opt.model, collate(holdout)).item()  # on every rank: FSDP forward
+    if holdout:  # on every rank: FSDP forward
+        opt.model.eval()
+        metrics["eval_loss"] = held_out_loss(opt.model, (collate(holdout[s:s + p.batch_size])
+                                                         for s in range(0, len(holdout), p.batch_size)))
     save_model(ctx, opt.model, tokenizer)
     return metrics
