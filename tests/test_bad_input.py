@@ -604,3 +604,8 @@ def test_a_prompt_cut_to_fit_passes(project: Path, tiny_model_dir: Path):
     with pytest.raises(ValueError, match=r"^prompts.jsonl line 1: a prompt of 202 tokens, with max_new_tokens=24"):
         check_prompts_fit(ctx, tokenizer, 64, "prompts", "max_new_tokens")  # not cut (as eval prompts are not)
 
+
+@pytest.mark.parametrize("kind_name", ["sft", "distill", "reward_model", "dpo"])
+def test_max_length_says_what_none_means(kind_name: str):
+    assert get_kind(kind_name).params.model_fields["max_length"].description.endswith(
+        "None: all, up to the model's context")
