@@ -12,13 +12,17 @@ log-probs recomputed for training match the ones seen while sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages import data
 from stages.algorithms import token_logprobs
 from stages.chat import Message, Prompt, as_messages, completion_text
+
+if TYPE_CHECKING:
+    from stages.context import StageContext
 
 
 def _template(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> list[int]:
@@ -117,18 +121,46 @@ def fit_rows(encoded: list[tuple[list[int], list[int], list[int] | None]], sourc
     return fitted, truncated
 
 
-def check_eval_prompts_fit(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], eval_max_new_tokens: int,
-                           context: int | None, row_name: Callable[[int], str]) -> None:
-    """Raise a ValueError naming `row_name(index)` when a held-out prompt plus the `eval_max_new_tokens` sampled for
-    it is longer than the model's `context` (checked before training, so evaluation cannot fail after it)."""
+def fit_comparisons(tokenizer: PreTrainedTokenizerBase, comparisons: list[tuple[Prompt, list[str | list[Message]]]],
+                    source: str, max_prompt_length: int | None, max_length: int | None, context: int | None = None,
+                    row_name: Callable[[int], str] | None = None
+                    ) -> tuple[list[tuple[list[int], list[list[int]]]], int]:
+    """Comparisons (a prompt and its completions) tokenized and fitted as `fit_rows` fits rows, each completion after
+    its prompt, a row that cannot fit named as its comparison `row_name(index)` (else `source` and the index): the
+    (prompt ids, each completion's ids) of every comparison, and how many comparisons were truncated."""
+    name = row_name or (lambda i: f"{source}: row {i}")
+    fitted, truncated = [], 0
+    for i, (prompt, completions) in enumerate(comparisons):
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        rows, cut = fit_rows([(prompt_ids, encode_response(tokenizer, c), None) for c in completions], source,
+                             max_prompt_length, max_length, context, lambda _, i=i: name(i))
+        fitted.append((rows[0][0], [response for _, response, _ in rows]))
+        truncated += cut > 0
+    return fitted, truncated
+
+
+def check_prompts_fit(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, context: int | None, name: str,
+                      budget: str, cut: bool = False, prompts: dict[int, Prompt] | None = None) -> None:
+    """Refuse at stage start, so that sampling cannot fail after training, a prompt of input `name` that is longer
+    than the model's `context` with the `params.<budget>` tokens sampled after it (the prompt first cut to
+    `params.max_prompt_length` when `cut`): a ValueError naming its file and 1-based line and the params to change.
+    `prompts`: the prompts the stage samples by their 0-based row (default: every row's `prompt`)."""
     if not context:
         return
-    for i, prompt in enumerate(prompts):
+    new_tokens, keep = getattr(ctx.params, budget), ctx.params.max_prompt_length if cut else None
+    if prompts is None:
+        prompts = dict(enumerate(row["prompt"] for row in ctx.rows(name)))
+    for i, prompt in prompts.items():
         length = len(encode_prompt(tokenizer, prompt))
-        if length + eval_max_new_tokens > context:
-            raise ValueError(f"{row_name(i)}: a prompt of {length} tokens, with eval_max_new_tokens="
-                             f"{eval_max_new_tokens}, is more than the model's context (max_position_embeddings="
-                             f"{context}); shorten it or lower eval_max_new_tokens")
+        if min(length, keep or length) + new_tokens > context:
+            room = context - new_tokens
+            fix = (f"lower {budget} (below {context})" if room < 1 else
+                   f"set max_prompt_length (at most {room}) or lower {budget}" if cut else
+                   f"shorten it or lower {budget}")
+            kept = f" (cut to max_prompt_length={keep})" if keep and length > keep else ""
+            raise ValueError(f"{data.row_name(ctx.inputs[name], i)}: a prompt of {length} tokens{kept}, with "
+                             f"{budget}={new_tokens}, is more than the model's context (max_position_embeddings="
+                             f"{context}); {fix}")
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -7,7 +7,7 @@ import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -22,8 +22,8 @@ from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
-from stages.text import (PairBatch, check_eval_prompts_fit, context_length, encode_row, fit_rows,
-                         pair_batch, response_logprobs, sample)
+from stages.text import (PairBatch, check_prompts_fit, context_length, encode_row, fit_rows, pair_batch,
+                         response_logprobs, sample)
 
 if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
     from stages.kinds.sft import Params as SFTParams
@@ -178,6 +178,13 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     return metrics
 
 
+def check_evaluation_fits(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, context: int | None) -> None:
+    """At stage start: every `eval` prompt `evaluate` samples for leaves room for `eval_max_new_tokens` in the model's
+    `context` (`check_prompts_fit`), so that evaluation cannot fail after training."""
+    if ctx.params.evaluator and ctx.has("eval"):
+        check_prompts_fit(ctx, tokenizer, context, "eval", "eval_max_new_tokens")
+
+
 @torch.no_grad()
 def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
                     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int) -> float:
@@ -223,6 +230,17 @@ def sft_loss(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
     return -masked_mean(response_logprobs(model, batch), batch.response_mask)
 
 
+@torch.no_grad()
+def held_out_loss(model: PreTrainedModel, batches: Iterable[PairBatch]) -> float:
+    """`sft_loss` over all the batches' response tokens together (each batch's sum, divided by the total count), so
+    the value does not depend on how the rows are batched, and memory is one batch's."""
+    total, tokens = 0.0, 0.0
+    for batch in batches:
+        total -= masked_sum(response_logprobs(model, batch), batch.response_mask).item()
+        tokens += batch.response_mask.sum().item()
+    return total / max(tokens, 1e-8)
+
+
 ExtraLoss = Callable[[PreTrainedModel, PairBatch], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -238,9 +256,7 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     encoded, truncated = fit_rows([encode_row(tokenizer, r) for r in rows], ctx.source("data"),
                                   p.max_prompt_length, p.max_length, context,
                                   partial(data.row_name, ctx.inputs["data"]))
-    if p.evaluator and ctx.has("eval"):
-        check_eval_prompts_fit(tokenizer, [r["prompt"] for r in ctx.rows("eval")], p.eval_max_new_tokens,
-                               context, partial(data.row_name, ctx.inputs["eval"]))
+    check_evaluation_fits(ctx, tokenizer, context)
     n_holdout = int(len(encoded) * p.holdout_fraction)
     train, holdout = encoded[n_holdout:], encoded[:n_holdout]
 
@@ -261,9 +277,9 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
     train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
     metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
-    if holdout:
-        with torch.no_grad():
-            opt.model.eval()
-            metrics["eval_loss"] = sft_loss(opt.model, collate(holdout)).item()  # on every rank: FSDP forward
+    if holdout:  # on every rank: FSDP forward
+        opt.model.eval()
+        metrics["eval_loss"] = held_out_loss(opt.model, (collate(holdout[s:s + p.batch_size])
+                                                         for s in range(0, len(holdout), p.batch_size)))
     save_model(ctx, opt.model, tokenizer)
     return metrics

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,7 +23,9 @@ from flows.config import resolve
 from flows.errors import ConfigError
 from flows.preflight import check_tracking_server
 from stages import data
-from tests.conftest import free_port
+from stages.context import StageContext
+from stages.kinds import get_kind
+from tests.conftest import Tracker, free_port
 from tests.test_config import BASE, write
 
 GOOD = {"question": "name two animals", "answer": "cat dog"}
@@ -498,3 +501,112 @@ def test_max_length_truncates_what_the_context_refuses_and_rows_are_named_by_fil
     fitted, truncated = fit_rows(encoded, "input 'data'", None, 64, 64, name)
     assert truncated == 1 and [len(p) + len(r) for p, r, _ in fitted] == [6, 6, 64]
     assert data.row_name({"path": "someone/chat", "split": "test"}, 1) == "someone/chat (split test) row 2"
+
+
+MODEL = "the tiny model"  # an input given the tiny model's directory
+SHORT, LONG = "name two animals", "name " * 200  # 5 and 202 prompt tokens with the tiny model's chat template
+PAIR = {"prompt": SHORT, "chosen": "cat dog", "rejected": "red blue"}
+LONG_PAIR = {"prompt": SHORT, "chosen": "cat " * 100, "rejected": "dog"}  # 5 + 101 tokens
+DEMO, LONG_DEMO = {"prompt": SHORT, "response": "cat dog"}, {"prompt": SHORT, "response": "cat " * 100}
+CONTEXT = "is more than the model's context (max_position_embeddings=64)"
+ROW_OVER = "106 tokens, more than the model's context (max_position_embeddings=64), and max_length is not set; set " \
+           "params.max_length (at most 64) to truncate rows"
+REFUSALS = {  # case -> (kind, inputs: rows or MODEL, params, the error)
+    "reward_model comparisons": ("reward_model", {"base": MODEL, "comparisons": [PAIR, LONG_PAIR], "demos": [DEMO]},
+                                 {}, f"comparisons.jsonl line 2: {ROW_OVER}"),
+    "reward_model eval_comparisons": ("reward_model", {"base": MODEL, "comparisons": [PAIR], "demos": [DEMO],
+                                                       "eval_comparisons": [LONG_PAIR]},
+                                      {}, f"eval_comparisons.jsonl line 1: {ROW_OVER}"),
+    "reward_model demos": ("reward_model", {"base": MODEL, "comparisons": [PAIR], "demos": [DEMO, DEMO, LONG_DEMO]},
+                           {"max_length": 100}, "demos.jsonl line 3: 100 tokens, more than the model's context "
+                           "(max_position_embeddings=64), and max_length=100 is larger; set params.max_length (at "
+                           "most 64) to truncate rows"),
+    "dpo comparisons": ("dpo", {"policy": MODEL, "comparisons": [PAIR, LONG_PAIR]}, {},
+                        f"comparisons.jsonl line 2: {ROW_OVER}"),
+    "dpo prompt fills max_length": ("dpo", {"policy": MODEL, "comparisons": [PAIR, {**PAIR, "prompt": "name " * 40}]},
+                                    {"max_length": 30}, "comparisons.jsonl line 2 cannot fit: the prompt alone (42 "
+                                    "tokens) fills max_length=30; raise max_length or set max_prompt_length"),
+    "dpo KTO mismatched pair": ("dpo", {"policy": MODEL, "comparisons": [
+        {"prompt": "name " * 40, "completion": "cat", "label": True},  # 42 + 2 tokens
+        {"prompt": "name", "completion": "cat " * 40, "label": False}]},  # 3 + 41: crossed, 42 + 41
+        {"loss": "kto"}, "input 'comparisons' (comparisons.jsonl): the kl_completion of training example 0: 83 "
+        "tokens, more than the model's context (max_position_embeddings=64), and max_length is not set; set "
+        "params.max_length (at most 64) to truncate rows"),
+    "dpo held-out KL prompt": ("dpo", {"policy": MODEL, "comparisons": [PAIR],
+                                       "eval_comparisons": [{**PAIR, "prompt": "name " * 51}]}, {},
+                               f"eval_comparisons.jsonl line 1: a prompt of 53 tokens, with max_new_tokens=12, "
+                               f"{CONTEXT}; shorten it or lower max_new_tokens"),
+    "dpo evaluator": ("dpo", {"policy": MODEL, "comparisons": [PAIR], "eval": [{"prompt": SHORT}]},
+                      {"evaluator": "instruct_gold", "eval_max_new_tokens": 60},
+                      f"eval.jsonl line 1: a prompt of 5 tokens, with eval_max_new_tokens=60, {CONTEXT}; shorten it "
+                      "or lower eval_max_new_tokens"),
+    "grpo prompts": ("grpo", {"policy": MODEL, "prompts": [{"prompt": SHORT}, {"prompt": LONG}]}, {},
+                     f"prompts.jsonl line 2: a prompt of 202 tokens, with max_new_tokens=24, {CONTEXT}; set "
+                     "max_prompt_length (at most 40) or lower max_new_tokens"),
+    "grpo max_prompt_length": ("grpo", {"policy": MODEL, "prompts": [{"prompt": SHORT}, {"prompt": LONG}]},
+                               {"max_prompt_length": 50}, "prompts.jsonl line 2: a prompt of 202 tokens (cut to "
+                               f"max_prompt_length=50), with max_new_tokens=24, {CONTEXT}; set max_prompt_length (at "
+                               "most 40) or lower max_new_tokens"),
+    "grpo max_new_tokens": ("grpo", {"policy": MODEL, "prompts": [{"prompt": SHORT}]}, {"max_new_tokens": 64},
+                            f"prompts.jsonl line 1: a prompt of 5 tokens, with max_new_tokens=64, {CONTEXT}; lower "
+                            "max_new_tokens (below 64)"),
+    "grpo evaluator": ("grpo", {"policy": MODEL, "prompts": [{"prompt": SHORT}], "eval": [{"prompt": LONG}]},
+                       {"evaluator": "instruct_gold"}, f"eval.jsonl line 1: a prompt of 202 tokens, with "
+                       f"eval_max_new_tokens=16, {CONTEXT}; shorten it or lower eval_max_new_tokens"),
+    "ppo prompts": ("ppo", {"policy": MODEL, "reward": MODEL, "prompts": [{"prompt": SHORT}, {"prompt": LONG}]}, {},
+                    f"prompts.jsonl line 2: a prompt of 202 tokens, with max_new_tokens=12, {CONTEXT}; set "
+                    "max_prompt_length (at most 52) or lower max_new_tokens"),
+    "ppo final KL": ("ppo", {"policy": MODEL, "reward": MODEL, "prompts": [{"prompt": SHORT}],
+                             "eval": [{"prompt": "name " * 51}]}, {},
+                     f"eval.jsonl line 1: a prompt of 53 tokens, with max_new_tokens=12, {CONTEXT}; shorten it or "
+                     "lower max_new_tokens"),
+    "rejection_sampling": ("rejection_sampling", {"policy": MODEL, "prompts": [{"prompt": LONG}]}, {},
+                           f"prompts.jsonl line 1: a prompt of 202 tokens, with max_new_tokens=24, {CONTEXT}; set "
+                           "max_prompt_length (at most 40) or lower max_new_tokens"),
+    "label_preferences": ("label_preferences", {"policy": MODEL, "prompts": [{"prompt": SHORT}] * 2 + [{"prompt": LONG}]},
+                          {}, f"prompts.jsonl line 3: a prompt of 202 tokens, with max_new_tokens=12, {CONTEXT}; "
+                          "shorten it or lower max_new_tokens"),
+}
+
+
+def stage_context(kind_name: str, inputs: dict[str, Any], model: Path, **params) -> StageContext:
+    """A `kind_name` stage in the current directory: MODEL inputs are `model`, the others rows written to
+    <input>.jsonl; outputs under out/."""
+    from accelerate import Accelerator
+
+    kind, out = get_kind(kind_name), Path("out")
+    for name, rows in inputs.items():
+        if rows != MODEL:
+            Path(f"{name}.jsonl").write_text(lines(*rows))
+    specs = {name: {"path": str(model) if rows == MODEL else f"{name}.jsonl"} for name, rows in inputs.items()}
+    return StageContext("demo", kind_name, 0, kind.params(**params), specs,
+                        {name: out / rel for name, rel in kind.outputs.items()}, out, None, Accelerator(cpu=True),
+                        Tracker(), declared=kind.inputs)
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=list(REFUSALS))
+def test_what_cannot_fit_the_models_context_is_refused_at_stage_start(project: Path, tiny_model_dir: Path,
+                                                                       case: str):
+    kind_name, inputs, params, expected = REFUSALS[case]
+    ctx = stage_context(kind_name, inputs, tiny_model_dir, **params)
+    with pytest.raises(ValueError) as raised:
+        get_kind(kind_name).load_run()(ctx)
+    assert str(raised.value) == expected
+    assert ctx.tracker.logged == [] and not ctx.output_dir.exists()  # before any step, sample or output
+
+
+def test_a_prompt_cut_to_fit_passes(project: Path, tiny_model_dir: Path):
+    from stages.models import load_tokenizer
+    from stages.text import check_prompts_fit
+
+    ctx = stage_context("grpo", {"prompts": [{"prompt": LONG}]}, tiny_model_dir, max_prompt_length=40)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    check_prompts_fit(ctx, tokenizer, 64, "prompts", "max_new_tokens", cut=True)  # 40 + 24 tokens: no error
+    with pytest.raises(ValueError, match=r"^prompts.jsonl line 1: a prompt of 202 tokens, with max_new_tokens=24"):
+        check_prompts_fit(ctx, tokenizer, 64, "prompts", "max_new_tokens")  # not cut (as eval prompts are not)
+
+
+@pytest.mark.parametrize("kind_name", ["sft", "distill", "reward_model", "dpo"])
+def test_max_length_says_what_none_means(kind_name: str):
+    assert get_kind(kind_name).params.model_fields["max_length"].description.endswith(
+        "None: all, up to the model's context")

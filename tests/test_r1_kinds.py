@@ -183,3 +183,22 @@ def test_distill_refuses_kd_across_vocabularies(traces, tmp_path):
     del inputs["teacher"]
     with pytest.raises(ValueError, match="needs the `teacher` input"):
         run_kind("distill", tmp_path, inputs, kd_coef=0.5)
+
+
+def test_held_out_loss_is_the_one_batch_token_mean_however_batched(tiny_model_dir: Path):
+    from stages.models import load_policy, load_tokenizer
+    from stages.text import encode_row, pair_batch
+    from stages.training import held_out_loss, sft_loss
+
+    model, tokenizer = load_policy(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    rows = [encode_row(tokenizer, {"prompt": "name " * (i % 3 + 1), "response": "cat dog " * (i % 4 + 1)})
+            for i in range(7)]  # responses of 3 to 9 tokens: a per-batch mean of means would differ
+
+    def batch(part: list):
+        return pair_batch([q for q, _, _ in part], [r for _, r, _ in part], tokenizer.pad_token_id)
+
+    with torch.no_grad():
+        one_batch = sft_loss(model, batch(rows)).item()
+    for size in (1, 2, 3, 7):
+        batched = held_out_loss(model, (batch(rows[s:s + size]) for s in range(0, len(rows), size)))
+        assert batched == pytest.approx(one_batch, rel=1e-6)

@@ -24,7 +24,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     lr: float = 1e-4  # AdamW learning rate
     max_new_tokens: int = 12  # sampled response length for the final KL
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
-    max_length: int | None = None  # prompt + completion tokens kept (completion cut from the right); None: all
+    max_length: int | None = None  # prompt + completion tokens kept (the end cut); None: all, up to the model's context
     eval_fraction: float = Field(0.1, ge=0, lt=1)  # held-out share of the comparisons' prompts (no eval_comparisons)
 
     @model_validator(mode="after")

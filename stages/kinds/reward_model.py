@@ -14,7 +14,7 @@ class Params(LoraTrainingParams):
     batch_size: int = 16  # prompts per optimiser step (each with all its K responses), global across processes
     lr: float = 5e-4  # AdamW learning rate
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
-    max_length: int | None = None  # prompt + response tokens kept (response cut from the right); None: all
+    max_length: int | None = None  # prompt + response tokens kept (the end cut); None: all, up to the model's context
 
 
 INPUTS = {

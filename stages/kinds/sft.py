@@ -17,7 +17,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     lr: float = 1e-3  # AdamW learning rate
     holdout_fraction: float = 0.1  # share of the rows held out for `eval_loss`
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
-    max_length: int | None = None  # prompt + response tokens kept (response cut from the right); None: all
+    max_length: int | None = None  # prompt + response tokens kept (the end cut); None: all, up to the model's context
 
 
 INPUTS = {

@@ -29,20 +29,23 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import torch
 
+from stages import data
 from stages.algorithms import kto_loss, kwise_pairs, masked_sum, preference_loss
-from stages.chat import Prompt, as_ranked, prompt_key
+from stages.chat import Message, Prompt, as_ranked, prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import full_parameters, gather_list, shard
 from stages.kinds.dpo import Params
 from stages.models import load_policy, load_tokenizer
-from stages.text import PairBatch, encode_prompt, encode_response, fit, pair_batch, response_logprobs
-from stages.training import (adapters_disabled, evaluate, kl_to_reference, prepare_optimization, save_model,
-                             steps_per_epoch, train_epochs)
+from stages.text import (PairBatch, check_prompts_fit, context_length, encode_prompt, encode_response, fit,
+                         fit_comparisons, fit_rows, pair_batch, response_logprobs)
+from stages.training import (adapters_disabled, check_evaluation_fits, evaluate, kl_to_reference,
+                             prepare_optimization, save_model, steps_per_epoch, train_epochs)
 
 Row = dict[str, Any]
 
@@ -50,6 +53,19 @@ Row = dict[str, Any]
 def row_prompt(row: Row) -> Prompt:
     """A preference row's prompt (for implicit-prompt conversations: their shared turns)."""
     return row["prompt"] if "prompt" in row else as_ranked(row)[0]
+
+
+def comparison(row: Row) -> tuple[Prompt, list[str | list[Message]]]:
+    """A preference row's prompt and completions (a labelled row's one)."""
+    return (row["prompt"], [row["completion"]]) if "completion" in row else as_ranked(row)[:2]
+
+
+def check_rows_fit(ctx: StageContext, tokenizer, context: int | None, name: str, rows: list[Row]) -> None:
+    """Refuse, naming its file line, a row of input `name` with a completion that cannot fit after its prompt in
+    the length budgets or, fitted, in the model's `context` (`fit_comparisons`)."""
+    p: Params = ctx.params
+    fit_comparisons(tokenizer, [comparison(r) for r in rows], ctx.source(name), p.max_prompt_length, p.max_length,
+                    context, partial(data.row_name, ctx.inputs[name]))
 
 
 def group_labelled(rows: list[Row]) -> list[Row]:
@@ -101,20 +117,20 @@ def encode(tokenizer, prompts: list[Prompt], completions: list[str], p: Params) 
 Encoded = dict[str, tuple[list[int], list[int]]]  # completion column -> (prompt ids, completion ids), fitted
 
 
-def encode_rows(tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, source: str
+def encode_rows(tokenizer, rows: list[Row], columns: tuple[str, str], p: Params, context: int | None, source: str
                 ) -> tuple[list[Encoded], int]:
-    """Every row tokenized once, both completions fitted to the length budgets, and how many rows the budgets cut
-    (either completion); a row that cannot fit is an error naming it."""
+    """Every row tokenized once, both completions fitted to the length budgets (`fit_rows`), and how many rows the
+    budgets cut (either completion). The file's rows were checked by line (`check_rows_fit`): what can still be
+    longer than the model's `context` is a KTO example's `kl_completion` (another example's) after its prompt,
+    refused naming the example."""
     encoded, truncated = [], 0
     for i, row in enumerate(rows):
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
-        try:
-            fitted = {c: fit(prompt_ids, encode_response(tokenizer, row[c]), p.max_prompt_length, p.max_length)
-                      for c in columns}
-        except ValueError as e:
-            raise ValueError(f"{source}: row {i} cannot fit: {e}; raise max_length or set max_prompt_length") from None
-        truncated += any(cut for _, _, cut in fitted.values())
-        encoded.append({c: (q, r) for c, (q, r, _) in fitted.items()})
+        fitted, cut = fit_rows([(prompt_ids, encode_response(tokenizer, row[c]), None) for c in columns], source,
+                               p.max_prompt_length, p.max_length, context,
+                               lambda j, i=i: f"{source}: the {columns[j]} of training example {i}")
+        truncated += cut > 0
+        encoded.append({c: (q, r) for c, (q, r, _) in zip(columns, fitted)})
     return encoded, truncated
 
 
@@ -195,23 +211,34 @@ def run(ctx: StageContext) -> dict[str, float]:
     rng = random.Random(ctx.seed)
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy = load_policy(ctx.path("policy"), p).to(acc.device)
+    context = context_length(policy)
 
-    # 1. data: held-out prompts are a seeded `eval_fraction` of the comparisons' prompts (no prompt in both splits)
+    # 1. data: held-out prompts are a seeded `eval_fraction` of the comparisons' prompts (no prompt in both splits);
+    # a row, or a prompt sampled for the final KL or the evaluator, that cannot fit the model's context is refused
     rows = ctx.rows("comparisons")
+    check_rows_fit(ctx, tokenizer, context, "comparisons", rows)
     if ctx.has("eval_comparisons"):
-        held_out_rows = ctx.rows("eval_comparisons")
+        held_out_input, held_out_rows = "eval_comparisons", dict(enumerate(ctx.rows("eval_comparisons")))
+        check_rows_fit(ctx, tokenizer, context, held_out_input, list(held_out_rows.values()))
     else:
         prompts = sorted({prompt_key(row_prompt(r)) for r in rows})
         rng.shuffle(prompts)
         held_out = set(prompts[:int(len(prompts) * p.eval_fraction)])
-        held_out_rows = [r for r in rows if prompt_key(row_prompt(r)) in held_out]
+        held_out_input = "comparisons"
+        held_out_rows = {i: r for i, r in enumerate(rows) if prompt_key(row_prompt(r)) in held_out}
         rows = [r for r in rows if prompt_key(row_prompt(r)) not in held_out]
+    if ctx.has("eval"):
+        check_prompts_fit(ctx, tokenizer, context, "eval", "max_new_tokens")
+    else:
+        check_prompts_fit(ctx, tokenizer, context, held_out_input, "max_new_tokens",
+                          prompts={i: row_prompt(r) for i, r in held_out_rows.items()})
+    check_evaluation_fits(ctx, tokenizer, context)
     columns = ("completion", "kl_completion") if p.loss == "kto" else ("chosen", "rejected")
     train = kto_examples(rows, rng) if p.loss == "kto" else preference_pairs(rows)
-    eval_pairs = preference_pairs(held_out_rows)
+    eval_pairs = preference_pairs(list(held_out_rows.values()))
 
     # 2. reference log-probs, once: π_ref = the policy before its first update (with LoRA: adapters off, per batch)
-    encoded, truncated = encode_rows(tokenizer, train, columns, p, ctx.source("comparisons"))
+    encoded, truncated = encode_rows(tokenizer, train, columns, p, context, ctx.source("comparisons"))
     if p.lora is None:
         train = with_reference_logps(policy, tokenizer, train, columns, p, acc)
         eval_pairs = with_reference_logps(policy, tokenizer, eval_pairs, ("chosen", "rejected"), p, acc)

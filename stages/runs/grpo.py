@@ -41,9 +41,10 @@ from stages.models import last_token_scores, load_policy, load_scalar_head_model
 from stages.registry import STEP_REWARDS
 from stages.rewards import (RewardError, RewardFn, Scorer, accuracy_reward, build_reward, format_reward,
                             reward_model_reward, routed_reward)
-from stages.text import count_long_prompts, encode_prompt, encode_response, pair_batch, response_logprobs, sample
-from stages.training import (disable_dropout, evaluate, prepare_optimization, reference_logprobs, rl_optimiser_steps,
-                             save_model, update_on_buffer)
+from stages.text import (check_prompts_fit, context_length, count_long_prompts, encode_prompt, encode_response,
+                         pair_batch, response_logprobs, sample)
+from stages.training import (check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
+                             reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
 
@@ -220,6 +221,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
         raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
     tokenizer = load_tokenizer(ctx.path("policy"))
+    policy_model = load_policy(ctx.path("policy"), p)
+    context = context_length(policy_model)
+    prompt_rows = [{**row, ROW_ID: i} for i, row in enumerate(ctx.rows("prompts"))]
+    # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now
+    check_prompts_fit(ctx, tokenizer, context, "prompts", "max_new_tokens", cut=True,
+                      prompts={i: row["prompt"] for i, row in enumerate(prompt_rows)})
+    check_evaluation_fits(ctx, tokenizer, context)
     keep_reference = p.kl_coef > 0 and p.lora is None  # with LoRA the reference is the policy with adapters off
     reference = load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device) if keep_reference \
         else None
@@ -227,12 +235,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     reward_fns = build_rewards(p, scorer)
     total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
-    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
+    policy = prepare_optimization(ctx, policy_model, p.lr, total_steps)
     disable_dropout(policy.model)
     seed_sampling(ctx.seed, acc)
 
     initial = evaluate(ctx, policy.model, tokenizer)
-    prompt_rows = [{**row, ROW_ID: i} for i, row in enumerate(ctx.rows("prompts"))]
     truncated_prompts = count_long_prompts(tokenizer, [r["prompt"] for r in prompt_rows], p.max_prompt_length)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)

@@ -17,7 +17,7 @@ from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.label_preferences import Params
 from stages.models import sampling_policy
 from stages.registry import LABELERS
-from stages.text import sample
+from stages.text import check_prompts_fit, context_length, sample
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -25,7 +25,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     model, tokenizer = sampling_policy(ctx, p)
     prompts = [r["prompt"] for r in ctx.rows("prompts")]
-    ids = shard(random.Random(ctx.seed).sample(range(len(prompts)), min(p.prompts, len(prompts))), acc)
+    chosen = random.Random(ctx.seed).sample(range(len(prompts)), min(p.prompts, len(prompts)))
+    # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now (on every
+    # rank, every chosen prompt: all ranks refuse together)
+    check_prompts_fit(ctx, tokenizer, context_length(model), "prompts", "max_new_tokens",
+                      prompts={i: prompts[i] for i in chosen})
+    ids = shard(chosen, acc)
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", ids)
     prompts = [prompts[i] for i in ids]
     k = p.responses_per_prompt

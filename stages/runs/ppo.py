@@ -37,9 +37,11 @@ from stages.kinds.ppo import Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
     token_values
-from stages.text import PairBatch, count_long_prompts, response_logprobs, sample, text_lm_loss
-from stages.training import (adapters_disabled, disable_dropout, evaluate, kl_to_reference, prepare_optimization,
-                             reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
+from stages.text import (PairBatch, check_prompts_fit, context_length, count_long_prompts, response_logprobs, sample,
+                         text_lm_loss)
+from stages.training import (adapters_disabled, check_evaluation_fits, disable_dropout, evaluate, kl_to_reference,
+                             prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
+                             update_on_buffer)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -48,6 +50,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = acc.device
     check_divisible("rollout_prompts", p.rollout_prompts, acc)
     tokenizer = load_tokenizer(ctx.path("policy"))
+    policy_model = load_policy(ctx.path("policy"), p)
+    context = context_length(policy_model)
+    prompts = [r["prompt"] for r in ctx.rows("prompts")]
+    # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now
+    check_prompts_fit(ctx, tokenizer, context, "prompts", "max_new_tokens", cut=True,
+                      prompts=dict(enumerate(prompts)))
+    if ctx.has("eval"):  # the final KL and reward sample max_new_tokens after each eval prompt
+        check_prompts_fit(ctx, tokenizer, context, "eval", "max_new_tokens")
+    check_evaluation_fits(ctx, tokenizer, context)
     use_values = p.advantage_estimator == "gae"
     shared_base = p.lora is not None  # reference = policy with adapters off; RM = value model with adapters off
     reference = None if shared_base else load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device)
@@ -55,7 +66,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     total_steps = rl_optimiser_steps(ctx, p.rollout_prompts // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
-    policy = prepare_optimization(ctx, load_policy(ctx.path("policy"), p), p.lr, total_steps)
+    policy = prepare_optimization(ctx, policy_model, p.lr, total_steps)
     disable_dropout(policy.model)
     if use_values:
         value = prepare_optimization(ctx, load_scalar_head_model(ctx.path("reward"), tokenizer.pad_token_id, p),
@@ -76,7 +87,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     trained = [policy.model, value.model] if use_values else [policy.model]
     seed_sampling(ctx.seed, acc)
 
-    prompts = [r["prompt"] for r in ctx.rows("prompts")]
     truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
     ptx_local = shard(ptx_texts, acc)

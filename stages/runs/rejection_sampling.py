@@ -21,7 +21,7 @@ from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.rejection_sampling import Params
 from stages.models import sampling_policy
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
-from stages.text import sample
+from stages.text import check_prompts_fit, context_length, sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
 Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]
@@ -80,6 +80,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     rows = ctx.rows("prompts")
     ids = list(range(len(rows))) if p.prompts is None else \
         random.Random(ctx.seed).sample(range(len(rows)), min(p.prompts, len(rows)))
+    # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now
+    check_prompts_fit(ctx, tokenizer, context_length(model), "prompts", "max_new_tokens", cut=True,
+                      prompts={i: rows[i]["prompt"] for i in ids})
     rows = [rows[i] for i in ids]
     local_ids = shard(ids, acc)  # each rank samples its share; the filters run on the gathered samples
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", local_ids)

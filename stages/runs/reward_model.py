@@ -11,32 +11,33 @@ Params, inputs and outputs: stages/kinds/reward_model.py.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import torch
 
+from stages import data
 from stages.algorithms import bradley_terry_kwise_loss, normalization_bias, pairwise_accuracy
-from stages.chat import Ranked, as_ranked
+from stages.chat import as_ranked
 from stages.context import StageContext
 from stages.distributed import full_parameters
 from stages.kinds.reward_model import Params
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_scalar_head_model, load_tokenizer
-from stages.text import encode_prompt, encode_response, encode_row, fit_rows, pair_batch
+from stages.text import context_length, encode_row, fit_comparisons, fit_rows, pair_batch
 from stages.training import prepare_optimization, save_model, steps_per_epoch, train_epochs
 
 Encoded = tuple[list[int], list[list[int]], list[int]]  # prompt ids, each response's ids, ranks
 
 
-def encode_comparisons(tokenizer, rows: list[Ranked], source: str, max_prompt_length: int | None,
-                       max_length: int | None) -> tuple[list[Encoded], int]:
-    """Every comparison tokenized once and fitted to the length budgets; and how many were truncated."""
-    encoded, truncated = [], 0
-    for prompt, responses, ranks in rows:
-        pairs, cut = fit_rows([(encode_prompt(tokenizer, prompt), encode_response(tokenizer, r), None)
-                               for r in responses], source, max_prompt_length, max_length)
-        encoded.append((pairs[0][0], [response for _, response, _ in pairs], ranks))
-        truncated += cut > 0
-    return encoded, truncated
+def encode_comparisons(ctx: StageContext, tokenizer, name: str, context: int | None) -> tuple[list[Encoded], int]:
+    """Input `name`'s comparisons tokenized once and fitted to the length budgets and the model's `context` (a
+    comparison that cannot fit is named by its file line), and how many were truncated."""
+    p: Params = ctx.params
+    rows = [as_ranked(r) for r in ctx.rows(name)]
+    fitted, truncated = fit_comparisons(tokenizer, [(prompt, responses) for prompt, responses, _ in rows],
+                                        ctx.source(name), p.max_prompt_length, p.max_length, context,
+                                        partial(data.row_name, ctx.inputs[name]))
+    return [(prompt, responses, ranks) for (prompt, responses), (_, _, ranks) in zip(fitted, rows)], truncated
 
 
 def by_k(rows: list[Encoded]) -> list[list[Encoded]]:
@@ -97,8 +98,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     acc = ctx.accelerator
     tokenizer = load_tokenizer(ctx.model_path("base"))
     model = load_scalar_head_model(ctx.model_path("base"), tokenizer.pad_token_id, p)
-    train, truncated = encode_comparisons(tokenizer, [as_ranked(r) for r in ctx.rows("comparisons")],
-                                          ctx.source("comparisons"), p.max_prompt_length, p.max_length)
+    # every row is fitted (or refused, by file line) before training: none can fail after it
+    context = context_length(model)
+    train, truncated = encode_comparisons(ctx, tokenizer, "comparisons", context)
+    held_out, _ = encode_comparisons(ctx, tokenizer, "eval_comparisons", context) \
+        if ctx.has("eval_comparisons") else ([], 0)
+    demos, _ = fit_rows([encode_row(tokenizer, r) for r in ctx.rows("demos")], ctx.source("demos"),
+                        p.max_prompt_length, p.max_length, context, partial(data.row_name, ctx.inputs["demos"]))
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -106,8 +112,6 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
 
-    demos, _ = fit_rows([encode_row(tokenizer, r) for r in ctx.rows("demos")], ctx.source("demos"),
-                        p.max_prompt_length, p.max_length)
     with full_parameters(acc, opt.model) as full:  # every rank computes the same bias and metrics
         bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
         acc.unwrap_model(opt.model).config.update({REWARD_BIAS_KEY: bias})
@@ -115,8 +119,6 @@ def run(ctx: StageContext) -> dict[str, float]:
                    "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
                    "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
         if ctx.has("eval_comparisons"):
-            held_out, _ = encode_comparisons(tokenizer, [as_ranked(r) for r in ctx.rows("eval_comparisons")],
-                                             ctx.source("eval_comparisons"), p.max_prompt_length, p.max_length)
             metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
     save_model(ctx, opt.model, tokenizer, merge=True)  # the head and the normalization bias travel in one model
     return metrics
