@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
 
 from flows.errors import ConfigError
 from flows.schema import nearest

@@ -9,14 +9,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.errors import ConfigError
+
+if TYPE_CHECKING:  # the commands load what they need: `--help` and `validate` stay instant
+    from flows.config import Resolved
+    from stages.spec import ResolvedStage
 
 EXIT_CONFIG = 2
 EXIT_BUSY = 75  # EX_TEMPFAIL: the project is busy with another run; try again later
 
 
-def _resolved(args) -> tuple[Path, dict]:
+def _resolved(args) -> tuple[Path, Resolved]:
     from flows.config import resolve
 
     path = Path(args.config)
@@ -24,18 +29,18 @@ def _resolved(args) -> tuple[Path, dict]:
     return path.resolve().parent, resolved
 
 
-def _pipeline(args, resolved: dict) -> dict:
+def _pipeline(args, resolved: Resolved) -> dict[str, ResolvedStage]:
     from flows.schema import nearest
 
-    if args.pipeline not in resolved:
-        raise ConfigError(args.config, f"no pipeline '{args.pipeline}'; {nearest(args.pipeline, resolved)}")
-    return resolved[args.pipeline]
+    if args.pipeline not in resolved.stages:
+        raise ConfigError(args.config, f"no pipeline '{args.pipeline}'; {nearest(args.pipeline, resolved.stages)}")
+    return resolved.stages[args.pipeline]
 
 
 def cmd_validate(args) -> str:
     _, resolved = _resolved(args)
-    n_stages = sum(len(s) for s in resolved.values())
-    return f"{args.config}: ok ({len(resolved)} pipelines, {n_stages} stages)"
+    n_stages = sum(len(s) for s in resolved.stages.values())
+    return f"{args.config}: ok ({len(resolved.stages)} pipelines, {n_stages} stages)"
 
 
 def cmd_sync(args) -> str:
@@ -44,7 +49,7 @@ def cmd_sync(args) -> str:
 
     root, resolved = _resolved(args)
     with run_lock(root, "(sync)"):  # never under a running stage's feet
-        changed = dvc.sync(root, resolved)
+        changed = dvc.sync(root, resolved.stages)
     return "dvc.yaml and params.yaml " + ("updated" if changed else "already in sync")
 
 
@@ -62,7 +67,7 @@ def cmd_run(args) -> str:
     from flows.prefect_server import one_server
     from flows.seeds import add_seed_variants, parse_seeds
 
-    seeds = add_seed_variants(resolved, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
+    seeds = add_seed_variants(resolved.stages, args.pipeline, parse_seeds(args.seeds, args.config), args.config)
     with one_server():
         for seed, pipeline in seeds.items():
             report = _run_one(args, root, resolved, pipeline, chosen, args.pipeline if pipeline != args.pipeline
@@ -71,7 +76,7 @@ def cmd_run(args) -> str:
     return ""
 
 
-def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
+def _run_one(args, root: Path, resolved: Resolved, pipeline: str, chosen: list[str], seed_of: str | None) -> str:
     from flows import dvc
     from flows.errors import DvcError, StageFailed
     from flows.run import run_pipeline
@@ -85,7 +90,7 @@ def _run_one(args, root: Path, resolved: dict, pipeline: str, chosen: list[str],
         if isinstance(error, (StageFailed, DvcError, subprocess.CalledProcessError, ConfigError, ProjectBusy)) \
                 or not (root / ".dvc").exists():
             raise
-        states = dvc.status(root, pipeline, resolved[pipeline])
+        states = dvc.status(root, pipeline, resolved.stages[pipeline])
         if any(states[s] != "up to date" for s in chosen):
             raise
         print(f"warning: {type(error).__name__} after every stage had finished: {error}", file=sys.stderr)
@@ -148,16 +153,15 @@ def cmd_restore(args) -> str:
 
 
 def cmd_deploy(args) -> str:
-    from flows.config import run_settings
     from flows.deploy import deploy
 
     root, resolved = _resolved(args)
     _pipeline(args, resolved)
-    names = deploy(args.pipeline, run_settings(args.config)[args.pipeline], args.pool, args.source, args.config)
+    names = deploy(args.pipeline, resolved.settings[args.pipeline], args.pool, args.source, args.config)
     return "deployments: " + ", ".join(names)
 
 
-def _stage(args, resolved: dict) -> dict:
+def _stage(args, resolved: Resolved) -> ResolvedStage:
     specs = _pipeline(args, resolved)
     if args.stage not in specs:
         from flows.schema import nearest
@@ -177,7 +181,7 @@ def cmd_list(args) -> str:
     lines = [f"a run is in progress ({busy}); states as recorded in dvc.lock"] if busy else []
     if not busy:
         dvc.ensure_repo(root)
-        dvc.sync(root, resolved)
+        dvc.sync(root, resolved.stages)
     tracking_uri_default(root)
     orphans = []
     if may_hold_running_runs(os.environ["MLFLOW_TRACKING_URI"]):  # else MLflow need not even load
@@ -186,7 +190,7 @@ def cmd_list(args) -> str:
         orphans = tracking.fail_orphaned_runs()
     if orphans:
         lines.append(f"marked FAILED: {len(orphans)} MLflow run(s) left RUNNING by processes that are gone")
-    for pipeline in [args.pipeline] if args.pipeline else list(resolved):
+    for pipeline in [args.pipeline] if args.pipeline else list(resolved.stages):
         specs = _pipeline(argparse.Namespace(**{**vars(args), "pipeline": pipeline}), resolved)
         lines.append(pipeline)
         states = dvc.status(root, pipeline, specs, live=not busy)
@@ -197,7 +201,7 @@ def cmd_list(args) -> str:
             stale = sorted(u for u in upstream if states[u] != "up to date")
             if stale and states[stage] == "up to date":
                 states[stage] = f"stale (upstream: {', '.join(stale)})"
-            lines.append(f"  {stage:<24} {specs[stage]['kind']:<24} {states[stage]}")
+            lines.append(f"  {stage:<24} {specs[stage].kind:<24} {states[stage]}")
     return "\n".join(lines)
 
 
@@ -208,7 +212,7 @@ def _unpublished_state(root: Path, pipeline: str, stage: str, spec: dict, busy: 
 
     saved = resumable(checkpoint_dir(root, pipeline, stage, spec))
     at = f"step {saved['step']}/{saved['total']}" if saved else ""
-    if busy and (root / spec["output_dir"]).with_name(f".{stage}.partial").exists():
+    if busy and (root / spec.output_dir).with_name(f".{stage}.partial").exists():
         return "running" + (f" (checkpoint at {at})" if saved else "")
     return f"interrupted (resumes from {at})" if saved else "never run"
 

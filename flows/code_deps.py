@@ -13,15 +13,16 @@ import stages
 from stages import BOOKKEEPING
 from stages.kinds import get_kind, kind_module
 from stages.registry import REGISTRIES
+from stages.spec import ResolvedStage
 
 
-def code_deps(root: Path, spec: dict[str, Any]) -> list[str]:
+def code_deps(root: Path, spec: ResolvedStage) -> list[str]:
     """The code that shapes the stage's output, as files of the project (relative to `root`): its kind's module and
     the modules of the code its params name (rewards, step reward, evaluator, labeler; built-in or the user's own),
     with what they import, transitively. `stages.BOOKKEEPING` modules are left out."""
     root = root.resolve()
-    kind = get_kind(spec["kind"])
-    files = import_closure([kind_module(kind.name), *filter(None, [kind.run_module()]), *named_code(spec["params"])],
+    kind = get_kind(spec.kind)
+    files = import_closure([kind_module(kind.name), *filter(None, [kind.run_module()]), *named_code(spec.params)],
                            root)
     return sorted(str(f.relative_to(root)) for f in files if f.is_relative_to(root))
 

@@ -14,11 +14,11 @@ from pydantic import BaseModel, Field, ValidationError
 from flows import checks
 from flows.errors import ConfigError, ConfigErrors, raise_all
 from flows.schema import Overridable, PipelineSpec, Scheduling, StageSpec, load, nearest
-from stages.spec import DataInput, ResolvedStage
 from stages import data
 from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind
 from stages.paths import output_dir as stage_output_dir
 from stages.registry import is_import_path, use_project
+from stages.spec import DataInput, ResolvedStage
 
 
 class StageSettings(BaseModel):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import flows
 from flows import dvc
+from flows.config import RunSettings
 from flows.errors import ConfigError
 
 FLOWS_FILE = "flows/flow.py"  # the stage flow
@@ -25,14 +26,14 @@ def package_source() -> str:
     return str(Path(flows.__file__).resolve().parents[1])
 
 
-def deploy(pipeline: str, settings: dict, pool: str | None, source: str | None, config_file: str) -> list[str]:
+def deploy(pipeline: str, settings: RunSettings, pool: str | None, source: str | None, config_file: str) -> list[str]:
     """Create or update the deployments; returns their names."""
     from prefect import Flow
 
     from flows.flow import PIPELINE_FLOW, STAGE_FLOW
 
-    pools = {stage: chosen["work_pool"] for stage, chosen in settings["stages"].items() if chosen["work_pool"]}
-    pipeline_pool = pool or settings["default_work_pool"]
+    pools = {stage: chosen.work_pool for stage, chosen in settings.stages.items() if chosen.work_pool}
+    pipeline_pool = pool or settings.default_work_pool
     if pipeline_pool is None:
         raise ConfigError(config_file, "the pipeline flow needs a work pool: set `defaults.work_pool` or pass --pool",
                           pipeline, key="defaults.work_pool")

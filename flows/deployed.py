@@ -17,6 +17,6 @@ def deployed_pipeline(pipeline: str, stage: str | None = None, downstream: bool 
     """A pipeline run started from its deployment, in the worker's clone of the project."""
     root = project_root()
     resolved = resolve(root / "pipelines.yaml")
-    specs = resolved[pipeline]
+    specs = resolved.stages[pipeline]
     return run_pipeline(root, resolved, pipeline, select_stages(list(specs), input_graph(specs), stage, downstream),
                         force)

@@ -26,6 +26,7 @@ from flows.errors import ConfigError, DvcError, StageFailed
 from stages.paths import ARTIFACTS
 from stages.processes import Interrupted, run_child
 from stages.runner import METRICS_FILE, PARAMS_FILE
+from stages.spec import ResolvedStage
 
 DVC_HINTS = ("To track the changes with git", "To enable auto staging", "Use `dvc push`", "git add ",
              "dvc config core.autostage", "dvc push")  # DVC's advice to its own users, not to ours
@@ -37,30 +38,31 @@ def dvc_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}.{stage}"
 
 
-def dvc_stages(root: Path, resolved: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def dvc_stages(root: Path, resolved: dict[str, dict[str, ResolvedStage]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pipeline, specs in resolved.items():
         for stage, spec in specs.items():
-            data_deps = [i["path"] for i in spec["inputs"].values() if (root / i["path"]).exists()
-                         or i["path"].startswith(f"{ARTIFACTS}/")]
+            data_deps = [i.path for i in spec.inputs.values() if (root / i.path).exists()
+                         or i.path.startswith(f"{ARTIFACTS}/")]
             out[dvc_name(pipeline, stage)] = {
                 "cmd": f"rl4llm stage {pipeline} {stage}",
-                "deps": sorted(set(data_deps)) + [spec["accelerate_config"]] + code_deps(root, spec),
+                "deps": sorted(set(data_deps)) + [spec.accelerate_config] + code_deps(root, spec),
                 "params": [{PARAMS_FILE: [f"{pipeline}.{stage}"]}],
-                "outs": list(spec["outputs"].values()),
+                "outs": list(spec.outputs.values()),
                 "metrics": [f"{spec['output_dir']}/{METRICS_FILE}"],  # cached: pushed and pulled with the outputs
             }
     return {"stages": out}
 
 
-def render(root: Path, resolved: dict) -> tuple[str, str]:
-    """(dvc.yaml text, params.yaml text) for a resolved config."""
+def render(root: Path, resolved: dict[str, dict[str, ResolvedStage]]) -> tuple[str, str]:
+    """(dvc.yaml text, params.yaml text) for the resolved stages of every pipeline."""
     dvc_yaml = HEADER + yaml.safe_dump(dvc_stages(root, resolved), sort_keys=False, width=120)
-    params_yaml = HEADER + yaml.safe_dump(resolved, sort_keys=False, width=120)
+    dumped = {pipeline: {stage: spec.dump() for stage, spec in specs.items()} for pipeline, specs in resolved.items()}
+    params_yaml = HEADER + yaml.safe_dump(dumped, sort_keys=False, width=120)
     return dvc_yaml, params_yaml
 
 
-def sync(root: Path, resolved: dict) -> bool:
+def sync(root: Path, resolved: dict[str, dict[str, ResolvedStage]]) -> bool:
     """Write dvc.yaml and params.yaml if they differ from pipelines.yaml's rendering. True if anything changed."""
     changed = False
     for name, text in zip(("dvc.yaml", PARAMS_FILE), render(root, resolved)):
@@ -238,11 +240,11 @@ def checkout(root: Path, pipeline: str, stage: str) -> None:
             dvc(root, "pull", "-q", "--force", dvc_name(pipeline, stage), capture=True)
 
 
-def outputs_present(root: Path, spec: dict[str, Any]) -> bool:
-    return (root / spec["output_dir"] / METRICS_FILE).exists()
+def outputs_present(root: Path, spec: ResolvedStage) -> bool:
+    return (root / spec.output_dir / METRICS_FILE).exists()
 
 
-def status(root: Path, pipeline: str, specs: dict[str, dict[str, Any]], live: bool = True) -> dict[str, str]:
+def status(root: Path, pipeline: str, specs: dict[str, ResolvedStage], live: bool = True) -> dict[str, str]:
     """Per stage: 'up to date', 'stale' (and what changed), 'not pulled' (in dvc.lock, outputs not in the
     workspace) or 'never run' (no lock entry). Not `live` (a run holds DVC's lock): 'up to date' means as recorded
     in dvc.lock, unchecked."""

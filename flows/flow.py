@@ -19,13 +19,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import dvc
-from flows.config import config_hash, resolve
+from flows.config import RunSettings, resolve
 from flows.errors import ConfigError, DvcError, StageFailed
 from flows.preflight import tracking_uri_default
 from flows.reproduce import project_root, reproduce_here, run_stages
 from flows.run_lock import run_lock
 from stages.processes import RUN_PID_ENV, Interrupted, interrupt_signal
 from stages.runner import EXIT_BAD_INPUT
+from stages.spec import ResolvedStage, digest
 
 PIPELINE_FLOW = "rl4llm-pipeline"
 STAGE_FLOW = "rl4llm-stage"
@@ -64,14 +65,14 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 
 @task(cache_policy=NO_CACHE)
-def reproduce_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
+def reproduce_stage(root: str, pipeline: str, stage: str, spec: ResolvedStage, force: bool, env: dict[str, str],
                     push: bool) -> str:
     """The stage in this process's project (see `reproduce_here`)."""
     return reproduce_here(Path(root), pipeline, stage, spec, force, env, push, stream(f"{pipeline}/{stage}"))
 
 
 @task(cache_policy=NO_CACHE)
-def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], force: bool, env: dict[str, str],
+def dispatch_stage(root: str, pipeline: str, stage: str, spec: ResolvedStage, force: bool, env: dict[str, str],
                    push: bool, work_pool: str, pipeline_hash: str) -> str:
     """The stage as a flow run of its deployment on a worker of `work_pool`, unless DVC finds it up to date here
     (or only not pulled).
@@ -94,15 +95,15 @@ def dispatch_stage(root: str, pipeline: str, stage: str, spec: dict[str, Any], f
 
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
-def pipeline_flow(root: str, pipeline: str, specs: dict[str, dict[str, Any]], stages_to_run: list[str],
-                  force: bool, settings: dict[str, Any]) -> dict[str, str]:
+def pipeline_flow(root: str, pipeline: str, specs: dict[str, ResolvedStage], stages_to_run: list[str],
+                  force: bool, settings: RunSettings) -> dict[str, str]:
     """Reproduce `stages_to_run` of `pipeline` in order, one task each (on its work pool, if it names one).
     Returns {stage: 'ran' | 'restored' | 'skipped'}."""
-    push = settings["push"]  # run_pipeline refused it without a remote
-    pipeline_hash = config_hash(specs)
+    push = settings.push  # run_pipeline refused it without a remote
+    pipeline_hash = digest(specs)
 
     def reproduce(stage: str, env: dict[str, str]) -> str:
-        chosen = settings["stages"][stage]
+        chosen = settings.stages[stage]
         options = dict(name=f"{pipeline}.{stage}", retries=chosen["retries"],
                        retry_delay_seconds=chosen["retry_delay_seconds"], retry_condition_fn=_worth_retrying)
         if chosen["work_pool"]:
@@ -134,14 +135,14 @@ def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipe
     outputs and run cache pushed back when it finishes."""
     root = project_root()
     resolved = resolve(root / "pipelines.yaml")
-    if config_hash(resolved.get(pipeline, {})) != pipeline_hash:
+    if digest(resolved.stages.get(pipeline, {})) != pipeline_hash:
         raise ConfigError(str(root / "pipelines.yaml"), "this worker's project differs from the run's (update "
                                                         "its checkout)", pipeline, stage)
     os.chdir(root)
     tracking_uri_default(root)
     with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
         dvc.ensure_repo(root)
-        dvc.sync(root, resolved)
+        dvc.sync(root, resolved.stages)
         dvc.write_lock_entries(root, pipeline, locked)
-        return reproduce_here(root, pipeline, stage, resolved[pipeline][stage], force, env, True,
+        return reproduce_here(root, pipeline, stage, resolved.stages[pipeline][stage], force, env, True,
                               stream(f"{pipeline}/{stage}"))

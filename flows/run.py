@@ -11,10 +11,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from flows import dvc
-from flows.config import run_settings
+from flows.config import Resolved, RunSettings
 from flows.errors import ConfigError
 from flows.reproduce import run_stages, tracking
 from flows.seeds import pipeline_seed
@@ -23,7 +22,7 @@ from stages.processes import RUN_PID_ENV
 from stages.tracking import EXPERIMENT_ENV
 
 
-def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[str], force: bool = False,
+def run_pipeline(root: Path, resolved: Resolved, pipeline: str, stages_to_run: list[str], force: bool = False,
                  fresh: bool = False, push: bool | None = None, config_file: str = "pipelines.yaml",
                  seed_of: str | None = None) -> dict[str, str]:
     """What `rl4llm run` does once the command line is read: take the project's run lock, generate dvc.yaml and
@@ -35,36 +34,34 @@ def run_pipeline(root: Path, resolved: dict, pipeline: str, stages_to_run: list[
     from flows.run_lock import run_lock
     from stages.warm import warm_stages
 
-    specs = resolved[pipeline]
-    settings = run_settings(root / config_file)[seed_of or pipeline]
+    specs = resolved.stages[pipeline]
     seed = pipeline_seed(specs)
-    settings["run_tags"] = ({} if seed is None else {"seed": str(seed)}) | ({"seed_of": seed_of} if seed_of else {})
-    if push is not None:
-        settings["push"] = push
-    settings["fresh"] = fresh
+    tags = ({} if seed is None else {"seed": str(seed)}) | ({"seed_of": seed_of} if seed_of else {})
+    settings = resolved.settings[seed_of or pipeline]
+    settings = settings.model_copy(update={"tags": tags, "fresh": fresh, "push": settings.push if push is None else push})
     os.chdir(root)
     os.environ[RUN_PID_ENV] = str(os.getpid())
     with run_lock(root, pipeline):
         dvc.ensure_repo(root)
-        dvc.sync(root, resolved)
+        dvc.sync(root, resolved.stages)
         tracking_uri_default(root)
         check_tracking_server(os.environ["MLFLOW_TRACKING_URI"])
-        pools = {settings["stages"][s]["work_pool"] for s in stages_to_run} - {None}
-        if (settings["push"] or pools) and not dvc.default_remote(root):
+        pools = {settings.stages[s].work_pool for s in stages_to_run} - {None}
+        if (settings.push or pools) and not dvc.default_remote(root):
             raise ConfigError(config_file, "pushing outputs and running stages on work pools need a default DVC "
                                            "remote (`dvc remote add -d <name> <url>`)", pipeline,
-                              key="push" if settings["push"] else "work_pool")
+                              key="push" if settings.push else "work_pool")
         states = dvc.status(root, pipeline, {s: specs[s] for s in stages_to_run})
         recorded = RecordedState(root, pipeline, stages_to_run, settings)
         nothing_stale = not force and all(state == "up to date" for state in states.values())
-        if nothing_stale and not settings["push"] and recorded.unchanged():  # seen and recorded already: nothing to do
+        if nothing_stale and not settings.push and recorded.unchanged():  # seen and recorded already: nothing to do
             return dict.fromkeys(stages_to_run, "skipped")
         if may_hold_running_runs(os.environ["MLFLOW_TRACKING_URI"]):
             tracking().fail_orphaned_runs()
         if nothing_stale:  # no Prefect server needed
 
             def skip(stage: str, _env: dict[str, str]) -> str:
-                if settings["push"]:
+                if settings.push:
                     dvc.push(root, pipeline, stage)
                 return "skipped"
 
@@ -84,13 +81,13 @@ class RecordedState:
     replaced is recorded into again), hashed (`.rl4llm/recorded/<pipeline>.json`). A run that finds every stage up
     to date and this unchanged has nothing to record, so it needs neither Prefect nor MLflow."""
 
-    def __init__(self, root: Path, pipeline: str, stages: list[str], settings: dict[str, Any]):
+    def __init__(self, root: Path, pipeline: str, stages: list[str], settings: RunSettings):
         self.path = root / STATE_DIR / "recorded" / f"{pipeline}.json"
         self.root, self.pipeline, self.stages, self.settings = root, pipeline, stages, settings
 
     def digest(self) -> str:
         locked = dvc.lock_entries(self.root, self.pipeline)
-        settings = {k: v for k, v in self.settings.items() if k not in ("push", "fresh")}  # per run, not state
+        settings = self.settings.model_dump(exclude={"push", "fresh"})  # asked for per run: not what was seen
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         seen = {"lock": {s: locked.get(s) for s in self.stages}, "settings": settings, "tracking": uri,

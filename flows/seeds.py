@@ -9,11 +9,9 @@ seeds as mean ± sd.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 from flows.errors import ConfigError
 from stages.paths import ARTIFACTS
+from stages.spec import ResolvedStage
 
 
 def parse_seeds(text: str, file: str) -> list[int]:
@@ -30,15 +28,15 @@ def variant_name(pipeline: str, seed: int) -> str:
     return f"{pipeline}-seed{seed}"
 
 
-def pipeline_seed(specs: dict[str, dict[str, Any]]) -> int | None:
+def pipeline_seed(specs: dict[str, ResolvedStage]) -> int | None:
     """The seed every stage of a pipeline uses (None if they differ)."""
-    seeds = {spec["seed"] for spec in specs.values()}
+    seeds = {spec.seed for spec in specs.values()}
     return seeds.pop() if len(seeds) == 1 else None
 
 
-def add_seed_variants(resolved: dict[str, dict[str, dict[str, Any]]], pipeline: str, seeds: list[int],
+def add_seed_variants(resolved: dict[str, dict[str, ResolvedStage]], pipeline: str, seeds: list[int],
                       file: str) -> dict[int, str]:
-    """{seed: the pipeline that runs it}, adding the variants needed to `resolved`."""
+    """{seed: the pipeline that runs it}, adding the variants needed to `resolved` ({pipeline: {stage: spec}})."""
     specs = resolved[pipeline]
     names = {}
     for seed in seeds:
@@ -50,19 +48,17 @@ def add_seed_variants(resolved: dict[str, dict[str, dict[str, Any]]], pipeline: 
             raise ConfigError(file, f"pipeline '{name}' already exists: seed {seed} of '{pipeline}' needs that name",
                               pipeline)
         old, new = f"{ARTIFACTS}/{pipeline}", f"{ARTIFACTS}/{name}"
-        resolved[name] = {stage: _moved(copy.deepcopy(spec), old, new) | {"seed": seed}
+        resolved[name] = {stage: _moved(spec, old, new).model_copy(update={"seed": seed})
                           for stage, spec in specs.items()}
         names[seed] = name
     return names
 
 
-def _moved(spec: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+def _moved(spec: ResolvedStage, old: str, new: str) -> ResolvedStage:
     """The spec with its outputs, and its inputs from earlier stages, under `new` instead of `old`."""
     def move(path: str) -> str:
         return new + path.removeprefix(old) if path == old or path.startswith(f"{old}/") else path
 
-    spec["output_dir"] = move(spec["output_dir"])
-    spec["outputs"] = {name: move(path) for name, path in spec["outputs"].items()}
-    for item in spec["inputs"].values():
-        item["path"] = move(item["path"])
-    return spec
+    inputs = {name: item.model_copy(update={"path": move(item.path)}) for name, item in spec.inputs.items()}
+    return spec.model_copy(update={"output_dir": move(spec.output_dir), "inputs": inputs,
+                                   "outputs": {name: move(path) for name, path in spec.outputs.items()}})

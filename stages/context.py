@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import data
-from stages.kinds import Input
+from stages.kinds import Input, StageParams
 
 if TYPE_CHECKING:  # a kind's declaration may name StageContext without loading the training stack
     from accelerate import Accelerator
 
+    from stages.spec import DataInput
     from stages.tracking import StageRun
 
 
@@ -20,8 +21,8 @@ class StageContext:
     pipeline: str
     stage: str
     seed: int
-    params: Any  # the kind's StageParams subclass
-    inputs: dict[str, dict[str, Any]]  # input name -> {path, split, subset, columns}
+    params: StageParams  # the kind's params (its own subclass)
+    inputs: dict[str, DataInput]  # input name -> what it reads
     outputs: dict[str, Path]  # output name -> path
     output_dir: Path
     model: str | None  # pipeline/stage default model (HF id or path), used when no model input is wired
@@ -39,12 +40,12 @@ class StageContext:
         return name in self.inputs
 
     def path(self, name: str) -> str:
-        return self.inputs[name]["path"]
+        return self.inputs[name].path
 
     def source(self, name: str) -> str:
         """How errors name input `name`: its dataset path (and split)."""
         spec = self.inputs[name]
-        return f"input '{name}' ({spec['path']}" + (f", split {spec['split']})" if spec.get("split") else ")")
+        return f"input '{name}' ({spec.path}, split {spec.split})"
 
     def rows(self, name: str) -> list[dict[str, Any]]:
         declared = self.declared.get(name, Input(""))
@@ -53,7 +54,7 @@ class StageContext:
     def model_path(self, name: str) -> str:
         """The model input `name` if wired, else the pipeline's default `model`."""
         if name in self.inputs:
-            return self.inputs[name]["path"]
+            return self.inputs[name].path
         if self.model is None:
             raise ValueError(f"{self.pipeline}/{self.stage}: no input '{name}' and no default model")
         return self.model

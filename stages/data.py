@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 if TYPE_CHECKING:  # `datasets` loads in a stage only: checking pipelines.yaml reads files without it
     from datasets import Dataset
 
+    from stages.spec import DataInput
+
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
@@ -53,45 +55,45 @@ def is_local(path: str, root: Path | str = ".") -> bool:
     return path.startswith(("./", "../", "/")) or Path(path).suffix in LOCAL_FORMATS or (Path(root) / path).exists()
 
 
-def load(spec: dict[str, Any]) -> Dataset:
+def load(spec: DataInput) -> Dataset:
     """The dataset an input spec names, with its columns renamed to the names the stage expects."""
     from datasets import load_dataset
 
-    path = spec["path"]
+    path = spec.path
     suffix = Path(path).suffix
     if suffix in LOCAL_FORMATS:
         dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train")
     else:
-        dataset = load_dataset(path, spec.get("subset"), split=spec.get("split") or "train")
-    renames = {theirs: ours for ours, theirs in (spec.get("columns") or {}).items() if theirs != ours}
+        dataset = load_dataset(path, spec.subset, split=spec.split)
+    renames = {theirs: ours for ours, theirs in spec.columns.items() if theirs != ours}
     return dataset.rename_columns(renames) if renames else dataset
 
 
-def load_rows(spec: dict[str, Any], columns: tuple[str, ...] = (),
+def load_rows(spec: DataInput, columns: tuple[str, ...] = (),
               or_columns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The rows of an input spec. Hub data (not checked by `rl4llm validate`) is checked here: each row must hold
     the mapped columns and the stage's `columns` (or all of `or_columns`, when the first row has them), by the
     stage's names, and text columns must hold text or chat messages."""
     rows = load(spec).to_list()
-    if not is_local(spec["path"]):
+    if not is_local(spec.path):
         source = _hub_source(spec)
         if or_columns and rows and all(c in rows[0] for c in or_columns):
             columns = or_columns
         for number, row in enumerate(rows, 1):
-            check_row(row, f"{source} row {number}", {*columns, *(spec.get("columns") or {})})
+            check_row(row, f"{source} row {number}", {*columns, *spec.columns})
     return rows
 
 
-def _hub_source(spec: dict[str, Any]) -> str:
-    return f"{spec['path']} (split {spec.get('split') or 'train'})"
+def _hub_source(spec: DataInput) -> str:
+    return f"{spec.path} (split {spec.split})"
 
 
-def row_name(spec: dict[str, Any], index: int) -> str:
+def row_name(spec: DataInput, index: int) -> str:
     """How errors name row `index` (0-based) of `load_rows(spec)`: by its file and 1-based line or row as
     `local_rows` does (`demos.jsonl line 3`; read again, so call it for an error only), or a Hub row by number."""
-    if is_local(spec["path"]):
-        rows = local_rows(Path(spec["path"]), spec.get("split"), spec["path"])
-        return next(itertools.islice(rows, index, None), (f"{spec['path']} row {index + 1}",))[0]
+    if is_local(spec.path):
+        rows = local_rows(Path(spec.path), spec.split, spec.path)
+        return next(itertools.islice(rows, index, None), (f"{spec.path} row {index + 1}",))[0]
     return f"{_hub_source(spec)} row {index + 1}"
 
 

@@ -19,13 +19,14 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
 from stages.paths import ARTIFACTS, claim, output_dir, within
 from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
+from stages.spec import ResolvedStage
 
 PARAMS_FILE = "params.yaml"
 FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
@@ -37,34 +38,40 @@ class InputChanged(ValueError):
     """An input's contents changed while the stage ran: its outputs would not match what dvc.lock records."""
 
 
-def load_spec(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, Any]:
+def load_spec(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> ResolvedStage:
+    """The stage's resolved spec, as `rl4llm sync` wrote it into params.yaml (a hand-edit that breaks it is named)."""
     resolved = yaml.safe_load(Path(params_file).read_text()) or {}
     try:
-        return resolved[pipeline][stage]
+        raw = resolved[pipeline][stage]
     except (KeyError, TypeError):
         raise ValueError(f"{params_file}: no stage '{stage}' in pipeline '{pipeline}' "
                          f"(run `rl4llm sync` after editing pipelines.yaml)") from None
+    try:
+        return ResolvedStage.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"{params_file}: {pipeline}.{stage}: not a resolved spec ({e.errors()[0]['msg']} at "
+                         f"{'.'.join(map(str, e.errors()[0]['loc']))}); run `rl4llm sync`") from None
 
 
-def owned_output_dir(root: Path, pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> Path:
+def owned_output_dir(root: Path, pipeline: str, stage: str, spec: ResolvedStage, params_file: str) -> Path:
     """The stage's output directory, `artifacts/<pipeline>/<stage>` of this project, checked on the normalised
     paths (a hand-edited params.yaml must not make a stage delete or write anywhere else; `stages.paths` guards
     against symbolic links on the way)."""
     expected = within(root, output_dir(pipeline, stage))
-    outputs = [within(root, p) for p in spec["outputs"].values()]
-    if within(root, spec["output_dir"]) != expected or not all(
+    outputs = [within(root, p) for p in spec.outputs.values()]
+    if within(root, spec.output_dir) != expected or not all(
             p.is_relative_to(expected) and p != expected for p in outputs):
         raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in "
                          f"{ARTIFACTS}/{pipeline}/{stage}/ (got {spec['output_dir']}, {list(spec['outputs'].values())})")
     return expected
 
 
-def input_hashes(root: Path, spec: dict[str, Any]) -> dict[str, str]:
+def input_hashes(root: Path, spec: ResolvedStage) -> dict[str, str]:
     """{path: content hash} of the stage's local inputs (files and directories) as they are now."""
-    return {i["path"]: tree_hash([root / i["path"]]) for i in spec["inputs"].values() if (root / i["path"]).exists()}
+    return {i.path: tree_hash([root / i.path]) for i in spec.inputs.values() if (root / i.path).exists()}
 
 
-def check_inputs_unchanged(root: Path, label: str, spec: dict[str, Any], read: dict[str, str]) -> None:
+def check_inputs_unchanged(root: Path, label: str, spec: ResolvedStage, read: dict[str, str]) -> None:
     """Refuse to publish when an input differs from what the stage read at its start (`read`): DVC would record the
     new contents in dvc.lock, for outputs made from the old."""
     changed = sorted(path for path, digest in input_hashes(root, spec).items() if read.get(path) != digest)
@@ -78,9 +85,9 @@ def is_launched_worker() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
-def launch_distributed(pipeline: str, stage: str, spec: dict[str, Any], params_file: str) -> None:
+def launch_distributed(pipeline: str, stage: str, spec: ResolvedStage, params_file: str) -> None:
     """`accelerate launch` of this stage on N processes; a signal we get is passed on, and its exit is ours."""
-    cmd = ["accelerate", "launch", "--config_file", spec["accelerate_config"],
+    cmd = ["accelerate", "launch", "--config_file", spec.accelerate_config,
            "-m", "stages.runner", pipeline, stage, "--params-file", params_file]
     code, received = run_child(cmd)
     if received is not None:
@@ -98,7 +105,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         for folder in (published, staging):
             claim(root, folder)
         claim(root, stage_checkpoints(root, pipeline, stage), replaceable=False)
-    if spec["num_processes"] > 1 and not is_launched_worker():
+    if spec.num_processes > 1 and not is_launched_worker():
         launch_distributed(pipeline, stage, spec, params_file)
         return json.loads((published / METRICS_FILE).read_text())
     read = input_hashes(root, spec) if os.environ.get("RANK", "0") == "0" else {}  # the inputs as the stage reads them
@@ -115,13 +122,13 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     from stages.loop import check_finite, fault_point
     from stages.tracking import StageRun
 
-    torch.set_num_threads(torch_threads(spec["num_processes"]))
+    torch.set_num_threads(torch_threads(spec.num_processes))
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    accelerator = build_accelerator(spec["accelerate_config"])
-    set_seed(spec["seed"])
-    kind = get_kind(spec["kind"])
-    params = kind.params(**spec["params"])
+    accelerator = build_accelerator(spec.accelerate_config)
+    set_seed(spec.seed)
+    kind = get_kind(spec.kind)
+    params = kind.params(**spec.params)
     checkpoints = checkpoint_dir(root, pipeline, stage, spec)
     if accelerator.is_main_process:
         if os.environ.get(FRESH_ENV):
@@ -130,11 +137,11 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    tracker = StageRun(pipeline, stage, spec["kind"], spec["params"], is_main=accelerator.is_main_process)
+    tracker = StageRun(pipeline, stage, spec.kind, spec.params, is_main=accelerator.is_main_process)
     ctx = StageContext(
-        pipeline=pipeline, stage=stage, seed=spec["seed"], params=params, inputs=spec["inputs"],
-        outputs={name: staging / within(root, path).relative_to(published) for name, path in spec["outputs"].items()},
-        output_dir=staging, model=spec.get("model"), accelerator=accelerator, tracker=tracker,
+        pipeline=pipeline, stage=stage, seed=spec.seed, params=params, inputs=spec.inputs,
+        outputs={name: staging / within(root, path).relative_to(published) for name, path in spec.outputs.items()},
+        output_dir=staging, model=spec.model, accelerator=accelerator, tracker=tracker,
         checkpoint_dir=checkpoints, declared=kind.inputs,
     )
     try:
@@ -155,7 +162,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
         remove(claim(root, published))
         staging.rename(published)
         remove(stage_checkpoints(root, pipeline, stage))
-        outputs = [Path(p) for p in spec["outputs"].values()]
+        outputs = [Path(p) for p in spec.outputs.values()]
         tracker.finish(metrics, {"output_hash": tree_hash(outputs), "skipped": "false"})
     return metrics
 
