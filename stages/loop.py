@@ -10,13 +10,14 @@
 `end_step` refuses non-finite metrics (the NaN guard), logs, and every `checkpoint_every` steps — or when SIGINT or
 SIGTERM asked the stage to stop — saves through `accelerate.save_state` everything the next steps depend on: the
 prepared models, optimisers and LR schedules, every RNG (Python, NumPy, torch; per rank), plus the loop's own state
-(the step, its generators, values such as an adaptive KL coefficient), per rank. Resuming loads it all back, so the
+(the step, its generators, values such as an adaptive KL coefficient), per rank; the main process then writes the
+checkpoint's manifest (every rank's files, with sizes and hashes). Resuming verifies the newest checkpoint against its
+manifest, falls back to the newest intact one (saying which it skipped and why), and loads it all back, so the
 resumed run takes exactly the steps the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from accelerate.utils import broadcast_object_list
 
-from stages.checkpoint import PROGRESS_FILE, complete_checkpoints, remove
+from stages.checkpoint import Corrupt, complete_checkpoints, remove, saved_checkpoints, verified, write_manifest
 from stages.context import StageContext
 from stages.distributed import TRACE_DIR_ENV, write_trace
 from stages.processes import Interrupted, defer_stops, stop_signal
@@ -54,6 +56,11 @@ def fault_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def say(line: str) -> None:
+    """Tell the user `line` (on stderr)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class TrainingLoop:
     """Steps 1..total of a stage: NaN guard, logging, checkpoints every `checkpoint_every` steps (the last
     `keep_checkpoints` kept), stop on SIGINT/SIGTERM after a checkpoint, exact resume."""
@@ -67,23 +74,40 @@ class TrainingLoop:
         self.rows_seen: list[Any] | None = [] if os.environ.get(TRACE_DIR_ENV) else None
 
     def resume(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load the newest whole checkpoint, if any: models, optimisers, schedules and RNGs in place; returns its
+        """Load the newest intact checkpoint, if any: models, optimisers, schedules and RNGs in place; returns its
         loop state (else `defaults`). From here on, SIGINT / SIGTERM wait for a step boundary."""
         defer_stops(True)
-        found = complete_checkpoints(self.directory) if self.directory else []
-        if not found:
-            return dict(defaults or {})
-        self.start, path = found[-1]
         acc = self.ctx.accelerator
+        chosen = [self._newest_intact() if acc.is_main_process and self.directory else 0]  # the main process checks
+        self.start = broadcast_object_list(chosen)[0] if acc.num_processes > 1 else chosen[0]
+        if not self.start:
+            return dict(defaults or {})
+        path = self.directory / f"step-{self.start}"
         acc.load_state(str(path))
         saved = torch.load(path / f"loop_{acc.process_index}.pt", weights_only=False)
         for rng, state in zip(self.rngs, saved["rngs"]):
             rng.setstate(state) if isinstance(rng, random.Random) else rng.set_state(state)
         self.rows_seen = saved["rows_seen"]
         if acc.is_main_process:
-            print(f"{self.ctx.label}: resuming from step {self.start}/{self.total}", file=sys.stderr, flush=True)
+            say(f"{self.ctx.label}: resuming from step {self.start}/{self.total}")
         self.ctx.tracker.tag({"resumed_from_step": str(self.start)})
         return saved["state"]
+
+    def _newest_intact(self) -> int:
+        """The step of the newest checkpoint whose files all match their manifest (0: none). Each one skipped is
+        removed and said in one line, with why; when none is left, so is the fresh start."""
+        skipped = 0
+        for step, path in reversed(saved_checkpoints(self.directory)):
+            try:
+                verified(path, contents=True)
+                return step
+            except Corrupt as e:
+                say(f"{self.ctx.label}: skipping the checkpoint at step {step}: {e}; removed it")
+                remove(path)
+                skipped += 1
+        if skipped:
+            say(f"{self.ctx.label}: starting fresh: no intact checkpoint to resume from")
+        return 0
 
     def steps(self) -> Iterator[int]:
         """The steps still to take; when all are taken, the rows seen are traced (RL4LLM_TRACE_DIR)."""
@@ -139,7 +163,7 @@ class TrainingLoop:
         fault_point("saving", step)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (partial / PROGRESS_FILE).write_text(json.dumps({"step": step, "total": self.total}))
+            write_manifest(partial, step, self.total)
             partial.rename(self.directory / f"step-{step}")
             for _, old in complete_checkpoints(self.directory)[:-self.keep]:
                 remove(old)
