@@ -49,7 +49,7 @@ def dvc_stages(root: Path, resolved: dict[str, dict[str, ResolvedStage]]) -> dic
                 "deps": sorted(set(data_deps)) + [spec.accelerate_config] + code_deps(root, spec),
                 "params": [{PARAMS_FILE: [f"{pipeline}.{stage}"]}],
                 "outs": list(spec.outputs.values()),
-                "metrics": [f"{spec['output_dir']}/{METRICS_FILE}"],  # cached: pushed and pulled with the outputs
+                "metrics": [f"{spec.output_dir}/{METRICS_FILE}"],  # cached: pushed and pulled with the outputs
             }
     return {"stages": out}
 

@@ -38,7 +38,8 @@ def run_pipeline(root: Path, resolved: Resolved, pipeline: str, stages_to_run: l
     seed = pipeline_seed(specs)
     tags = ({} if seed is None else {"seed": str(seed)}) | ({"seed_of": seed_of} if seed_of else {})
     settings = resolved.settings[seed_of or pipeline]
-    settings = settings.model_copy(update={"tags": tags, "fresh": fresh, "push": settings.push if push is None else push})
+    settings = settings.model_copy(update={"tags": tags, "fresh": fresh,
+                                           "push": settings.push if push is None else push})
     os.chdir(root)
     os.environ[RUN_PID_ENV] = str(os.getpid())
     with run_lock(root, pipeline):

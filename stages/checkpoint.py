@@ -14,7 +14,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stages.spec import ResolvedStage
 
 STATE_DIR = ".rl4llm"  # the project's run state: checkpoints, stage logs, the run lock
 CHECKPOINTS = f"{STATE_DIR}/checkpoints"
@@ -38,10 +41,15 @@ def tree_hash(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def checkpoint_key(root: Path, spec: dict[str, Any]) -> str:
-    """Hash of the resolved spec and the contents of every local input (a Hub id counts by its name)."""
-    local_inputs = [root / i["path"] for i in spec["inputs"].values() if (root / i["path"]).exists()]
-    identity = json.dumps(spec, sort_keys=True) + tree_hash(local_inputs)
+def input_hashes(root: Path, spec: ResolvedStage) -> dict[str, str]:
+    """{path: content hash} of the stage's local inputs (files and directories) as they are now; a Hub id has none
+    (its name, in the spec, identifies it)."""
+    return {i.path: tree_hash([root / i.path]) for i in spec.inputs.values() if (root / i.path).exists()}
+
+
+def checkpoint_key(root: Path, spec: ResolvedStage, inputs: dict[str, str] | None = None) -> str:
+    """Hash of the resolved spec and the contents of its local inputs (`inputs`: their `input_hashes`, if known)."""
+    identity = json.dumps([spec.dump(), input_hashes(root, spec) if inputs is None else inputs], sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -50,9 +58,10 @@ def stage_checkpoints(root: Path, pipeline: str, stage: str) -> Path:
     return root / CHECKPOINTS / pipeline / stage
 
 
-def checkpoint_dir(root: Path, pipeline: str, stage: str, spec: dict[str, Any]) -> Path:
-    """The checkpoints of this stage's current spec and inputs."""
-    return stage_checkpoints(root, pipeline, stage) / checkpoint_key(root, spec)
+def checkpoint_dir(root: Path, pipeline: str, stage: str, spec: ResolvedStage,
+                   inputs: dict[str, str] | None = None) -> Path:
+    """The checkpoints of this stage's current spec and inputs (`inputs`: their `input_hashes`, if known)."""
+    return stage_checkpoints(root, pipeline, stage) / checkpoint_key(root, spec, inputs)
 
 
 def file_sha256(file: Path) -> str:

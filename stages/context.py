@@ -45,7 +45,8 @@ class StageContext:
     def source(self, name: str) -> str:
         """How errors name input `name`: its dataset path (and split)."""
         spec = self.inputs[name]
-        return f"input '{name}' ({spec.path}, split {spec.split})"
+        split = "" if Path(spec.path).is_file() else f", split {spec.split}"  # a file has no splits
+        return f"input '{name}' ({spec.path}{split})"
 
     def rows(self, name: str) -> list[dict[str, Any]]:
         declared = self.declared.get(name, Input(""))

@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from stages.checkpoint import STATE_DIR, checkpoint_dir, remove, resumable, stage_checkpoints, tree_hash
+from stages.checkpoint import (STATE_DIR, checkpoint_dir, input_hashes, remove, resumable, stage_checkpoints,
+                               tree_hash)
 from stages.paths import ARTIFACTS, claim, output_dir, within
 from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
 from stages.spec import ResolvedStage
@@ -61,21 +62,16 @@ def owned_output_dir(root: Path, pipeline: str, stage: str, spec: ResolvedStage,
     outputs = [within(root, p) for p in spec.outputs.values()]
     if within(root, spec.output_dir) != expected or not all(
             p.is_relative_to(expected) and p != expected for p in outputs):
-        raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in "
-                         f"{ARTIFACTS}/{pipeline}/{stage}/ (got {spec['output_dir']}, {list(spec['outputs'].values())})")
+        raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in {ARTIFACTS}/{pipeline}/"
+                         f"{stage}/ (got {spec.output_dir}, {list(spec.outputs.values())})")
     return expected
-
-
-def input_hashes(root: Path, spec: ResolvedStage) -> dict[str, str]:
-    """{path: content hash} of the stage's local inputs (files and directories) as they are now."""
-    return {i.path: tree_hash([root / i.path]) for i in spec.inputs.values() if (root / i.path).exists()}
 
 
 def check_inputs_unchanged(root: Path, label: str, spec: ResolvedStage, read: dict[str, str]) -> None:
     """Refuse to publish when an input differs from what the stage read at its start (`read`): DVC would record the
     new contents in dvc.lock, for outputs made from the old."""
-    changed = sorted(path for path, digest in input_hashes(root, spec).items() if read.get(path) != digest)
-    changed += sorted(set(read) - set(input_hashes(root, spec))) if not changed else []
+    now = input_hashes(root, spec)
+    changed = sorted(path for path in read.keys() | now.keys() if read.get(path) != now.get(path))
     if changed:
         raise InputChanged(f"{label}: input {', '.join(changed)} changed while the stage ran (it read the contents "
                            "of its start); nothing published: run the stage again")
@@ -108,7 +104,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     if spec.num_processes > 1 and not is_launched_worker():
         launch_distributed(pipeline, stage, spec, params_file)
         return json.loads((published / METRICS_FILE).read_text())
-    read = input_hashes(root, spec) if os.environ.get("RANK", "0") == "0" else {}  # the inputs as the stage reads them
+    read = input_hashes(root, spec) if os.environ.get("RANK", "0") == "0" else None  # the inputs as the stage reads
     install_stop_handlers()
 
     import datasets  # the training stack loads after the checks above
@@ -129,7 +125,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     set_seed(spec.seed)
     kind = get_kind(spec.kind)
     params = kind.params(**spec.params)
-    checkpoints = checkpoint_dir(root, pipeline, stage, spec)
+    checkpoints = checkpoint_dir(root, pipeline, stage, spec, read)
     if accelerator.is_main_process:
         if os.environ.get(FRESH_ENV):
             remove(stage_checkpoints(root, pipeline, stage))

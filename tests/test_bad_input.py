@@ -25,6 +25,7 @@ from flows.preflight import check_tracking_server
 from stages import data
 from stages.context import StageContext
 from stages.kinds import get_kind
+from stages.spec import DataInput, ResolvedStage
 from tests.conftest import Tracker, free_port
 from tests.test_config import BASE, write
 
@@ -121,7 +122,7 @@ def test_hub_rows_are_checked_when_a_stage_loads_them(monkeypatch):
     chat = [{"role": "user", "content": "hi"}]
     rows = [{"messages": chat, "answer": "a"}, {"messages": [{"role": "user", "content": None}], "answer": "a"}]
     monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: Dataset.from_list(rows))
-    spec = {"path": "someone/chat", "split": "train", "columns": {"response": "answer"}}
+    spec = DataInput(path="someone/chat", columns={"response": "answer"})
     with pytest.raises(ValueError, match=r"someone/chat \(split train\) row 2: column 'messages' must be a list of"):
         data.load_rows(spec)
     rows[1] = {"messages": chat, "answer": None}
@@ -165,7 +166,7 @@ def test_bad_accelerate_config(project: Path, case: str):
 def test_valid_accelerate_configs_resolve_with_their_process_count(project: Path):
     resolved = resolve(write(project, config_with(lambda p: p["stages"][0].update(
         accelerate_config="infra/accelerate/fsdp_cpu_2proc.yaml"))))
-    assert resolved["demo"]["sft"]["num_processes"] == 2 and resolved["demo"]["rm"]["num_processes"] == 1
+    assert resolved.stages["demo"]["sft"].num_processes == 2 and resolved.stages["demo"]["rm"].num_processes == 1
 
 
 BAD_MODELS = {
@@ -369,10 +370,10 @@ def test_a_stage_writes_only_inside_its_own_output_directory(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="must lie in artifacts/demo/sft/"):
-        owned_output_dir(tmp_path, "demo", "sft", {"output_dir": output_dir, "outputs": outputs}, "params.yaml")
-    assert owned_output_dir(tmp_path, "demo", "sft", {"output_dir": "artifacts/demo/sft",
-                                                      "outputs": {"model": "artifacts/demo/sft/model"}},
-                            "params.yaml") == tmp_path / "artifacts/demo/sft"
+        owned_output_dir(tmp_path, "demo", "sft", ResolvedStage.model_construct(output_dir=output_dir, outputs=outputs),
+                         "params.yaml")
+    spec = ResolvedStage.model_construct(output_dir="artifacts/demo/sft", outputs={"model": "artifacts/demo/sft/model"})
+    assert owned_output_dir(tmp_path, "demo", "sft", spec, "params.yaml") == tmp_path / "artifacts/demo/sft"
 
 
 def line_of(text: str, line: str, nth: int = 0) -> int:
@@ -416,7 +417,7 @@ def test_merge_keys_may_override_what_they_merge(project: Path):
         "        lr: 0.01\n", "        lr: 0.01\n      <<: *shared\n      seed: 7\n")
     assert "<<: *shared" in text
     write(project, BASE).write_text(text)
-    assert resolve(project / "pipelines.yaml")["demo"]["sft"]["seed"] == 7
+    assert resolve(project / "pipelines.yaml").stages["demo"]["sft"].seed == 7
 
 
 PLAIN = lines({"prompt": "name two animals", "response": "cat dog"})
@@ -447,7 +448,7 @@ def test_a_mapping_may_swap_the_files_columns(project: Path):
     sft = {"name": "sft", "kind": "sft", "inputs": {"data": "datasets.demos"}}
     columns = {"prompt": "response", "response": "prompt"}
     config = config_with(lambda p: (use("plain.jsonl", columns=columns)(p), p.update(stages=[sft])))
-    spec = resolve(write(project, config))["demo"]["sft"]["inputs"]["data"]
+    spec = resolve(write(project, config)).stages["demo"]["sft"].inputs["data"]
     assert data.load_rows(spec, ("prompt", "response")) == [{"prompt": "cat dog", "response": "name two animals"}]
 
 
@@ -490,7 +491,7 @@ def test_max_length_truncates_what_the_context_refuses_and_rows_are_named_by_fil
     from stages.text import fit_rows
 
     (project / "demos.jsonl").write_text(lines(GOOD, "", GOOD, GOOD))  # row 2 is on line 4 (a blank line 2)
-    spec = {"path": "demos.jsonl", "columns": {"prompt": "question", "response": "answer"}}
+    spec = DataInput(path="demos.jsonl", columns={"prompt": "question", "response": "answer"})
     encoded = [([1] * 3, [2] * 3, None), ([1] * 3, [2] * 3, None), ([1] * 50, [2] * 50, None)]
     name = functools.partial(data.row_name, spec)
     with pytest.raises(ValueError, match=r"^demos.jsonl line 4: 100 tokens, more than the model's context "
@@ -500,7 +501,7 @@ def test_max_length_truncates_what_the_context_refuses_and_rows_are_named_by_fil
         fit_rows(encoded, "input 'data'", None, 100, 64, name)
     fitted, truncated = fit_rows(encoded, "input 'data'", None, 64, 64, name)
     assert truncated == 1 and [len(p) + len(r) for p, r, _ in fitted] == [6, 6, 64]
-    assert data.row_name({"path": "someone/chat", "split": "test"}, 1) == "someone/chat (split test) row 2"
+    assert data.row_name(DataInput(path="someone/chat", split="test"), 1) == "someone/chat (split test) row 2"
 
 
 MODEL = "the tiny model"  # an input given the tiny model's directory
@@ -578,7 +579,7 @@ def stage_context(kind_name: str, inputs: dict[str, Any], model: Path, **params)
     for name, rows in inputs.items():
         if rows != MODEL:
             Path(f"{name}.jsonl").write_text(lines(*rows))
-    specs = {name: {"path": str(model) if rows == MODEL else f"{name}.jsonl"} for name, rows in inputs.items()}
+    specs = {name: DataInput(path=str(model) if rows == MODEL else f"{name}.jsonl") for name, rows in inputs.items()}
     return StageContext("demo", kind_name, 0, kind.params(**params), specs,
                         {name: out / rel for name, rel in kind.outputs.items()}, out, None, Accelerator(cpu=True),
                         Tracker(), declared=kind.inputs)

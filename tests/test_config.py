@@ -56,18 +56,18 @@ def test_every_test_config_resolves(config, tmp_path):
 
 
 def test_generated_dvc_yaml_and_params_agree_with_pipelines_yaml():
-    dvc_yaml, params_yaml = dvc.render(REPO, resolve(REPO / "pipelines.yaml"))
+    dvc_yaml, params_yaml = dvc.render(REPO, resolve(REPO / "pipelines.yaml").stages)
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml, "dvc.yaml is stale: run `rl4llm sync`"
     assert (REPO / "params.yaml").read_text() == params_yaml, "params.yaml is stale: run `rl4llm sync`"
 
 
 def test_resolution_fills_defaults_and_maps_columns(project):
-    spec = resolve(write(project, BASE))["demo"]
-    assert spec["sft"]["seed"] == 1
-    assert spec["sft"]["params"]["lr"] == 0.01 and spec["sft"]["params"]["epochs"] == 3
-    assert spec["sft"]["inputs"]["data"]["columns"] == {"prompt": "question", "response": "answer"}
-    assert spec["rm"]["inputs"]["base"]["path"] == "artifacts/demo/sft/model"
-    assert spec["rm"]["outputs"] == {"model": "artifacts/demo/rm/model"}
+    spec = resolve(write(project, BASE)).stages["demo"]
+    assert spec["sft"].seed == 1
+    assert spec["sft"].params["lr"] == 0.01 and spec["sft"].params["epochs"] == 3
+    assert spec["sft"].inputs["data"].columns == {"prompt": "question", "response": "answer"}
+    assert spec["rm"].inputs["base"].path == "artifacts/demo/sft/model"
+    assert spec["rm"].outputs == {"model": "artifacts/demo/rm/model"}
 
 
 def test_unknown_stage_kind_names_nearest(project):
@@ -163,7 +163,7 @@ def test_hub_layout_folders_and_flat_files_share_the_column_mapping(project: Pat
         (project / name / "data").mkdir(parents=True)
         Dataset.from_list([row]).to_parquet(project / name / "data/train-00000-of-00001.parquet")
     resolved = resolve(write(project, hub_layout_config({"messages": "conversation"})))
-    assert resolved["demo"]["sft_chat"]["inputs"]["data"]["columns"] == {"messages": "conversation"}
+    assert resolved.stages["demo"]["sft_chat"].inputs["data"].columns == {"messages": "conversation"}
 
     with pytest.raises(ConfigError) as raised:
         resolve(write(project, hub_layout_config({"messages": "conversations"})))

@@ -20,6 +20,7 @@ from stages.data import write_jsonl
 from stages.kinds import get_kind
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.runs.dpo import Params, kto_examples, preference_pairs
+from stages.spec import DataInput
 
 GOOD = ["sunny", "warm", "bright", "calm", "clear"]
 BAD = ["rainy", "cold", "dark", "stormy", "grey"]
@@ -78,9 +79,10 @@ def setup(tmp_path_factory) -> Path:
 
 
 def run_stage(root: Path, out: Path, comparisons: str = "ranked", eval_prompts: bool = False, **params):
-    inputs = {"policy": {"path": str(root / "policy")}, "comparisons": {"path": str(root / f"{comparisons}.jsonl")}}
+    inputs = {"policy": DataInput(path=str(root / "policy")),
+              "comparisons": DataInput(path=str(root / f"{comparisons}.jsonl"))}
     if eval_prompts:
-        inputs["eval"] = {"path": str(root / "eval_prompts.jsonl")}
+        inputs["eval"] = DataInput(path=str(root / "eval_prompts.jsonl"))
     kind = get_kind("dpo")
     ctx = StageContext(
         pipeline="test", stage="dpo", seed=0,

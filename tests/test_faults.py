@@ -19,7 +19,7 @@ CLI = [sys.executable, "-m", "flows.cli"]
 DATA = {"name": "data", "kind": "synthetic_instructions",
         "params": {"demonstrations": 8, "rl_prompts": 8, "eval_prompts": 4, "pretrain_sentences": 8,
                    "pretrain_eval_sentences": 4}}
-REWRITING_KIND = '''"""Reads its rows, then replaces the file it read (a writer that changes an input while a stage runs)."""
+REWRITING_KIND = '''"""Reads its rows, then rewrites the file it read (a writer changing an input while a stage runs)."""
 from pathlib import Path
 
 from stages.data import write_jsonl
@@ -76,7 +76,8 @@ def victim(root: Path) -> Path:
 
 
 def intact(outside: Path) -> bool:
-    return (outside / "canary.txt").read_text() == "keep me" and (outside / "model" / "important.bin").stat().st_size == 64
+    kept = outside / "canary.txt", outside / "model" / "important.bin"
+    return kept[0].read_text() == "keep me" and kept[1].read_bytes() == b"\x00" * 64
 
 
 def locked_stages(root: Path) -> set[str]:

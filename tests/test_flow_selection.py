@@ -7,7 +7,7 @@ from tests.conftest import REPO
 
 
 def specs():
-    return resolve(REPO / "pipelines.yaml")["instructgpt"]
+    return resolve(REPO / "pipelines.yaml").stages["instructgpt"]
 
 
 def test_input_graph_follows_inputs():

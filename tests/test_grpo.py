@@ -20,6 +20,7 @@ from stages.loop import NonFinite
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import RewardError, accuracy_reward, format_reward
 from stages.runs import grpo
+from stages.spec import DataInput
 from tests.conftest import Tracker
 
 
@@ -36,7 +37,7 @@ def inputs(tmp_path_factory) -> dict[str, dict[str, str]]:
                              tokenizer.eos_token_id)
     save(model, tokenizer, root / "policy")
     write_jsonl(rows, root / "prompts.jsonl")
-    return {"policy": {"path": str(root / "policy")}, "prompts": {"path": str(root / "prompts.jsonl")}}
+    return {"policy": DataInput(path=str(root / "policy")), "prompts": DataInput(path=str(root / "prompts.jsonl"))}
 
 
 def run_grpo(inputs, out: Path, **params) -> Tracker:
@@ -99,7 +100,7 @@ def test_all_groups_dropped_is_logged(inputs, tmp_path):
 def test_mask_truncated_zeroes_truncated_samples(inputs):
     from stages.models import load_policy, load_tokenizer
 
-    tokenizer, policy = load_tokenizer(inputs["policy"]["path"]), load_policy(inputs["policy"]["path"])
+    tokenizer, policy = load_tokenizer(inputs["policy"].path), load_policy(inputs["policy"].path)
     p = grpo.Params(rewards={"accuracy": 1.0}, samples_per_prompt=16, max_new_tokens=3, mask_truncated=True)
     samples = grpo.roll_out(policy, tokenizer, [{"prompt": "ana has 2 cats", "answer": "2"}], p,
                             grpo.build_rewards(p, None), "test/grpo")

@@ -17,6 +17,7 @@ from stages.kinds import get_kind
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, verify_answer
 from stages.runs import rejection_sampling
+from stages.spec import DataInput
 from stages.text import Samples
 from tests.conftest import Tracker
 
@@ -24,7 +25,7 @@ from tests.conftest import Tracker
 def run_kind(kind_name: str, out: Path, inputs: dict[str, str], **params) -> tuple[dict[str, float], Tracker]:
     kind = get_kind(kind_name)
     tracker = Tracker()
-    ctx = StageContext("test", kind_name, 0, kind.params(**params), {k: {"path": v} for k, v in inputs.items()},
+    ctx = StageContext("test", kind_name, 0, kind.params(**params), {k: DataInput(path=v) for k, v in inputs.items()},
                        {name: out / rel for name, rel in kind.outputs.items()}, out, None, Accelerator(cpu=True),
                        tracker)
     return kind.load_run()(ctx), tracker
@@ -57,7 +58,7 @@ def test_synthetic_reasoning_writes_verifiable_data(tmp_path):
                "eval": {"prompt", "answer", "language", "task"}, "general": {"prompt", "response", "language", "task"},
                "general_prompts": {"prompt", "language", "task"}, "mixed_prompts": {"prompt", "language", "task"}}
     outputs = get_kind("synthetic_reasoning").outputs
-    rows = {name: load_rows({"path": str(tmp_path / rel)}) for name, rel in outputs.items()}
+    rows = {name: load_rows(DataInput(path=str(tmp_path / rel))) for name, rel in outputs.items()}
     for name, expected in columns.items():
         assert rows[name] and expected <= set(rows[name][0]), name
     for row in rows["prompts"] + rows["eval"]:
@@ -128,7 +129,7 @@ def test_rejection_sampling_run(tmp_path, monkeypatch):
     assert metrics["acceptance_rate"] == pytest.approx(2 / 6)
     assert (metrics["kept"], metrics["prompts_without_sample"], metrics["general"]) == (2, 1, 1)
     assert metrics["pass_correct"] == pytest.approx(4 / 6)
-    rows = load_rows({"path": str(tmp_path / "rs" / "sft.jsonl")})
+    rows = load_rows(DataInput(path=str(tmp_path / "rs" / "sft.jsonl")))
     assert rows == [{"prompt": "q0", "response": GOOD}, {"prompt": "q2", "response": GOOD},
                     {"prompt": "name two fruits", "response": "apple pear"}]
 

@@ -17,7 +17,8 @@ from stages.context import StageContext
 from stages.data import load_rows
 from stages.kinds import get_kind
 from stages.models import ADAPTER_CONFIG, LoraParams, load_policy, load_tokenizer, with_lora
-from stages.text import encode_conversation, fit_rows, encode_row, response_logprobs, sample
+from stages.spec import DataInput
+from stages.text import encode_conversation, encode_row, fit_rows, response_logprobs, sample
 from stages.training import reference_logprobs
 from tests.conftest import REPO, Tracker, make_project
 from tests.real_layout import build_hub_datasets, build_qwen2
@@ -32,8 +33,8 @@ def fixtures(tmp_path_factory) -> Path:
 
 
 def test_hub_layout_datasets_load_with_their_column_shapes(fixtures: Path):
-    chat = load_rows({"path": str(fixtures / "chat"), "split": "train"})
-    prefs = load_rows({"path": str(fixtures / "preferences"), "split": "test"})
+    chat = load_rows(DataInput(path=str(fixtures / "chat"), split="train"))
+    prefs = load_rows(DataInput(path=str(fixtures / "preferences"), split="test"))
     assert chat[0]["messages"][0]["role"] == "system" and prefs[0]["chosen"][0]["role"] == "assistant"
     assert {"prompt", "chosen", "rejected"} == set(prefs[0])
 
@@ -55,7 +56,7 @@ def test_assistant_only_loss_mask_on_a_multi_turn_row(fixtures: Path):
 
 def test_length_budgets_truncate_and_count_and_name_a_row_that_cannot_fit(fixtures: Path):
     tokenizer = load_tokenizer(str(fixtures / "qwen2"))
-    rows = load_rows({"path": str(fixtures / "chat"), "split": "train"})
+    rows = load_rows(DataInput(path=str(fixtures / "chat"), split="train"))
     encoded = [encode_row(tokenizer, r) for r in rows]
     longest = max(len(p) + len(r) for p, r, _ in encoded)
     fitted, truncated = fit_rows(encoded, "input 'data' (fixtures/chat)", None, 64)
@@ -88,7 +89,7 @@ def test_lora_reference_is_the_base_and_only_adapters_train(fixtures: Path, tmp_
         assert not torch.equal(response_logprobs(policy, batch), ref)  # the adapters change the policy
 
     ctx = stage_context("sft", {"epochs": 1, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
-                        {"base": {"path": base_path}, "data": {"path": str(fixtures / "chat"), "split": "train"}},
+                        {"base": DataInput(path=base_path), "data": DataInput(path=str(fixtures / "chat"), split="train")},
                         tmp_path)
     get_kind("sft").load_run()(ctx)
     saved = tmp_path / "model"
@@ -105,9 +106,9 @@ def test_lora_reference_is_the_base_and_only_adapters_train(fixtures: Path, tmp_
 
 def test_lora_reward_model_trains_adapters_and_head_only(fixtures: Path, tmp_path: Path):
     ctx = stage_context("reward_model", {"epochs": 1, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
-                        {"base": {"path": str(fixtures / "qwen2")},
-                         "comparisons": {"path": str(fixtures / "preferences"), "split": "train"},
-                         "demos": {"path": str(fixtures / "chat"), "split": "train"}},
+                        {"base": DataInput(path=str(fixtures / "qwen2")),
+                         "comparisons": DataInput(path=str(fixtures / "preferences"), split="train"),
+                         "demos": DataInput(path=str(fixtures / "chat"), split="train")},
                         tmp_path)
     kind = get_kind("reward_model")
     trainable: dict[str, torch.Tensor] = {}
@@ -165,8 +166,8 @@ def test_a_sequence_classification_reward_model_loads_as_the_scalar_head(fixture
 def test_lora_dpo_takes_the_reference_from_the_adapters_off(fixtures: Path, tmp_path: Path):
     torch.manual_seed(0)  # the adapters' initialisation
     ctx = stage_context("dpo", {"epochs": 3, "batch_size": 16, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}},
-                        {"policy": {"path": str(fixtures / "qwen2")},
-                         "comparisons": {"path": str(fixtures / "preferences"), "split": "train"}}, tmp_path)
+                        {"policy": DataInput(path=str(fixtures / "qwen2")),
+                         "comparisons": DataInput(path=str(fixtures / "preferences"), split="train")}, tmp_path)
     metrics = get_kind("dpo").load_run()(ctx)
     losses = [m["loss"] for m in ctx.tracker.logged]
     assert losses[0] == pytest.approx(0.693147, abs=1e-5)  # untrained adapters: π = π_ref, h = 0, -log σ(0)

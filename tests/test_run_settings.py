@@ -11,7 +11,7 @@ import yaml
 from prefect.states import Failed
 
 from flows import dvc
-from flows.config import resolve, run_settings
+from flows.config import RunSettings, StageSettings, resolve
 from flows.errors import ConfigError
 from flows.flow import _worth_retrying
 from stages.processes import Interrupted
@@ -33,11 +33,11 @@ def write_config(root: Path, **changes) -> Path:
 def test_stage_settings_override_the_pipeline_defaults(tmp_path):
     path = write_config(tmp_path, defaults={"work_pool": "cpu", "retries": 2}, push=True,
                         ppo={"work_pool": "trainer", "retry_delay_seconds": 30})
-    settings = run_settings(path)["tiny"]
-    assert settings["push"] and settings["default_work_pool"] == "cpu"
-    assert settings["stages"]["ppo"] == {"work_pool": "trainer", "retries": 2, "retry_delay_seconds": 30}
-    assert settings["stages"]["sft"] == {"work_pool": "cpu", "retries": 2, "retry_delay_seconds": 10.0}
-    assert settings["final_policy"] == "ppo"  # the last stage that trains a policy
+    settings = resolve(path).settings["tiny"]
+    assert settings.push and settings.default_work_pool == "cpu"
+    assert settings.stages["ppo"] == StageSettings(work_pool="trainer", retries=2, retry_delay_seconds=30)
+    assert settings.stages["sft"] == StageSettings(work_pool="cpu", retries=2, retry_delay_seconds=10.0)
+    assert settings.final_policy == "ppo"  # the last stage that trains a policy
 
 
 def test_where_a_stage_runs_never_makes_it_stale(tmp_path):
@@ -45,7 +45,7 @@ def test_where_a_stage_runs_never_makes_it_stale(tmp_path):
     (tmp_path / "b").mkdir()
     plain = resolve(write_config(tmp_path / "a"))
     moved = resolve(write_config(tmp_path / "b", defaults={"work_pool": "gpu", "retries": 3}, push=True))
-    assert plain == moved
+    assert plain.stages == moved.stages and plain.settings != moved.settings
 
 
 @pytest.mark.parametrize("changes, key", [({"final_policy": "comparisons"}, "final_policy"),
@@ -86,9 +86,9 @@ def test_a_no_op_run_records_again_once_the_tracking_store_changed(tmp_path, mon
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"runs")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-    seen = RecordedState(tmp_path, "p", ["a"], {"push": False, "stages": {}})
+    seen = RecordedState(tmp_path, "p", ["a"], RunSettings(push=False))
     seen.save()
     assert seen.unchanged()
-    assert RecordedState(tmp_path, "p", ["a"], {"push": True, "stages": {}}).unchanged()  # a push is no change
+    assert RecordedState(tmp_path, "p", ["a"], RunSettings(push=True)).unchanged()  # a push is no change
     store.unlink()
     assert not seen.unchanged()  # the store is gone: what it recorded must be recorded again

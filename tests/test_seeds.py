@@ -21,15 +21,15 @@ CLI = [sys.executable, "-m", "flows.cli"]
 
 
 def test_a_seed_variant_moves_every_output_and_input_between_its_stages():
-    resolved = resolve(REPO / "pipelines.yaml")
+    resolved = resolve(REPO / "pipelines.yaml").stages
     names = add_seed_variants(resolved, "instructgpt", [0, 1], "pipelines.yaml")
     assert names == {0: "instructgpt", 1: "instructgpt-seed1"}  # seed 0 is the pipeline itself
     base, variant = resolved["instructgpt"], resolved["instructgpt-seed1"]
-    assert {spec["seed"] for spec in variant.values()} == {1}
-    assert variant["ppo"]["output_dir"] == "artifacts/instructgpt-seed1/ppo"
-    assert variant["ppo"]["inputs"]["policy"]["path"] == "artifacts/instructgpt-seed1/sft/model"
-    assert variant["ppo"]["params"] == base["ppo"]["params"]
-    assert base["ppo"]["inputs"]["policy"]["path"] == "artifacts/instructgpt/sft/model"  # unchanged
+    assert {spec.seed for spec in variant.values()} == {1}
+    assert variant["ppo"].output_dir == "artifacts/instructgpt-seed1/ppo"
+    assert variant["ppo"].inputs["policy"].path == "artifacts/instructgpt-seed1/sft/model"
+    assert variant["ppo"].params == base["ppo"].params
+    assert base["ppo"].inputs["policy"].path == "artifacts/instructgpt/sft/model"  # unchanged
 
 
 @pytest.mark.parametrize("text", ["0,x", "1,1", ""])
