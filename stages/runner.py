@@ -62,8 +62,8 @@ def owned_output_dir(root: Path, pipeline: str, stage: str, spec: ResolvedStage,
     outputs = [within(root, p) for p in spec.outputs.values()]
     if within(root, spec.output_dir) != expected or not all(
             p.is_relative_to(expected) and p != expected for p in outputs):
-        raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in {ARTIFACTS}/{pipeline}/"
-                         f"{stage}/ (got {spec.output_dir}, {list(spec.outputs.values())})")
+        raise ValueError(f"{params_file}: {pipeline}.{stage}: output_dir and outputs must lie in "
+                         f"{ARTIFACTS}/{pipeline}/{stage}/ (got {spec.output_dir}, {list(spec.outputs.values())})")
     return expected
 
 

@@ -19,7 +19,7 @@ CLI = [sys.executable, "-m", "flows.cli"]
 DATA = {"name": "data", "kind": "synthetic_instructions",
         "params": {"demonstrations": 8, "rl_prompts": 8, "eval_prompts": 4, "pretrain_sentences": 8,
                    "pretrain_eval_sentences": 4}}
-REWRITING_KIND = '''"""Reads its rows, then rewrites the file it read (a writer changing an input while a stage runs)."""
+REWRITING_KIND = '''"""Reads its rows, then rewrites the file it read (as a writer would, while a stage runs)."""
 from pathlib import Path
 
 from stages.data import write_jsonl
