@@ -205,16 +205,19 @@ def cmd_list(args) -> str:
     return "\n".join(lines)
 
 
-def _unpublished_state(root: Path, pipeline: str, stage: str, spec: dict, busy: bool) -> str:
+def _unpublished_state(root: Path, pipeline: str, stage: str, spec: ResolvedStage, busy: bool) -> str:
     """A stage without a published output: running (a run is on and its staging directory exists), interrupted
-    with a checkpoint to resume from, or never run."""
-    from stages.checkpoint import checkpoint_dir, resumable
+    with a checkpoint to resume from (or only damaged ones), or never run."""
+    from stages.checkpoint import checkpoint_dir, resumable, saved_checkpoints
 
-    saved = resumable(checkpoint_dir(root, pipeline, stage, spec))
+    directory = checkpoint_dir(root, pipeline, stage, spec)
+    saved = resumable(directory)
     at = f"step {saved['step']}/{saved['total']}" if saved else ""
     if busy and (root / spec.output_dir).with_name(f".{stage}.partial").exists():
         return "running" + (f" (checkpoint at {at})" if saved else "")
-    return f"interrupted (resumes from {at})" if saved else "never run"
+    if saved:
+        return f"interrupted (resumes from {at})"
+    return "interrupted (no intact checkpoint: starts fresh)" if saved_checkpoints(directory) else "never run"
 
 
 def cmd_compare(args) -> str:

@@ -114,7 +114,7 @@ def test_list_neither_tracebacks_nor_promises_a_damaged_checkpoint(project: Path
     (checkpoints[4] / MANIFEST).write_bytes(b'{"step": 4, "tot\x00\xff')
     assert listed_state(project, stage) == f"interrupted (resumes from step 2/{TOTAL})"
     truncate(checkpoints[2] / WEIGHTS)
-    assert listed_state(project, stage) == "never run"
+    assert listed_state(project, stage) == "interrupted (no intact checkpoint: starts fresh)"
 
 
 def fake_checkpoint(directory: Path, step: int) -> Path:

@@ -141,7 +141,6 @@ def test_readme_real_model_pipeline_runs_end_to_end(fixtures: Path, tmp_path: Pa
                for s in ("sft", "reward_model", "ppo", "grpo")}
     assert metrics["sft"]["truncated_rows"] > 0  # max_length: 72 cuts the longest multi-turn rows
     assert metrics["grpo"]["truncated_prompts"] > 0  # max_prompt_length: 48 cuts the ~52-token prompts
-    assert 0 <= metrics["reward_model"]["eval_accuracy"] <= 1
     for stage in ("sft", "ppo", "grpo"):
         assert (tmp_path / f"artifacts/tiny-qwen/{stage}/model" / ADAPTER_CONFIG).exists()
 
