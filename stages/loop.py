@@ -42,11 +42,16 @@ class NonFinite(Exception):
     """A loss, gradient norm or reward was NaN or infinite: the stage stops and publishes nothing."""
 
 
+def at_step(label: str) -> str:
+    """How errors name where they happened: the stage `label`, and the running step if a loop runs."""
+    return f"{label} step {current_step[0]}/{current_step[1]}" if current_step else label
+
+
 def check_finite(label: str, values: dict[str, float]) -> None:
     """The NaN guard: raise `NonFinite` naming the stage `label`, the running step and the non-finite terms."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
-        where = f"{label} step {current_step[0]}/{current_step[1]}" if current_step else label
+        where = at_step(label)
         raise NonFinite(f"{where}: non-finite " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items())))
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-import stages.loop
 from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, entropy_from_logits, groups_with_signal,
                                kl_penalty, masked_mean, outcome_token_rewards, ppo_policy_loss,
                                process_supervision_advantages)
@@ -36,7 +35,7 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
                                 seed_sampling, shard)
 from stages.kinds.grpo import MODEL_REWARD, Params
-from stages.loop import TrainingLoop, check_finite
+from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.registry import STEP_REWARDS
 from stages.rewards import (RewardError, RewardFn, Scorer, accuracy_reward, build_reward, format_reward,
@@ -88,8 +87,7 @@ def call_reward(label: str, name: str, fn: RewardFn, completions: list[str], col
     exception chained) when it raises or returns anything but one number per completion, NonFinite (exit 1) for
     NaN or ±inf.
     """
-    step = stages.loop.current_step
-    where = f"{label} step {step[0]}/{step[1]}" if step else label  # as check_finite names it
+    where = at_step(label)
     try:
         values = fn(completions, **columns)
     except Exception as e:
