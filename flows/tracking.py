@@ -1,28 +1,68 @@
 """MLflow on the flow side: one parent run per pipeline run, stage lineage, the Model Registry, and the rows
-`rl4llm compare` shows."""
+`rl4llm compare` shows.
+
+A run never waits on, nor fails because of, tracking: when MLflow fails during a run (a dead or hung server gives up
+within seconds: stages/tracking.py HTTP_DEFAULTS), the run says so in one line and goes on without it; the ending of
+its parent run is kept in `.rl4llm/logs/` with what its stages could not send, and `fail_orphaned_runs` (the next
+`rl4llm run` or `rl4llm list`) sends all of it once the server answers again.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from requests import RequestException
 
 from flows import dvc
-from stages.checkpoint import tree_hash
+from stages.checkpoint import STATE_DIR, tree_hash
 from stages.processes import interrupt_signal, process_alive
 from stages.runner import METRICS_FILE
-from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
-                             owner_tags)
+from stages.tracking import (HOST_TAG, PID_TAG, UNSENT, RunWriter, configure_mlflow, experiment_name,
+                             failure_cause, flatten, keep_unsent, now_ms, owner_tags, read_unsent, tracking_uri,
+                             unsent_header, unsent_path)
 
 
 VERSION_TAG = "rl4llm.version"  # a stage run's version: a hash of its outputs' DVC hashes
 LOCK_ARTIFACT = "dvc.lock.json"  # a stage run's dvc.lock entry
+_lost: str | None = None  # why MLflow failed during this run (said once): the rest of the run skips it
+
+
+def tolerant(fallback: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A tracking call that never stops the run: when MLflow fails, say so once and return `fallback(*args)`; once
+    it has failed, the run's later calls skip MLflow (until `end_parent_run`)."""
+
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def tolerant_call(*args: Any, **kwargs: Any) -> Any:
+            if _lost is None:
+                try:
+                    return call(*args, **kwargs)
+                except (MlflowException, RequestException) as error:
+                    lose(failure_cause(error))
+            return fallback(*args, **kwargs)
+
+        return tolerant_call
+
+    return wrap
+
+
+def lose(cause: str) -> None:
+    """Say in one line that MLflow is lost for the rest of this run."""
+    global _lost
+    _lost = cause
+    print(f"warning: MLflow tracking lost ({tracking_uri()}: {cause}); going on without it (what was not sent is "
+          f"kept in {STATE_DIR}/logs/, sent by the next `rl4llm run` or `rl4llm list`)", file=sys.stderr, flush=True)
 
 
 def git_commit(root: Path) -> str | None:
@@ -30,18 +70,35 @@ def git_commit(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+@tolerant(lambda *_: "")
 def start_parent_run(root: Path, pipeline: str, config_hash: str, extra_tags: dict[str, str]) -> str:
+    """Open the pipeline's parent run. Returns its id ("" when MLflow is lost: the stages open top-level runs)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
     configure_mlflow()
+    client = MlflowClient()
     tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags(), **extra_tags}
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
-    run = mlflow.start_run(run_name=pipeline, tags=tags)
-    return run.info.run_id
+    experiment = client.get_experiment_by_name(experiment_name()).experiment_id
+    return client.create_run(experiment, tags=resolve_tags(tags), run_name=pipeline).info.run_id
 
 
-def end_parent_run(status: str = "FINISHED") -> None:
-    mlflow.end_run(status=status)
+def end_parent_run(pipeline: str, run_id: str, status: str = "FINISHED") -> None:
+    """End the parent run `run_id` with `status` (kept for `send_kept` when MLflow is lost). The next run tries
+    MLflow afresh."""
+    global _lost
+    if run_id and not _terminate(run_id, status):
+        keep_unsent(unsent_path(pipeline), unsent_header(run_id, None, pipeline),
+                    [{"op": "end", "status": status, "end_time": now_ms()}])
+    _lost = None
+
+
+@tolerant(lambda *_: False)
+def _terminate(run_id: str, status: str) -> bool:
+    MlflowClient().set_terminated(run_id, status)
+    return True
 
 
 def end_status(error: BaseException) -> str:
@@ -49,12 +106,14 @@ def end_status(error: BaseException) -> str:
     return "KILLED" if interrupt_signal(error) else "FAILED"
 
 
+@tolerant(lambda: [])
 def fail_orphaned_runs() -> list[str]:
-    """Mark FAILED the runs left RUNNING by processes of this host that no longer exist (a SIGKILLed run or
-    stage). Returns their ids."""
+    """Send what runs kept while MLflow was lost (`send_kept`), then mark FAILED the runs left RUNNING by processes
+    of this host that no longer exist (a SIGKILLed run or stage). Returns their ids."""
     configure_mlflow()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    send_kept(client)
+    experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None:
         return []
     host = owner_tags()[HOST_TAG]
@@ -67,20 +126,77 @@ def fail_orphaned_runs() -> list[str]:
     return [run.info.run_id for run in orphans]
 
 
+def unsent_files() -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
+    """(path, header, operations) of this project's unsent files (`.rl4llm/logs/*.unsent.jsonl`) for this tracking
+    URI, oldest first."""
+    found = []
+    for path in sorted((Path(STATE_DIR) / "logs").glob(f"*{UNSENT}"), key=lambda p: p.stat().st_mtime):
+        header, ops = read_unsent(path)
+        if header and header["tracking_uri"] == tracking_uri():
+            found.append((path, header, ops))
+    return found
+
+
+def send_kept(client: MlflowClient) -> None:
+    """Send the unsent files this host's processes left (none still writing one). A file goes once MLflow has all
+    of it; what an unreachable server did not take stays for next time; one the server refused (e.g. its run was
+    deleted) is set aside as `*.refused`, said in one line."""
+    for path, header, ops in unsent_files():
+        if header["host"] != socket.gethostname() or (header["pid"] != os.getpid() and process_alive(header["pid"])):
+            continue
+        try:
+            send_file(client, path, header, deque(ops))
+        except MlflowException as error:
+            if error.get_http_status_code() >= 500:  # no answer, or a broken server: next time
+                raise
+            refused = path.with_name(path.name.removesuffix(UNSENT) + ".refused")
+            path.rename(refused)
+            print(f"warning: MLflow refused what {path.name} kept ({failure_cause(error)}); set aside as {refused}",
+                  file=sys.stderr, flush=True)
+
+
+def send_file(client: MlflowClient, path: Path, header: dict[str, Any], pending: deque[dict[str, Any]]) -> None:
+    """Send an unsent file's `pending` operations; remove it when all went, else keep what did not."""
+    writer = RunWriter(client, header["run_id"])
+    try:
+        writer.send(pending)
+    finally:
+        rest = path.with_name(f"{path.name}.rest")
+        rest.unlink(missing_ok=True)
+        if pending:
+            keep_unsent(rest, {**header, "run_id": writer.run_id}, list(pending))
+            rest.replace(path)
+        else:
+            path.unlink()
+
+
+def kept_stage_run(parent_run_id: str, stage: str) -> str | None:
+    """The run of `stage` under `parent_run_id` that its unsent file names, if any."""
+    return next((header["run_id"] for _, header, _ in unsent_files()
+                 if parent_run_id and header["parent"] == parent_run_id and header["stage"] == stage), None)
+
+
+@tolerant(kept_stage_run)
 def stage_run(parent_run_id: str, stage: str) -> str | None:
     """The run in which `stage` really ran (not skipped, not restored) under this parent run, if any."""
+    return find_stage_run(parent_run_id, stage)
+
+
+def find_stage_run(parent_run_id: str, stage: str) -> str | None:
+    """`stage_run`, asking MLflow, then the stage's unsent file (a stage that lost MLflow on the way ran too)."""
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = "
                                             f"'{stage}' and tags.skipped = 'false'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0].info.run_id if runs else kept_stage_run(parent_run_id, stage)
 
 
+@tolerant(lambda *_: None)
 def record_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
-                 outcome: str) -> str:
+                 outcome: str) -> str | None:
     """After DVC reproduced a stage: its run (a new child run if it was skipped or restored) gets the stage's
-    lineage. Returns the run id."""
-    run_id = stage_run(parent_run_id, stage) if outcome == "ran" else None
+    lineage. Returns the run id (None when MLflow is lost)."""
+    run_id = find_stage_run(parent_run_id, stage) if outcome == "ran" else None
     if run_id is None:
         run_id = log_skipped_stage(root, parent_run_id, pipeline, stage, spec, outcome)
     entry = dvc.lock_entry(root, pipeline, stage)
@@ -152,6 +268,7 @@ def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[st
     client.log_dict(run_id, entry, LOCK_ARTIFACT)
 
 
+@tolerant(lambda *_: None)
 def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
                     run_id: str) -> str | None:
     """Register the pipeline's final policy (`final_policy`'s model) in the MLflow Model Registry as a version
@@ -184,7 +301,7 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
     final metrics and the run's seed (rows of a variant carry the pipeline's name)."""
     configure_mlflow()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None:
         return []
     rows = []
