@@ -11,6 +11,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from flows.errors import ConfigError
+from stages.checkpoint import STATE_DIR
+from stages.tracking import UNSENT
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -47,10 +49,11 @@ def tracking_uri_default(root: Path) -> None:
 
 
 def may_hold_running_runs(uri: str) -> bool:
-    """Whether the tracking store may hold RUNNING runs (to spare loading MLflow when it cannot): for a local sqlite
-    store, a read of its `runs` table; for a server, always."""
+    """Whether the tracking store may hold RUNNING runs, or runs kept what they could not send to it (to spare
+    loading MLflow when neither can be): for a local sqlite store, a read of its `runs` table and a look for unsent
+    files in `.rl4llm/logs/`; for a server, always."""
     parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
+    if parsed.scheme != "sqlite" or any((Path(STATE_DIR) / "logs").glob(f"*{UNSENT}")):
         return True
     path = Path(parsed.path[1:])
     if not path.is_file():

@@ -57,9 +57,9 @@ def run_stages(root: Path, pipeline: str, specs: dict[str, ResolvedStage], stage
         if final in run_ids:
             track.register_policy(root, parent, pipeline, final, specs[final], run_ids[final])
     except BaseException as error:
-        track.end_parent_run(track.end_status(error))
+        track.end_parent_run(pipeline, parent, track.end_status(error))
         raise
-    track.end_parent_run()
+    track.end_parent_run(pipeline, parent)
     ran = [s for s, o in outcome.items() if o == "ran"]
     log(f"{pipeline}: " + (f"ran {', '.join(ran)}" if ran else f"all {len(outcome)} stages up to date, nothing ran"))
     return outcome

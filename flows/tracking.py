@@ -1,28 +1,69 @@
 """MLflow on the flow side: one parent run per pipeline run, stage lineage, the Model Registry, and the rows
-`rl4llm compare` shows."""
+`rl4llm compare` shows.
+
+A run never waits on, nor fails because of, tracking: when MLflow fails during a run (a dead or hung server gives up
+within seconds: stages/tracking.py HTTP_DEFAULTS), the run says so in one line and goes on without it; the ending of
+its parent run is kept in `.rl4llm/logs/` with what its stages could not send, and `fail_orphaned_runs` (the next
+`rl4llm run` or `rl4llm list`) sends all of it once the server answers again.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from requests import RequestException
 
 from flows import dvc
-from stages.checkpoint import tree_hash
+from stages.checkpoint import STATE_DIR, tree_hash
 from stages.processes import interrupt_signal, process_alive
 from stages.runner import METRICS_FILE
-from stages.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HOST_TAG, PID_TAG, configure_mlflow, flatten,
-                             owner_tags)
+from stages.spec import ResolvedStage
+from stages.tracking import (HOST_TAG, PID_TAG, UNSENT, RunWriter, configure_mlflow, experiment_name,
+                             failure_cause, flatten, keep_unsent, now_ms, owner_tags, read_unsent, tracking_uri,
+                             unsent_header, unsent_path)
 
 
 VERSION_TAG = "rl4llm.version"  # a stage run's version: a hash of its outputs' DVC hashes
 LOCK_ARTIFACT = "dvc.lock.json"  # a stage run's dvc.lock entry
+_lost: str | None = None  # why MLflow failed during this run (said once): the rest of the run skips it
+
+
+def tolerant(fallback: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A tracking call that never stops the run: when MLflow fails, say so once and return `fallback(*args)`; once
+    it has failed, the run's later calls skip MLflow (until `end_parent_run`)."""
+
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def tolerant_call(*args: Any, **kwargs: Any) -> Any:
+            if _lost is None:
+                try:
+                    return call(*args, **kwargs)
+                except (MlflowException, RequestException) as error:
+                    lose(failure_cause(error))
+            return fallback(*args, **kwargs)
+
+        return tolerant_call
+
+    return wrap
+
+
+def lose(cause: str) -> None:
+    """Say in one line that MLflow is lost for the rest of this run."""
+    global _lost
+    _lost = cause
+    print(f"warning: MLflow tracking lost ({tracking_uri()}: {cause}); going on without it (what was not sent is "
+          f"kept in {STATE_DIR}/logs/, sent by the next `rl4llm run` or `rl4llm list`)", file=sys.stderr, flush=True)
 
 
 def git_commit(root: Path) -> str | None:
@@ -30,18 +71,35 @@ def git_commit(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+@tolerant(lambda *_: "")
 def start_parent_run(root: Path, pipeline: str, config_hash: str, extra_tags: dict[str, str]) -> str:
+    """Open the pipeline's parent run. Returns its id ("" when MLflow is lost: the stages open top-level runs)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
     configure_mlflow()
+    client = MlflowClient()
     tags = {"pipeline": pipeline, "config_hash": config_hash, "rl4llm.parent": "true", **owner_tags(), **extra_tags}
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
-    run = mlflow.start_run(run_name=pipeline, tags=tags)
-    return run.info.run_id
+    experiment = client.get_experiment_by_name(experiment_name()).experiment_id
+    return client.create_run(experiment, tags=resolve_tags(tags), run_name=pipeline).info.run_id
 
 
-def end_parent_run(status: str = "FINISHED") -> None:
-    mlflow.end_run(status=status)
+def end_parent_run(pipeline: str, run_id: str, status: str = "FINISHED") -> None:
+    """End the parent run `run_id` with `status` (kept for `send_kept` when MLflow is lost). The next run tries
+    MLflow afresh."""
+    global _lost
+    if run_id and not _terminate(run_id, status):
+        keep_unsent(unsent_path(pipeline), unsent_header(run_id, None, pipeline),
+                    [{"op": "end", "status": status, "end_time": now_ms()}])
+    _lost = None
+
+
+@tolerant(lambda *_: False)
+def _terminate(run_id: str, status: str) -> bool:
+    MlflowClient().set_terminated(run_id, status)
+    return True
 
 
 def end_status(error: BaseException) -> str:
@@ -49,12 +107,14 @@ def end_status(error: BaseException) -> str:
     return "KILLED" if interrupt_signal(error) else "FAILED"
 
 
+@tolerant(lambda: [])
 def fail_orphaned_runs() -> list[str]:
-    """Mark FAILED the runs left RUNNING by processes of this host that no longer exist (a SIGKILLed run or
-    stage). Returns their ids."""
+    """Send what runs kept while MLflow was lost (`send_kept`), then mark FAILED the runs left RUNNING by processes
+    of this host that no longer exist (a SIGKILLed run or stage). Returns their ids."""
     configure_mlflow()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    send_kept(client)
+    experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None:
         return []
     host = owner_tags()[HOST_TAG]
@@ -67,20 +127,72 @@ def fail_orphaned_runs() -> list[str]:
     return [run.info.run_id for run in orphans]
 
 
-def stage_run(parent_run_id: str, stage: str) -> str | None:
-    """The run in which `stage` really ran (not skipped, not restored) under this parent run, if any."""
+def unsent_files() -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
+    """(path, header, operations) of this project's unsent files (`.rl4llm/logs/*.unsent.jsonl`) for this tracking
+    URI, oldest first."""
+    found = []
+    for path in sorted((Path(STATE_DIR) / "logs").glob(f"*{UNSENT}"), key=lambda p: p.stat().st_mtime):
+        header, ops = read_unsent(path)
+        if header and header["tracking_uri"] == tracking_uri():
+            found.append((path, header, ops))
+    return found
+
+
+def send_kept(client: MlflowClient) -> None:
+    """Send the unsent files this host's processes left (none still writing one). A file goes once MLflow has all
+    of it; what an unreachable server did not take stays for next time; one the server refused (e.g. its run was
+    deleted) is set aside as `*.refused`, said in one line."""
+    for path, header, ops in unsent_files():
+        if header["host"] != socket.gethostname() or (header["pid"] != os.getpid() and process_alive(header["pid"])):
+            continue
+        try:
+            send_file(client, path, header, deque(ops))
+        except MlflowException as error:
+            if error.get_http_status_code() >= 500:  # no answer, or a broken server: next time
+                raise
+            refused = path.with_name(path.name.removesuffix(UNSENT) + ".refused")
+            path.rename(refused)
+            print(f"warning: MLflow refused what {path.name} kept ({failure_cause(error)}); set aside as {refused}",
+                  file=sys.stderr, flush=True)
+
+
+def send_file(client: MlflowClient, path: Path, header: dict[str, Any], pending: deque[dict[str, Any]]) -> None:
+    """Send an unsent file's `pending` operations; remove it when all went, else keep what did not."""
+    writer = RunWriter(client, header["run_id"])
+    try:
+        writer.send(pending)
+    finally:
+        rest = path.with_name(f"{path.name}.rest")
+        rest.unlink(missing_ok=True)
+        if pending:
+            keep_unsent(rest, {**header, "run_id": writer.run_id}, list(pending))
+            rest.replace(path)
+        else:
+            path.unlink()
+
+
+def kept_stage_run(parent_run_id: str, stage: str) -> str | None:
+    """The run of `stage` under `parent_run_id` that its unsent file names, if any."""
+    return next((header["run_id"] for _, header, _ in unsent_files()
+                 if parent_run_id and header["parent"] == parent_run_id and header["stage"] == stage), None)
+
+
+def find_stage_run(parent_run_id: str, stage: str) -> str | None:
+    """The run in which `stage` really ran (not skipped, not restored) under this parent run, if any: asking MLflow,
+    then the stage's unsent file (a stage that lost MLflow on the way ran too)."""
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = "
                                             f"'{stage}' and tags.skipped = 'false'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    return runs[0].info.run_id if runs else kept_stage_run(parent_run_id, stage)
 
 
-def record_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
-                 outcome: str) -> str:
+@tolerant(lambda *_: None)
+def record_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: ResolvedStage,
+                 outcome: str) -> str | None:
     """After DVC reproduced a stage: its run (a new child run if it was skipped or restored) gets the stage's
-    lineage. Returns the run id."""
-    run_id = stage_run(parent_run_id, stage) if outcome == "ran" else None
+    lineage. Returns the run id (None when MLflow is lost)."""
+    run_id = find_stage_run(parent_run_id, stage) if outcome == "ran" else None
     if run_id is None:
         run_id = log_skipped_stage(root, parent_run_id, pipeline, stage, spec, outcome)
     entry = dvc.lock_entry(root, pipeline, stage)
@@ -89,19 +201,19 @@ def record_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec
     return run_id
 
 
-def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
+def log_skipped_stage(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: ResolvedStage,
                       outcome: str = "skipped") -> str:
     """A child run for a stage DVC found up to date or restored: its params and last metrics, tagged `skipped`
     (and `outcome`). Returns its id."""
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
     tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": stage, "pipeline": pipeline, "stage": stage,
-            "stage_kind": spec["kind"], "skipped": "true", "outcome": outcome,
-            "output_hash": tree_hash([root / p for p in spec["outputs"].values()])}
+            "stage_kind": spec.kind, "skipped": "true", "outcome": outcome,
+            "output_hash": tree_hash([root / p for p in spec.outputs.values()])}
     run = client.create_run(experiment, run_name=stage, tags=tags)
-    for key, value in flatten(spec["params"]).items():
+    for key, value in flatten(spec.params).items():
         client.log_param(run.info.run_id, key, value)
-    metrics_file = root / spec["output_dir"] / METRICS_FILE
+    metrics_file = root / spec.output_dir / METRICS_FILE
     for key, value in json.loads(metrics_file.read_text()).items():
         client.log_metric(run.info.run_id, f"final/{key}", float(value))
     client.set_terminated(run.info.run_id)
@@ -114,13 +226,13 @@ def version_id(entry: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:10]
 
 
-def input_digests(spec: dict[str, Any], entry: dict[str, Any]) -> dict[str, str | None]:
+def input_digests(spec: ResolvedStage, entry: dict[str, Any]) -> dict[str, str | None]:
     """{input name: its DVC hash in the stage's dvc.lock entry} (None: not a DVC dependency, e.g. a Hub id)."""
     deps = {dep["path"]: dep.get("md5") for dep in entry.get("deps", [])}
-    return {name: deps.get(given["path"]) for name, given in spec["inputs"].items()}
+    return {name: deps.get(given.path) for name, given in spec.inputs.items()}
 
 
-def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[str, Any]) -> None:
+def record_lineage(root: Path, run_id: str, spec: ResolvedStage, entry: dict[str, Any]) -> None:
     """Name in the run exactly which data and model versions the stage used and made: each input as an MLflow
     dataset whose digest is its DVC hash (a Hub dataset: by name), each output's DVC hash as a tag `dvc.<output>`,
     the version (`rl4llm.version`), and the stage's dvc.lock entry as the artifact `dvc.lock.json` (what
@@ -135,30 +247,31 @@ def record_lineage(root: Path, run_id: str, spec: dict[str, Any], entry: dict[st
     client = MlflowClient()
     digests = input_digests(spec, entry)
     datasets = []
-    for name, given in spec["inputs"].items():
+    for name, given in spec.inputs.items():
         if digests[name] is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": all are local files
-                source = resolve_dataset_source(str((root / given["path"]).resolve()))
+                source = resolve_dataset_source(str((root / given.path).resolve()))
         else:
-            source = HTTPDatasetSource(f"https://huggingface.co/datasets/{given['path']}")
+            source = HTTPDatasetSource(f"https://huggingface.co/datasets/{given.path}")
         dataset = MetaDataset(source, name=name, digest=digests[name])
         datasets.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", name)]))
     client.log_inputs(run_id, datasets)
     outs = {out["path"]: out.get("md5") for out in entry.get("outs", [])}
-    for name, path in spec["outputs"].items():
+    for name, path in spec.outputs.items():
         client.set_tag(run_id, f"dvc.{name}", outs.get(path, ""))
     client.set_tag(run_id, VERSION_TAG, version_id(entry))
     client.log_dict(run_id, entry, LOCK_ARTIFACT)
 
 
-def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: dict[str, Any],
+@tolerant(lambda *_: None)
+def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, spec: ResolvedStage,
                     run_id: str) -> str | None:
     """Register the pipeline's final policy (`final_policy`'s model) in the MLflow Model Registry as a version
     of `<pipeline>-policy`, unless that exact model (DVC hash) is already one; its source is the model's place in
     the DVC remote and its tags name its lineage. Returns the registry version."""
     entry = dvc.lock_entry(root, pipeline, stage)
-    model = spec["outputs"]["model"]
+    model = spec.outputs["model"]
     md5 = next((out.get("md5") for out in (entry or {}).get("outs", []) if out["path"] == model), None)
     if md5 is None:
         return None
@@ -172,7 +285,7 @@ def register_policy(root: Path, parent_run_id: str, pipeline: str, stage: str, s
     parent = client.get_run(parent_run_id).data.tags
     tags = {"pipeline": pipeline, "stage": stage, "dvc.md5": md5, VERSION_TAG: version_id(entry),
             "config_hash": parent.get("config_hash", ""), "git_commit": parent.get("git_commit", ""),
-            **{f"input.{name}": digest or spec["inputs"][name]["path"]  # a Hub id names itself
+            **{f"input.{name}": digest or spec.inputs[name].path  # a Hub id names itself
                for name, digest in input_digests(spec, entry).items()}}
     remote = dvc.remote_url(root) or "local-cache"
     source = f"dvc://{remote.removeprefix('/')}/files/md5/{md5[:2]}/{md5[2:]}"
@@ -184,7 +297,7 @@ def stage_metrics(pipelines: list[str], last: int) -> list[dict[str, Any]]:
     final metrics and the run's seed (rows of a variant carry the pipeline's name)."""
     configure_mlflow()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None:
         return []
     rows = []
