@@ -104,11 +104,11 @@ def pipeline_flow(root: str, pipeline: str, specs: dict[str, ResolvedStage], sta
 
     def reproduce(stage: str, env: dict[str, str]) -> str:
         chosen = settings.stages[stage]
-        options = dict(name=f"{pipeline}.{stage}", retries=chosen["retries"],
-                       retry_delay_seconds=chosen["retry_delay_seconds"], retry_condition_fn=_worth_retrying)
-        if chosen["work_pool"]:
+        options = dict(name=f"{pipeline}.{stage}", retries=chosen.retries,
+                       retry_delay_seconds=chosen.retry_delay_seconds, retry_condition_fn=_worth_retrying)
+        if chosen.work_pool:
             return dispatch_stage.with_options(**options)(root, pipeline, stage, specs[stage], force, env, push,
-                                                          chosen["work_pool"], pipeline_hash)
+                                                          chosen.work_pool, pipeline_hash)
         return reproduce_stage.with_options(**options)(root, pipeline, stage, specs[stage], force, env, push)
 
     return run_stages(Path(root), pipeline, specs, stages_to_run, settings, reproduce, get_run_logger().info)
