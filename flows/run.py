@@ -19,7 +19,7 @@ from flows.reproduce import run_stages, tracking
 from flows.seeds import pipeline_seed
 from stages.checkpoint import STATE_DIR
 from stages.processes import RUN_PID_ENV
-from stages.tracking import EXPERIMENT_ENV
+from stages.tracking import EXPERIMENT_ENV, UNSENT
 
 
 def run_pipeline(root: Path, resolved: Resolved, pipeline: str, stages_to_run: list[str], force: bool = False,
@@ -97,7 +97,9 @@ class RecordedState:
         return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
 
     def unchanged(self) -> bool:
-        return self.path.exists() and self.path.read_text() == self.digest()
+        """Seen and recorded already, and nothing kept while tracking was lost waits to be sent."""
+        kept = any((self.root / STATE_DIR / "logs").glob(f"*{UNSENT}"))
+        return not kept and self.path.exists() and self.path.read_text() == self.digest()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,5 +90,10 @@ def test_a_no_op_run_records_again_once_the_tracking_store_changed(tmp_path, mon
     seen.save()
     assert seen.unchanged()
     assert RecordedState(tmp_path, "p", ["a"], RunSettings(push=True)).unchanged()  # a push is no change
+    kept = tmp_path / ".rl4llm" / "logs" / "p.a.unsent.jsonl"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}\n")
+    assert not seen.unchanged()  # metrics kept while tracking was lost: the next run sends them
+    kept.unlink()
     store.unlink()
     assert not seen.unchanged()  # the store is gone: what it recorded must be recorded again
