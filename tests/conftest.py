@@ -200,23 +200,28 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float = 9
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served by the server); yields its URI and
-    stops it, and every process it started, at the end."""
-    home = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    with open(home / "server.log", "w") as log:
+@contextmanager
+def running_mlflow_server(home: Path, port: int) -> Iterator[subprocess.Popen]:
+    """A real `mlflow server` on 127.0.0.1:`port` over `home`'s sqlite database (the same database when started
+    again; artifacts served by the server), stopped with every process it started at the end."""
+    with open(home / "server.log", "a") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
              "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(f"{uri}/health", server)
-        yield uri
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", server)
+        yield server
     finally:
         stop_service(server)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """One real `mlflow server` for the session; yields its URI."""
+    port = free_port()
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "rl4llm tests", "GIT_AUTHOR_EMAIL": "tests@rl4llm",

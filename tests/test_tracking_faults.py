@@ -27,7 +27,7 @@ from stages.processes import THREADS_ENV
 from stages.spec import ResolvedStage
 from stages.tracking import (HTTP_DEFAULTS, OPEN_S, PARENT_RUN_ENV, UNSENT, StageRun, keep_unsent, now_ms, read_unsent,
                              unsent_header)
-from tests.conftest import free_port, make_project, stop_service, wait_until_healthy, write_instruct_data
+from tests.conftest import free_port, make_project, running_mlflow_server, write_instruct_data
 
 LOST = "MLflow tracking lost"
 LOGS = Path(".rl4llm/logs")
@@ -50,22 +50,6 @@ def unanswered_port(how: str) -> Iterator[int]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)  # the kernel completes connections; nothing ever reads them
         yield listener.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(home: Path, port: int) -> Iterator[subprocess.Popen]:
-    """A real `mlflow server` on 127.0.0.1:`port` over `home`'s sqlite database (the same database when started
-    again), stopped with every process it started at the end."""
-    with open(home / "server.log", "a") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/health", server)
-        yield server
-    finally:
-        stop_service(server)
 
 
 def lost_lines(text: str) -> list[str]:
@@ -182,7 +166,7 @@ def test_an_idle_stage_says_soon_that_its_server_died(tmp_path, monkeypatch, cap
     monkeypatch.setattr(stage_tracking, "HEARTBEAT_S", 1.0)
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    with mlflow_server(tmp_path, port) as server:
+    with running_mlflow_server(tmp_path, port) as server:
         run = StageRun("tiny", "sft", "sft", {"lr": 0.1})
         run.log(1, {"loss": 1.0})
         client, deadline = MlflowClient(f"http://127.0.0.1:{port}"), time.monotonic() + 30
@@ -239,7 +223,7 @@ def test_a_tracking_server_killed_mid_stage_costs_metrics_not_outputs(tmp_path, 
         assert stage_process.wait() == 0, "\n".join(line for _, line in lines)
         return "ran"
 
-    with mlflow_server(home, port) as server:
+    with running_mlflow_server(home, port) as server:
         started = time.monotonic()
         outcome = run_stages(root, "tiny", specs, ["sft"], RunSettings(final_policy="sft"), reproduce, print)
         took = time.monotonic() - started
@@ -262,7 +246,7 @@ def test_a_tracking_server_killed_mid_stage_costs_metrics_not_outputs(tmp_path, 
     assert str(stage_file) in line and header["run_id"] and ops[-1] == {**ops[-1], "op": "end", "status": "FINISHED"}
     assert read_unsent(parent_file)[1][-1]["status"] == "FINISHED"
 
-    with mlflow_server(home, port):  # back, on the same database: the next `rl4llm run` or `list` sends what was kept
+    with running_mlflow_server(home, port):  # back, on the same database: the next `rl4llm run` or `list` sends what was kept
         assert tracking.fail_orphaned_runs() == []
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("rl4llm").experiment_id
