@@ -159,26 +159,27 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
 
 def push(root: Path, pipeline: str, stage: str) -> None:
     """Push a stage's outputs and the run cache to the default remote."""
-    with remote_errors(root, f"push of {pipeline}/{stage}"):
-        dvc(root, "push", "--run-cache", "-q", dvc_name(pipeline, stage), capture=True)
+    with remote_errors(root, f"push of {pipeline}/{stage} to"):
+        dvc(root, "push", "--run-cache", dvc_name(pipeline, stage), capture=True)
 
 
 def pull(root: Path, pipeline: str, stages: list[str]) -> None:
     """Fetch the outputs dvc.lock names for `stages` from the default remote into the workspace; runs nothing."""
-    with remote_errors(root, f"pull of {pipeline}/{', '.join(stages)}"):
-        dvc(root, "pull", "-q", *[dvc_name(pipeline, s) for s in stages], capture=True)
+    with remote_errors(root, f"pull of {pipeline}/{', '.join(stages)} from"):
+        dvc(root, "pull", *[dvc_name(pipeline, s) for s in stages], capture=True)
 
 
 @contextmanager
-def remote_errors(root: Path, what: str) -> Iterator[None]:
+def remote_errors(root: Path, what: str) -> Iterator[None]:  # what: "push of p/s to", "pull of p/s from"
     """A failed DVC command that talks to the default remote becomes a `DvcError` naming the remote, its URL and
-    DVC's cause (its `ERROR:` lines, without its advice)."""
+    DVC's cause (its last `ERROR:` line, without its advice; the command must not be `-q`, which drops it)."""
     try:
         yield
     except subprocess.CalledProcessError as e:
-        cause = " ".join(line.removeprefix("ERROR: ").strip() for line in (e.stderr or "").splitlines()
-                         if line.startswith("ERROR: ")) or f"`{' '.join(e.cmd)}` exited with {e.returncode}"
-        raise DvcError(f"{what} to/from DVC remote '{default_remote(root)}' ({remote_url(root)}) failed: "
+        causes = [line.removeprefix("ERROR: ").strip() for line in (e.stderr or "").splitlines()
+                  if line.startswith("ERROR: ")]
+        cause = causes[-1] if causes else f"`{' '.join(e.cmd)}` exited with {e.returncode}"
+        raise DvcError(f"{what} DVC remote '{default_remote(root)}' ({remote_url(root)}) failed: "
                        f"{cause}") from None
 
 
@@ -236,8 +237,8 @@ def checkout(root: Path, pipeline: str, stage: str) -> None:
     except subprocess.CalledProcessError:
         if not default_remote(root):
             raise
-        with remote_errors(root, f"pull of {pipeline}/{stage}"):
-            dvc(root, "pull", "-q", "--force", dvc_name(pipeline, stage), capture=True)
+        with remote_errors(root, f"pull of {pipeline}/{stage} from"):
+            dvc(root, "pull", "--force", dvc_name(pipeline, stage), capture=True)
 
 
 def outputs_present(root: Path, spec: ResolvedStage) -> bool:
