@@ -186,16 +186,16 @@ def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
             errors.append(ConfigError(file, f"kind '{kind.name}' needs input '{name}' ({declared.doc})",
                                       **where, key=f"inputs.{name}"))
 
-    settings = {k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
-                for k in Overridable.model_fields}
-    if settings["model"] and data.is_local(settings["model"], root):  # not an HF id
-        check(checks.check_model_dir, file, {**where, "key": "model"}, settings["model"], root / settings["model"])
-    accelerate_config = settings["accelerate_config"] or "infra/accelerate/single.yaml"
+    chosen = Overridable(**{k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
+                            for k in Overridable.model_fields})  # the stage's settings over the pipeline's
+    if chosen.model and data.is_local(chosen.model, root):  # not an HF id
+        check(checks.check_model_dir, file, {**where, "key": "model"}, chosen.model, root / chosen.model)
+    accelerate_config = chosen.accelerate_config or "infra/accelerate/single.yaml"
     num_processes = check(checks.check_accelerate_config, file, root, where, accelerate_config)
     raise_all(errors)
-    return ResolvedStage(kind=stage.kind, seed=settings["seed"] if settings["seed"] is not None else 0,
-                         model=settings["model"], accelerate_config=accelerate_config, num_processes=num_processes,
-                         inputs=inputs, output_dir=output_dir, outputs=outputs, params=params)
+    return ResolvedStage(kind=stage.kind, seed=chosen.seed if chosen.seed is not None else 0, model=chosen.model,
+                         accelerate_config=accelerate_config, num_processes=num_processes, inputs=inputs,
+                         output_dir=output_dir, outputs=outputs, params=params)
 
 
 def _run_settings(spec: PipelineSpec) -> RunSettings:
