@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
-from stages.warm import GPU_VISIBLE, WARM_SOCKET_ENV, differences, warm_up
+from stages.warm import GPU_VISIBLE, WARM_SOCKET_ENV, WarmProcess, differences, os_threads, warm_up
 from tests.conftest import warm_stage_processes
 from tests.test_run_safety import write_project
 
@@ -117,3 +119,30 @@ def test_the_stage_stops_when_its_command_dies(warm: dict[str, str], sft_project
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert client.search_runs([experiment.experiment_id])[0].info.status == "KILLED"
+
+
+def test_the_warm_socket_is_abstract_so_nothing_is_left_on_disk_whatever_kills_the_process():
+    name = f"rl4llm-warm-test-{os.getpid()}"
+    listening = WarmProcess(name)
+    listed = [line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines() if name in line]
+    assert listed == [f"@{name}"]  # the kernel's name for an abstract socket: no file behind it
+    listening.listener.close()
+    assert not any(name in line for line in Path("/proc/net/unix").read_text().splitlines())
+
+
+def test_a_thread_started_since_the_imports_makes_the_stage_start_cold():
+    warm = WarmProcess(f"rl4llm-warm-test-{os.getpid()}")
+    warm.threads = os_threads()
+    request = {"executable": sys.executable, "env": dict(os.environ)}
+    ours, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert warm.refusal(request, ours) is None
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert warm.refusal(request, ours) == "the warm process runs 1 thread(s) more than after its imports"
+    finally:
+        stop.set()
+        worker.join()
+    assert warm.refusal(request, ours) is None
+    warm.listener.close()
