@@ -27,6 +27,9 @@ import sys
 import time
 from typing import Callable
 
+import torch
+from transformers import StoppingCriteria
+
 INTERVAL_ENV = "RL4LLM_PROGRESS_S"
 DEFAULT_INTERVAL_S = 30.0
 stage_label: str | None = None  # the running stage (`set_stage`): what lines are labelled with by default
@@ -68,3 +71,25 @@ class Progress:
         elapsed = now - self.started
         speed = f", {self.tokens / elapsed:.0f} tokens/s" if self.tokens and elapsed > 0 else ""
         return f"[{self.label}] {self.what} {self.done}/{self.total} {self.unit}{speed}, {elapsed:.0f}s elapsed"
+
+
+class DecodeProgress(StoppingCriteria):
+    """A stopping criterion that never stops: it counts, at each decode step of one `generate` call, the tokens the
+    unfinished rows generated and the rows that just ended with `eos_id`, and passes them to `progress` (a single
+    `generate` on a real model can take minutes). `finished`: the rows that ended so far."""
+
+    def __init__(self, progress: Progress, eos_id: int):
+        self.progress, self.eos_id = progress, eos_id
+        self.ended: torch.Tensor | None = None  # [B] bool
+
+    @property
+    def finished(self) -> int:
+        return 0 if self.ended is None else int(self.ended.sum())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.ended is None:
+            self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        running = ~self.ended
+        self.ended = self.ended | (input_ids[:, -1] == self.eos_id)
+        self.progress.advance(int((self.ended & running).sum()), tokens=int(running.sum()))
+        return torch.zeros_like(self.ended)

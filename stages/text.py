@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from stages import data
 from stages.algorithms import token_logprobs
 from stages.chat import Message, Prompt, as_messages, completion_text
+from stages.progress import DecodeProgress, Progress
 
 if TYPE_CHECKING:
     from stages.context import StageContext
@@ -262,25 +263,37 @@ class Samples:
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
            temperature: float = 1.0, batch_size: int = 64, max_prompt_length: int | None = None) -> Samples:
     """Sample one completion per prompt (repeat prompts for several) in eval mode, leaving the model's mode as it
-    was. Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens."""
+    was. Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens.
+
+    Each token is drawn from softmax(logits / temperature) exactly (greedy at temperature 0), as the RL log-probs
+    assume: none of the checkpoint's `generation_config` defaults (top-k, top-p, repetition penalty, …) applies.
+    Progress lines (samples done / total, tokens/s) come from inside each `generate` call (`DecodeProgress`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_length:
         prompt_rows = [row[-max_prompt_length:] for row in prompt_rows]
+    pure = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, **pure,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    progress = Progress(None, "sampling", len(prompts))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's base generates
+    checkpoint_config, inner.generation_config = inner.generation_config, GenerationConfig()
     response_rows: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )[:, ids.shape[1]:].tolist()
-        for row in out:
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            response_rows.append(row[:end])
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
+            counter = DecodeProgress(progress, tokenizer.eos_token_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 stopping_criteria=StoppingCriteriaList([counter]))[:, ids.shape[1]:].tolist()
+            progress.advance(len(out) - counter.finished)  # the rows cut at max_new_tokens
+            for row in out:
+                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+                response_rows.append(row[:end])
+    finally:
+        inner.generation_config = checkpoint_config
+        model.train(was_training)
     completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
-    model.train(was_training)
     return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
                    prompt_rows)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from stages import progress
+from stages.models import load_policy, load_tokenizer, with_lora
+from stages.params import LoraParams
 from stages.progress import Progress
+from stages.text import encode_prompt, logits, pad, sample
 
 
 class Clock:
@@ -56,3 +60,63 @@ def test_a_bad_interval_setting_is_refused(monkeypatch, bad):
     monkeypatch.setenv(progress.INTERVAL_ENV, bad)
     with pytest.raises(ValueError):
         Progress("s", "sampling", 2)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """The tiny policy, its checkpoint's generation_config asking for top-k, top-p, min-p and a repetition penalty."""
+    model, tokenizer = load_policy(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    model.generation_config.update(top_k=3, top_p=0.5, min_p=0.9, repetition_penalty=5.0, do_sample=True)
+    return model, tokenizer
+
+
+def logits_processors(generating: torch.nn.Module, monkeypatch) -> list[list[str]]:
+    """The logits processors each `generate` of `generating` builds, by class name."""
+    built, build = [], generating._get_logits_processor
+
+    def capture(*args, **kwargs):
+        processors = build(*args, **kwargs)
+        built.append([type(p).__name__ for p in processors])
+        return processors
+
+    monkeypatch.setattr(generating, "_get_logits_processor", capture)
+    return built
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sampling_is_softmax_over_temperature_whatever_the_checkpoint_asks(tiny, monkeypatch, capsys, lora):
+    model, tokenizer = tiny
+    inner = model
+    if lora:
+        model = with_lora(model, LoraParams(r=2, alpha=4, target_modules="all-linear"))
+    built = logits_processors(inner, monkeypatch)
+    sample(model, tokenizer, ["name two animals"] * 2, 3, temperature=0.7)
+    sample(model, tokenizer, ["name two animals"] * 2, 3, temperature=0)
+    assert built == [["TemperatureLogitsWarper"], []]
+    assert inner.generation_config.top_k == 3  # the checkpoint's own config is left as it was
+    assert "may be ignored" not in capsys.readouterr().err
+
+
+def test_a_sampled_token_is_drawn_from_softmax_of_logits_over_temperature(tiny):
+    model, tokenizer = tiny
+    prompts = ["name two animals", "name five tools", "name two colors", "name three fruits"] * 4
+    torch.manual_seed(3)
+    drawn = sample(model, tokenizer, prompts, 1, temperature=0.7).batch.response_ids[:, 0]
+    ids, mask = pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, "left")
+    torch.manual_seed(3)
+    expected = torch.multinomial(torch.softmax(logits(model, ids, mask)[:, -1] / 0.7, -1), 1)[:, 0]
+    assert drawn.tolist() == expected.tolist()
+
+
+def test_sampling_reports_samples_and_tokens_from_inside_generate(tiny, monkeypatch, capsys):
+    model, tokenizer = tiny
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")  # a line at every decode step
+    monkeypatch.setattr(progress, "stage_label", "p/grpo")
+    samples = sample(model, tokenizer, ["name two animals", "name five tools"] * 2, 5, batch_size=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 * 5  # every decode step of each batch, and not only per batch
+    assert all(line.startswith("[p/grpo] sampling ") and "tokens/s" in line for line in lines)
+    assert lines[-1].split(",")[0] == "[p/grpo] sampling 4/4 samples"
+    assert lines[4].split(",")[0].endswith("/4 samples") and int(lines[4].split()[2].split("/")[0]) <= 2
+    generated = sum(samples.lengths)
+    assert f"{generated} tokens" not in lines[-1]  # a rate, not a count
