@@ -88,6 +88,8 @@ REWARDS = Registry("reward", {
     "format": "stages.rewards:format_reward",
     "language_consistency": "stages.rewards:language_consistency_reward",
     "overlong": "stages.rewards:overlong_reward",
+    "reasoning_gym": "stages.rewards:reasoning_gym_reward",
+    "math_verify": "stages.rewards:math_verify_reward",
 })
 # (response tokens) -> [(index of a step's last token, reward)], for process supervision
 STEP_REWARDS = Registry("step reward", {"arithmetic_steps": "stages.reasoning_task:step_rewards"})
@@ -95,7 +97,14 @@ STEP_REWARDS = Registry("step reward", {"arithmetic_steps": "stages.reasoning_ta
 EVALUATORS = Registry("evaluator", {
     "instruct_gold": "stages.instruct_task:evaluate",
     "reasoning": "stages.reasoning_task:evaluate",
+    "reasoning_gym": "stages.rewards:evaluate_reasoning_gym",
+    "math_verify": "stages.rewards:evaluate_math_verify",
 })
+# a reward that verifies answers -> the evaluator judging with the same verifier: a stage whose rewards include one
+# is evaluated by it unless its `evaluator` says otherwise
+VERIFIER_EVALUATORS = {"reasoning_gym": "reasoning_gym", "math_verify": "math_verify"}
+# rewards scoring an answer's correctness: an RL stage logs the first of these it uses as its `accuracy`
+VERIFIER_REWARDS = ("accuracy", *VERIFIER_EVALUATORS)
 # (prompt, K responses) -> ranks, 0 = best (equal ranks are ties): scripted stand-ins for human rankers
 LABELERS = Registry("labeler", {
     "instruct_gold": "stages.instruct_task:rank_by_gold",

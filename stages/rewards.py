@@ -6,14 +6,18 @@ Columns arrive as keyword lists aligned with `completions` (`answer=[...]`, `pro
 Completions are untrusted model output. Nothing here evaluates text (no eval/exec/sympify/literal_eval), every scan
 is linear in the completion length, regexes have no nested quantifiers, and the math verifier looks at most
 `MAX_ANSWER_CHARS` characters and numbers of at most `MAX_DIGITS` digits, so one call costs O(len(completion)) plus
-a constant.
+a constant. The library verifiers (`reasoning_gym`, `math_verify`) see only the extracted answer (at most
+`MAX_ANSWER_CHARS`, or `MAX_TASK_ANSWER_CHARS` for a task's own scorer) and run under a `VERIFY_SECONDS` timer.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
+import signal
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -27,8 +31,12 @@ Scorer = Callable[[list[Any], list[str]], list[float]]  # (prompts: text or chat
 
 MAX_ANSWER_CHARS = 100
 MAX_DIGITS = 60
+MAX_TASK_ANSWER_CHARS = 2000  # a reasoning-gym task's answer may be a list or a grid
+VERIFY_SECONDS = 1.0  # wall-clock budget of one library verification
+MODES = ("strict", "lenient")  # strict: the answer inside <answer>...</answer>; lenient: else the last number / line
 
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 _SCRIPT_OF_NAME = {
@@ -150,6 +158,175 @@ def accuracy_reward(completions: list[str], answer: list[Any], **_: Any) -> list
         ok = predicted is not None and reference is not None and verify_answer(predicted, str(reference))
         rewards.append(1.0 if ok else 0.0)
     return rewards
+
+
+# --- library verifiers: reasoning-gym's scorers and math-verify, strict or lenient -------------------------------
+
+
+def tagged_answer(text: str) -> str | None:
+    """Content of the last `<answer>...</answer>`, stripped; None without one (R1's template requires the tags)."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end != -1 else -1
+    return text[start + len("<answer>"):end].strip() if start != -1 else None
+
+
+def _last_number(text: str) -> str | None:
+    last = None
+    for last in _NUMBER.finditer(text):
+        pass
+    return last.group() if last else None
+
+
+def _final_line(text: str) -> str | None:
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return next((line for line in reversed(lines) if line), None)
+
+
+def answer_of(completion: str, reference: Any, mode: str) -> str | None:
+    """The completion's final answer as a verifier judges it. `strict`: the `<answer>` content (None without tags).
+    `lenient`: that, else the last number when the reference is a plain (decimal) number, else the last non-empty
+    line (whose last expression math-verify finds, e.g. a `\\frac`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    tagged = tagged_answer(completion)
+    if tagged is not None or mode == "strict":
+        return tagged
+    if reference is not None and _parse_decimal(_normalize(str(reference))) is not None:
+        return _last_number(completion)
+    return _final_line(completion)
+
+
+class _OutOfTime(BaseException):
+    """Raised by the verification timer; a BaseException so that a library's `except Exception` cannot swallow it."""
+
+
+def _expire(signum: int, frame: Any) -> None:
+    raise _OutOfTime
+
+
+def _timed(fn: Callable[[], float], seconds: float) -> float:
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def time_bounded(fn: Callable[[], float], seconds: float | None = None) -> float:
+    """`fn()`, or 0.0 when it runs past `seconds` (default VERIFY_SECONDS; a one-shot SIGALRM timer; every exit path stops it and puts the
+    previous handler back). Signals reach the main thread only: elsewhere `fn` runs without a timer, bounded by the
+    length caps on what the verifiers see."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    previous = signal.signal(signal.SIGALRM, _expire)
+    try:
+        return _timed(fn, VERIFY_SECONDS if seconds is None else seconds)
+    except _OutOfTime:  # wherever the one tick landed, up to the timer being stopped
+        return 0.0
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+@functools.lru_cache(maxsize=64)
+def task_dataset(task: str, config: str = "{}") -> Any:
+    """The reasoning-gym dataset object of `task` with its JSON `config` (for its `score_answer`), cached."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(task, size=1, seed=0, **json.loads(config or "{}"))
+
+
+def _user_text(prompt: Any) -> str:
+    """The question of a prompt: the text itself, or a chat's last user message."""
+    if prompt is None or isinstance(prompt, str):
+        return prompt or ""
+    return next((str(m["content"]) for m in reversed(prompt) if m.get("role") == "user"), "")
+
+
+def reasoning_gym_reward(completions: list[str], task: list[str] | None = None, metadata: list[Any] | None = None,
+                         answer: list[Any] | None = None, prompt: list[Any] | None = None,
+                         task_config: list[str | None] | None = None, *, mode: str = "strict", **_: Any
+                         ) -> list[float]:
+    """The row's reasoning-gym task's own `score_answer` (in [0, 1]) on the answer `answer_of` extracts (0.0 when
+    there is none, it is longer than MAX_TASK_ANSWER_CHARS, or scoring runs past VERIFY_SECONDS). Rows carry `task`,
+    the entry's `answer` and `metadata` (a JSON string or a dict), and optionally `task_config` (JSON) and `prompt`,
+    as the `reasoning_gym` data kind writes them."""
+    answer_of("", None, mode)  # a bad mode fails on any batch, the empty one included
+    if completions and (task is None or metadata is None or answer is None):
+        raise ValueError("the reasoning_gym reward needs `task`, `answer` and `metadata` columns (the "
+                         "reasoning_gym data kind writes them)")
+    rewards = []
+    for i, completion in enumerate(completions):
+        predicted = answer_of(completion, answer[i], mode)
+        if predicted is None or len(predicted) > MAX_TASK_ANSWER_CHARS:
+            rewards.append(0.0)
+            continue
+        entry = {"question": _user_text(prompt[i] if prompt else None), "answer": str(answer[i]),
+                 "metadata": json.loads(metadata[i]) if isinstance(metadata[i], str) else metadata[i]}
+        dataset = task_dataset(task[i], task_config[i] if task_config else "{}")
+        rewards.append(float(time_bounded(lambda: dataset.score_answer(predicted, entry))))
+    return rewards
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_reference(reference: str) -> tuple:
+    """math-verify's parse of a reference answer (retried as inline LaTeX), cached: references repeat G times."""
+    from math_verify import parse
+
+    return tuple(parse(reference, parsing_timeout=None) or parse(f"${reference}$", parsing_timeout=None))
+
+
+def _math_verified(predicted: str, reference: str) -> float:
+    from math_verify import parse, verify
+
+    gold = list(_parsed_reference(reference))
+    return float(bool(gold) and verify(gold, parse(predicted, parsing_timeout=None), timeout_seconds=None))
+
+
+def math_verify_reward(completions: list[str], answer: list[Any] | None = None, *, mode: str = "strict", **_: Any
+                       ) -> list[float]:
+    """1.0 iff math-verify (parse + verify, symbolic equivalence) finds the extracted answer (`answer_of`) equal to
+    the reference `answer`, else 0.0 (also for no answer, one longer than MAX_ANSWER_CHARS, or past
+    VERIFY_SECONDS)."""
+    answer_of("", None, mode)
+    if completions and answer is None:
+        raise ValueError("the math_verify reward needs an `answer` column")
+    _quiet_math_verify()
+    rewards = []
+    for completion, reference in zip(completions, answer or [], strict=True):
+        predicted = answer_of(completion, reference, mode)
+        ok = predicted is not None and reference is not None and len(predicted) <= MAX_ANSWER_CHARS
+        rewards.append(time_bounded(lambda: _math_verified(predicted, str(reference))) if ok else 0.0)
+    return rewards
+
+
+def _quiet_math_verify() -> None:
+    """math-verify warns once that its own (signal, whole-second) timeout is off: `time_bounded` is ours."""
+    from math_verify import grader, parser
+
+    grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
+
+
+def verifier_metrics(reward: RewardFn, rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """Held-out metrics of a library verifier `reward`: accuracy (score 1) with the answer in `<answer>` tags
+    (`accuracy_strict`) and by the last number / line too (`accuracy_lenient`), the share with tags
+    (`tagged_rate`), following the R1 template (`format_rate`), and the mean response length in words."""
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    metrics = {f"accuracy_{mode}": [float(s >= 1.0) for s in reward(completions, mode=mode, **columns)]
+               for mode in MODES}
+    metrics |= {"tagged_rate": [float(tagged_answer(c) is not None) for c in completions],
+                "format_rate": format_reward(completions),
+                "mean_response_length": [len(c.split()) for c in completions]}
+    return {name: sum(values) / len(values) for name, values in metrics.items()}
+
+
+def evaluate_reasoning_gym(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """The `reasoning_gym` evaluator: `verifier_metrics` by each row's task's own scorer."""
+    return verifier_metrics(reasoning_gym_reward, rows, completions)
+
+
+def evaluate_math_verify(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    """The `math_verify` evaluator: `verifier_metrics` by math-verify against each row's `answer`."""
+    return verifier_metrics(math_verify_reward, rows, completions)
 
 
 # --- format ---------------------------------------------------------------------------------------------------

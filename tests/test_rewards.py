@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import builtins
+import signal
 import sys
 import time
 
 import pytest
 
-from stages.rewards import (
-    REWARDS,
-    RewardConfigError,
-    accuracy_reward,
-    build_reward,
-    extract_answer,
-    format_reward,
-    language_consistency_reward,
-    overlong_reward,
-    repetition_ratio,
-    reward_model_reward,
-    routed_reward,
-    verify_answer,
-    word_script,
-)
+from stages import rewards
+from stages.rewards import (REWARDS, RewardConfigError, accuracy_reward, build_reward, extract_answer, format_reward,
+                            language_consistency_reward, math_verify_reward, overlong_reward, reasoning_gym_reward,
+                            repetition_ratio, reward_model_reward, routed_reward, time_bounded, verify_answer,
+                            word_script)
 
 GREEK = "αβγ δελτα ωμεγα"
 
@@ -188,14 +179,14 @@ def test_routed_reward_scatters_in_order() -> None:
 
 
 def test_build_reward() -> None:
-    assert set(REWARDS) == {"accuracy", "format", "language_consistency", "overlong"}
+    assert set(REWARDS) == {"accuracy", "format", "language_consistency", "overlong", "reasoning_gym", "math_verify"}
     assert build_reward("format") is format_reward
     overlong = build_reward("overlong", max_length=10, buffer=4)
     assert overlong(["x"], completion_length=[8]) == [-0.5]
     with pytest.raises(KeyError) as err:
         build_reward("acuracy")
-    assert str(err.value) == ("unknown reward 'acuracy'; allowed: accuracy, format, language_consistency, overlong, "
-                              "or an import path `module:function` of your own")
+    assert str(err.value) == ("unknown reward 'acuracy'; allowed: accuracy, format, language_consistency, "
+                              "math_verify, overlong, reasoning_gym, or an import path `module:function` of your own")
     with pytest.raises(ValueError, match="acuracy"):
         build_reward("acuracy")
     with pytest.raises(RewardConfigError, match="max_len.*allowed: max_length, buffer, penalty"):
@@ -204,6 +195,91 @@ def test_build_reward() -> None:
         build_reward("accuracy", tolerance=0.1)
     with pytest.raises(ValueError, match="buffer"):
         build_reward("overlong", max_length=10, buffer=-1)
+    with pytest.raises(ValueError, match="mode must be one of strict, lenient, got 'loose'"):
+        build_reward("math_verify", mode="loose")
+    assert build_reward("reasoning_gym", mode="lenient")([]) == []
+
+
+# --- library verifiers: strict (the answer in <answer> tags) and lenient (else the last number / line) ----------
+
+# a chain_sum row as the reasoning_gym data kind writes it: 17 + 25 = 42
+CHAIN_SUM = {"task": "chain_sum", "answer": "42", "task_config": '{"max_terms": 2, "min_terms": 2}',
+             "prompt": [{"role": "user", "content": "State the final answer to the following arithmetic problem: "
+                                                    "17 + 25 ="}],
+             "metadata": '{"source_dataset": "chain_sum", "source_index": 0, "num_terms": 2, "num_digits": 2, '
+                         '"expression": "17 + 25", "difficulty": {"num_terms": [2, 2], "num_digits": [1, 2]}}'}
+VERIFIED = [  # completion, strict score, lenient score
+    ("<answer>42</answer>", 1.0, 1.0),
+    ("<think>17 + 25 = 42</think>\n<answer> 42 </answer>", 1.0, 1.0),
+    ("<answer>41</answer>", 0.0, 0.0),
+    ("<answer>41</answer> oh wait, 42", 0.0, 0.0),  # the tag is the answer, even in lenient mode
+    ("17 + 25 = 42", 0.0, 1.0),  # untagged: the last number
+    ("The answer is 42.", 0.0, 1.0),
+    ("17 + 25 = 42, or maybe 43", 0.0, 0.0),
+    ("I do not know", 0.0, 0.0),  # no number at all
+    ("", 0.0, 0.0),
+]
+
+
+def rows_of(row: dict, n: int) -> dict[str, list]:
+    return {key: [value] * n for key, value in row.items()}
+
+
+@pytest.mark.parametrize("reward", [reasoning_gym_reward, math_verify_reward])
+def test_verifiers_strict_and_lenient(reward) -> None:
+    completions = [c for c, _, _ in VERIFIED]
+    columns = rows_of(CHAIN_SUM, len(completions))
+    assert reward(completions, mode="strict", **columns) == [s for _, s, _ in VERIFIED]
+    assert reward(completions, mode="lenient", **columns) == [s for _, _, s in VERIFIED]
+    assert reward(completions, **columns) == [s for _, s, _ in VERIFIED]  # strict by default
+
+
+def test_math_verify_judges_equivalent_forms() -> None:
+    completions = ["<answer>\\frac{1}{2}</answer>", "<answer>0.5</answer>", "<answer>$\\frac{2}{4}$</answer>",
+                   "<answer>\\boxed{1/2}</answer>", "<answer>1/3</answer>", "so x = \\frac{1}{2}"]
+    assert math_verify_reward(completions, answer=["1/2"] * 6) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert math_verify_reward(completions[-1:], answer=["\\frac{1}{2}"], mode="lenient") == [1.0]  # the last line
+
+
+def test_reasoning_gym_lenient_takes_the_final_line_of_a_non_numeric_answer() -> None:
+    row = {"task": "letter_counting", "answer": "3", "metadata": '{"span": ["x"], "target_letter": "r"}'}
+    assert reasoning_gym_reward(["there are\n3"], mode="lenient", **rows_of(row, 1)) == [1.0]
+    spell = {"task": "spell_backward", "answer": "olleh", "metadata": '{"word": "hello"}'}
+    right, last_line_wrong = reasoning_gym_reward(["Reversed:\nolleh", "olleh\nDone."], mode="lenient",
+                                                  **rows_of(spell, 2))
+    assert right == 1.0 and last_line_wrong < 1.0  # the task's own scorer gives partial credit
+
+
+VERIFIER_ADVERSARIAL = [
+    "1 " * 1_000_000 + "<answer>" + "9" * 5_000 + "</answer>",  # long, and an answer over every cap
+    "<answer>$9^{9^{9^{9}}}$</answer>",  # symbolic work with no end: cut by the timer
+    "<answer>$(10^{100})!$</answer>",
+    "<answer>$2^{2^{40}} - 2^{2^{40}}$</answer>",
+    "<answer>__import__('os').system('echo pwned')</answer>",
+    "<answer>" * 50_000 + "42",
+    "- " * 500_000 + "42" + "," * 100_000,
+    "\\boxed{" * 50_000,
+]
+
+
+@pytest.mark.parametrize("text", VERIFIER_ADVERSARIAL, ids=range(len(VERIFIER_ADVERSARIAL)))
+@pytest.mark.parametrize("reward", [reasoning_gym_reward, math_verify_reward])
+def test_verifiers_are_bounded_in_time(reward, text: str, no_eval, monkeypatch) -> None:
+    monkeypatch.setattr(rewards, "VERIFY_SECONDS", 0.2)
+    for mode in ("strict", "lenient"):
+        start = time.perf_counter()
+        values = reward([text], mode=mode, **rows_of(CHAIN_SUM, 1))
+        assert time.perf_counter() - start < 1.0, (mode, text[:40])
+        assert len(values) == 1 and isinstance(values[0], float)
+
+
+def test_time_bounded_stops_the_timer_and_restores_the_handler() -> None:
+    previous = signal.getsignal(signal.SIGALRM)
+    start = time.perf_counter()
+    assert time_bounded(lambda: time.sleep(5) or 1.0, seconds=0.2) == 0.0
+    assert time.perf_counter() - start < 1.0
+    assert time_bounded(lambda: 0.5) == 0.5
+    assert signal.getsignal(signal.SIGALRM) is previous and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_repetition_ratio() -> None:
