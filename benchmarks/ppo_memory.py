@@ -48,9 +48,9 @@ def child(stage: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--accumulation", type=int, default=4,
-                        help="gradient_accumulation_steps (micro-batches of 8/N samples): activations, the same in "
-                             "both runs, shrink with it, so the figure is mostly models, gradients, optimizer state")
+    parser.add_argument("--micro-batch-size", type=int, default=2,
+                        help="micro_batch_size (samples per forward/backward): activations, the same in both runs, "
+                             "shrink with it, so the figure is mostly models, gradients, optimizer state")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
@@ -66,7 +66,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
             model).parameters())
         inputs = {"policy": "datasets.model", "reward": "datasets.model", "prompts": "datasets.prompts"}
-        ppo = {**PPO, "gradient_accumulation_steps": args.accumulation}
+        ppo = {**PPO, "micro_batch_size": args.micro_batch_size}
         config = {"pipelines": {"memory": {
             "defaults": {"seed": 0},
             "datasets": {"model": {"path": "qwen2"}, "prompts": {"path": "prompts", "split": "train"}},
@@ -83,7 +83,7 @@ def main() -> None:
                                  capture_output=True, text=True).stdout
             results[stage] = json.loads(out.strip().splitlines()[-1])
         print(f"ppo stage, Qwen2 layout, {n_params / 1e6:.1f} M parameters (fp32), "
-              f"gradient_accumulation_steps {args.accumulation}:")
+              f"micro_batch_size {args.micro_batch_size}:")
         for stage, r in results.items():
             print(f"  {stage}: RSS after imports {r['import_rss_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB, "
                   f"models + gradients + optimizer state + activations {r['peak_rss_mb'] - r['import_rss_mb']:.0f} MB")

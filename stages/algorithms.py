@@ -14,8 +14,8 @@ import math
 from typing import Callable
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def _lookup(registry: dict[str, Callable], name: str, kind: str) -> Callable:
@@ -344,6 +344,15 @@ LOSS_AGG_MODES: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
 }
 
 
+def aggregation_size(mask: Tensor, mode: str) -> Tensor:
+    """What `aggregate_loss` averages over in `mode`: the masked tokens (token-mean) or the rows with at least one
+    (the seq-mean modes). mask: [B, T] -> scalar. A loss over rows split into chunks is recovered exactly as
+    sum over chunks of aggregate_loss(chunk) * aggregation_size(chunk) / aggregation_size(all rows): how gradients
+    accumulated over micro-batches equal the whole minibatch's."""
+    _lookup(LOSS_AGG_MODES, mode, "loss aggregation mode")
+    return mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum()
+
+
 def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str, max_len: int | None = None) -> Tensor:
     """Reduce a per-token loss [B, T] to a scalar by the named mode (see LOSS_AGG_MODES).
 
@@ -540,10 +549,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
     """Token-level knowledge distillation (Hinton et al. 2015): tau^2 · mean over the masked tokens of
     KL(softmax(z_teacher / tau) || softmax(z_student / tau)); the tau^2 keeps the gradient's scale independent of tau.
 
-    student_logits, teacher_logits: [B, T, V]; mask: [B, T] -> scalar.
+    student_logits, teacher_logits: [B, T, V] (computed in float32 at least); mask: [B, T] -> scalar.
     """
-    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
-    student_logp = F.log_softmax(student_logits / temperature, dim=-1)
+    precision = torch.promote_types(student_logits.dtype, torch.float32)
+    teacher_logp = F.log_softmax(teacher_logits.to(precision) / temperature, dim=-1)
+    student_logp = F.log_softmax(student_logits.to(precision) / temperature, dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
     return masked_mean(kl, mask) * temperature ** 2
 
@@ -551,6 +561,51 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
 # ----------------------------------------------------------------------------------------------------------------
 # Log-probs and sampling helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / tau)[label] one row at a time, saving only the logits and each position's logsumexp: the
+    forward and the backward hold one row's [T, V] float32 temporaries, never a full-vocabulary copy of the batch."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        precision = torch.promote_types(logits.dtype, torch.float32)  # bfloat16 -> float32; float64 stays
+        lse = torch.empty(labels.shape, dtype=precision, device=logits.device)
+        chosen = torch.empty_like(lse)
+        for row in range(logits.shape[0]):
+            z = logits[row].to(precision) / temperature
+            lse[row] = torch.logsumexp(z, dim=-1)
+            chosen[row] = z.gather(-1, labels[row, :, None]).squeeze(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return chosen - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for row in range(logits.shape[0]):
+            # d/dz_v (z_y - logsumexp z) = 1[v = y] - softmax(z)_v, then the chain rule through z = logits / tau
+            g = torch.exp(logits[row].to(lse.dtype) / ctx.temperature - lse[row, :, None]) * -grad[row, :, None]
+            g.scatter_add_(-1, labels[row, :, None], grad[row, :, None])
+            grad_logits[row] = g / ctx.temperature
+        return grad_logits, None, None
+
+
+def selective_log_softmax(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[label] per position, differentiable, without materialising log_softmax
+    (TRL's `selective_log_softmax`, verl's `logprobs_from_logits`): one sequence at a time, in float32 (float64
+    logits stay float64), so bfloat16 logits are upcast a row at a time. logits: [B, T, V] (any strides); labels:
+    LongTensor [B, T] -> [B, T]."""
+    return _SelectiveLogSoftmax.apply(logits, labels, temperature)
+
+
+@torch.no_grad()
+def entropy_by_rows(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature) per position, one sequence at a time in float32 (for logging: no
+    gradient). logits: [B, T, V] -> [B, T]."""
+    return torch.stack([entropy_from_logits(row.float() / temperature) for row in logits]) if len(logits) \
+        else logits.new_zeros(logits.shape[:2], dtype=torch.float32)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

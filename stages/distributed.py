@@ -18,7 +18,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin,
-                               gather_object)
+                              gather_object)
 
 T = TypeVar("T")
 TRACE_DIR_ENV = "RL4LLM_TRACE_DIR"  # when set, each rank writes the row ids it trained on there (tests read them)
@@ -64,11 +64,11 @@ def seed_sampling(seed: int, acc: Accelerator) -> None:
     torch.manual_seed(rank_seed(seed, acc))
 
 
-def check_divisible(what: str, value: int, acc: Accelerator, by: int = 1) -> None:
-    """Global sizes must split evenly: `value` over processes (× `by`, e.g. gradient accumulation steps)."""
-    if value % (acc.num_processes * by):
+def check_divisible(what: str, value: int, acc: Accelerator) -> None:
+    """Global sizes must split evenly over the processes."""
+    if value % acc.num_processes:
         raise ValueError(f"{what}={value} is global and must be divisible by the number of processes "
-                         f"({acc.num_processes})" + (f" × gradient_accumulation_steps ({by})" if by > 1 else ""))
+                         f"({acc.num_processes})")
 
 
 def shard(items: Sequence[T], acc: Accelerator) -> list[T]:

@@ -4,9 +4,9 @@ equal). Pure declarations: pipelines.yaml is checked against them without loadin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from stages.kinds import StageParams, named
 from stages.registry import EVALUATORS
@@ -44,12 +44,21 @@ class OptimParams(ModelParams):
 
     lr_scheduler: LRScheduler = "constant"  # transformers.get_scheduler, with warmup
     warmup_ratio: float = 0.0  # share of the optimiser steps spent warming the LR up from 0
-    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step; the global batch stays the same
+    micro_batch_size: PositiveInt = 8  # rows per forward/backward pass per process: memory, not the optimiser step
     max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
     checkpoint_every: PositiveInt = 50  # optimiser steps (RL kinds: iterations) between resumable checkpoints
     log_every: PositiveInt = 10  # steps between the training-curve points sent to MLflow (first and last always)
     keep_checkpoints: PositiveInt = 2  # newest checkpoints kept while the stage runs (all removed when it ends)
+
+    @model_validator(mode="before")
+    @classmethod
+    def replaced_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "gradient_accumulation_steps" in values:
+            raise ValueError("gradient_accumulation_steps was replaced by micro_batch_size (rows per forward/backward "
+                             "per process; the optimiser batch is batch_size or minibatch_size, split into "
+                             "micro-batches of that many rows): remove it and set micro_batch_size instead")
+        return values
 
 
 class LoraTrainingParams(OptimParams):

@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from stages import data
-from stages.algorithms import token_logprobs
+from stages.algorithms import entropy_by_rows, masked_sum, selective_log_softmax
 from stages.chat import Message, Prompt, as_messages, completion_text
 from stages.progress import DecodeProgress, Progress
 
@@ -198,6 +198,11 @@ class PairBatch:
     def select(self, rows: torch.Tensor) -> "PairBatch":
         return PairBatch(self.ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
 
+    def split(self, rows: int) -> list["PairBatch"]:
+        """Consecutive micro-batches of at most `rows` rows."""
+        return [self.select(torch.arange(start, min(start + rows, len(self.ids)), device=self.ids.device))
+                for start in range(0, len(self.ids), rows)]
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "PairBatch":
         return PairBatch(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
                          self.prompt_len)
@@ -218,33 +223,64 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [B, T, V] in float32, with mask-aware positions."""
-    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-    return out.float()
+def logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor,
+           keep: int = 0) -> torch.Tensor:
+    """Next-token logits [B, T, V] in the model's dtype, with mask-aware positions; `keep` > 0: of the last `keep`
+    positions only, [B, keep, V] (transformers' `logits_to_keep`: the LM head runs on those hidden states alone).
+    The call goes through the model's own `forward` (a PEFT, DDP or FSDP wrapper's hooks run)."""
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                 logits_to_keep=keep).logits
 
 
-def response_logprobs(model: PreTrainedModel, batch: PairBatch, return_logits: bool = False,
-                      temperature: float = 1.0):
-    """Log-probs of the response tokens under softmax(logits / temperature): [B, R] (and those scaled response
-    logits [B, R, V] if asked). Pass the sampling temperature so the log-probs are those of the policy that sampled
+def response_logits(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
+    """The logits predicting each response token, [B, R, V] in the model's dtype: the LM head runs on the response
+    positions only (no full-vocabulary tensor for prompt positions). A view of the last R + 1 positions' logits."""
+    width = batch.ids.shape[1] - batch.prompt_len
+    return logits(model, batch.ids, batch.attention_mask, keep=width + 1)[:, :-1]
+
+
+def _scale(temperature: float) -> float:
+    # temperature 0 (greedy sampling) has no softmax of its own: log-probs are then those of the logits
+    return temperature if temperature > 0 else 1.0
+
+
+def response_logprobs(model: PreTrainedModel, batch: PairBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [B, R] (float32) of the response tokens under softmax(logits / temperature), chosen-token only
+    (`selective_log_softmax`). Pass the sampling temperature so the log-probs are those of the policy that sampled
     (as TRL and verl do): the PPO ratio and the KL then refer to the sampling distribution."""
-    out = logits(model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
-    if temperature > 0 and temperature != 1.0:
-        out = out / temperature
-    logp = token_logprobs(out, batch.response_ids)
-    return (logp, out) if return_logits else logp
+    return selective_log_softmax(response_logits(model, batch), batch.response_ids, _scale(temperature))
+
+
+def response_logprobs_and_entropy(model: PreTrainedModel, batch: PairBatch, temperature: float = 1.0
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` [B, R] and, from the same forward, the entropy [B, R] of softmax(logits / temperature)
+    at each response position (detached, for logging; computed a sequence at a time)."""
+    out = response_logits(model, batch)
+    return (selective_log_softmax(out, batch.response_ids, _scale(temperature)),
+            entropy_by_rows(out.detach(), _scale(temperature)))
+
+
+def batched(fn: Callable[[PairBatch], torch.Tensor], batch: PairBatch, rows: int, what: str = "scoring"
+            ) -> torch.Tensor:
+    """`fn` over `batch` in micro-batches of at most `rows` rows, results concatenated: [B, ...] (for no-grad
+    forwards, whose memory is then one micro-batch's). Progress lines say `what` is done (`stages.progress`)."""
+    progress, results = Progress(None, what, total=len(batch.ids)), []
+    for part in batch.split(rows):
+        results.append(fn(part))
+        progress.advance(len(part.ids), tokens=int(part.attention_mask.sum()))
+    return torch.cat(results)
 
 
 def text_lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                  reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over plain texts encoded by `encode_text` (no chat template)."""
+    """Next-token cross-entropy over plain texts encoded by `encode_text` (no chat template): the mean over their
+    predicted tokens, or the sum (`reduction="sum"`)."""
     device = next(model.parameters()).device
     ids, mask = pad([encode_text(tokenizer, t) for t in texts], tokenizer.pad_token_id, "left")
     ids, mask = ids.to(device), mask.to(device)
-    target = mask[:, 1:].bool()
-    out = logits(model, ids, mask)[:, :-1]
-    return torch.nn.functional.cross_entropy(out[target], ids[:, 1:][target], reduction=reduction)
+    target = mask[:, 1:]
+    nll = -masked_sum(selective_log_softmax(logits(model, ids, mask)[:, :-1], ids[:, 1:]), target)
+    return nll if reduction == "sum" else nll / target.sum().clamp(min=1)
 
 
 @dataclass

@@ -4,6 +4,7 @@ each rank's batches, held-out policy evaluation, KL to a reference, saving."""
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,7 @@ from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
-from stages.text import (PairBatch, check_prompts_fit, context_length, encode_row, fit_rows, pair_batch,
+from stages.text import (PairBatch, batched, check_prompts_fit, context_length, encode_row, fit_rows, pair_batch,
                          response_logprobs, sample)
 
 if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
@@ -31,6 +32,17 @@ if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every t
 
 
 MicroLoss = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+Weigh = Callable[[torch.Tensor], float]  # how many units (rows, tokens) a micro-batch's loss is the mean over
+
+
+def unit_shares(acc: Accelerator, units: list[float]) -> list[float]:
+    """Each micro-batch's weight in an optimiser step: its units over the mean per process of the units of the whole
+    global minibatch (summed over processes). DDP averages the processes' accumulated gradients, so the step's
+    gradient is that of the mean over every unit of the global minibatch, however it is split."""
+    total = sum(units)
+    if acc.num_processes > 1:
+        total = acc.reduce(torch.tensor(total, dtype=torch.float64, device=acc.device), "mean").item()
+    return [n / total for n in units] if total > 0 else [1 / len(units)] * len(units)
 
 
 @dataclass
@@ -44,19 +56,23 @@ class Optimization:
     max_grad_norm: float | None
     prefix: str = ""  # of the logged gradient norm (e.g. `value_` for a value model)
 
-    def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss) -> dict[str, float]:
-        """Accumulate the gradients of `loss_fn` over `micro_batches` (each weighted 1/len), then clip, step the
-        optimiser and the schedule. Gradients sync across processes on the last micro-batch only. Returns the mean
-        of the micro-batches' metrics on this rank, the gradient norm and the learning rate of this step; a
-        non-finite one stops before the step."""
+    def update(self, micro_batches: list[torch.Tensor], loss_fn: MicroLoss, weigh: Weigh = len) -> dict[str, float]:
+        """One optimiser step over this rank's share of a minibatch, given as `micro_batches` of row indices.
+        `loss_fn(micro)` is the loss of one micro-batch alone, a mean over its own units (rows, or tokens), of which it
+        holds `weigh(micro)`. Each is weighted by `unit_shares`, so the accumulated gradient is that of the global
+        minibatch's loss, whatever the micro-batch size and the number of processes. Then clip, step the optimiser
+        and the schedule. Gradients sync across processes on the last micro-batch only. Returns the metrics weighted
+        the same way (the minibatch's once `global_means` averages the ranks), the gradient norm and the learning
+        rate of this step; a non-finite one stops before the step."""
         acc, totals = self.ctx.accelerator, {}
-        for i, micro in enumerate(micro_batches):
+        shares = unit_shares(acc, [float(weigh(micro)) for micro in micro_batches])
+        for i, (micro, share) in enumerate(zip(micro_batches, shares)):
             sync = i == len(micro_batches) - 1
             with nullcontext() if sync else acc.no_sync(self.model):
                 loss, metrics = loss_fn(micro)
-                acc.backward(loss / len(micro_batches))
+                acc.backward(loss * share)
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+                totals[key] = totals.get(key, 0.0) + value * share
         norm = acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
         totals[f"{self.prefix}grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         totals[f"{self.prefix}lr"] = self.scheduler.get_last_lr()[0]
@@ -73,7 +89,9 @@ def prepare_optimization(ctx: StageContext, model: torch.nn.Module, lr: float, t
     the schedule is registered with accelerate so that checkpoints hold it."""
     p: OptimParams = ctx.params
     if getattr(p, "lora", None) is not None:
-        model = with_lora(model, p.lora)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = with_lora(model, p.lora)
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -95,9 +113,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def micro_batches(rows: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Split one rank's batch of row indices into `steps` micro-batches (near-equal)."""
-    return [chunk for chunk in torch.tensor_split(rows, steps) if len(chunk)]
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split one rank's batch of row indices into micro-batches of at most `size` rows (the forward/backward)."""
+    return list(torch.split(rows, size))
 
 
 def epoch_batches(ctx: StageContext, n_rows: int, batch_size: int, epoch: int) -> Iterator[list[torch.Tensor]]:
@@ -105,17 +123,17 @@ def epoch_batches(ctx: StageContext, n_rows: int, batch_size: int, epoch: int) -
 
     The shuffled order is the same on every rank (seed + epoch); it is cut into global batches of `batch_size`
     (the last one may be smaller), each rank takes its contiguous share of every global batch, split into
-    `gradient_accumulation_steps` micro-batches. So N processes see exactly the global batches of one process.
+    micro-batches of at most `micro_batch_size` rows. So N processes see exactly the global batches of one process.
     """
-    acc, accumulation = ctx.accelerator, ctx.params.gradient_accumulation_steps
-    check_divisible("batch_size", batch_size, acc, accumulation)
+    acc = ctx.accelerator
+    check_divisible("batch_size", batch_size, acc)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(ctx.seed + epoch))
     for start in range(0, n_rows, batch_size):
         batch = order[start:start + batch_size]
         if len(batch) < acc.num_processes:
             break  # a last global batch too small to give every rank a row
         share = torch.tensor_split(batch, acc.num_processes)[acc.process_index]
-        yield micro_batches(share, accumulation)
+        yield micro_batches(share, ctx.params.micro_batch_size)
 
 
 def steps_per_epoch(ctx: StageContext, n_rows: int, batch_size: int) -> int:
@@ -124,9 +142,10 @@ def steps_per_epoch(ctx: StageContext, n_rows: int, batch_size: int) -> int:
 
 
 def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: int, epochs: int,
-                 loss_fn: MicroLoss) -> None:
+                 loss_fn: MicroLoss, weigh: Weigh = len) -> None:
     """The supervised loop: `epochs` passes of shuffled global batches over rows 0..n_rows-1, one optimiser step
-    each, metrics averaged over ranks; resumable (`TrainingLoop`)."""
+    each (`Optimization.update` with `loss_fn` and `weigh`), metrics averaged over ranks; resumable
+    (`TrainingLoop`)."""
     loop = TrainingLoop(ctx, epochs * steps_per_epoch(ctx, n_rows, batch_size))
     loop.resume()
     batches = (micro for epoch in range(epochs) for micro in epoch_batches(ctx, n_rows, batch_size, epoch))
@@ -134,7 +153,7 @@ def train_epochs(ctx: StageContext, opt: Optimization, n_rows: int, batch_size: 
         next(batches)
     for step in loop.steps():
         micro = next(batches)
-        metrics = opt.update(micro, loss_fn)
+        metrics = opt.update(micro, loss_fn, weigh)
         loop.saw([int(i) for chunk in micro for i in chunk])
         loop.end_step(step, global_means(ctx.accelerator, metrics))
 
@@ -143,24 +162,25 @@ def rl_optimiser_steps(ctx: StageContext, samples_per_rank: int, minibatch_size:
                        iterations: int) -> int:
     """Optimiser steps of an RL run (for the LR schedule): `epochs` passes per iteration over this rank's
     rollout samples in minibatches of the global `minibatch_size`."""
-    check_divisible("minibatch_size", minibatch_size, ctx.accelerator, ctx.params.gradient_accumulation_steps)
+    check_divisible("minibatch_size", minibatch_size, ctx.accelerator)
     return iterations * epochs * -(-samples_per_rank // (minibatch_size // ctx.accelerator.num_processes))
 
 
 def update_on_buffer(ctx: StageContext, n_samples: int, minibatch_size: int, epochs: int,
-                     generator: torch.Generator, updates: list[tuple[Optimization, MicroLoss]]) -> dict[str, float]:
+                     generator: torch.Generator, updates: list[tuple[Optimization, MicroLoss, Weigh]]
+                     ) -> dict[str, float]:
     """The PPO-style update (PPO, GRPO): `epochs` passes over this rank's `n_samples` rollout samples in shuffled
-    minibatches (`minibatch_size` global, so `minibatch_size / N` here), one optimiser step of every (model, loss)
-    of `updates` per minibatch, each split into gradient-accumulation micro-batches. Returns the mean of each metric
-    over the steps, averaged over ranks."""
+    minibatches (`minibatch_size` global, so `minibatch_size / N` here), one optimiser step of every (model, loss,
+    weigh) of `updates` per minibatch (`Optimization.update`), each split into micro-batches of at most
+    `micro_batch_size` samples. Returns the mean of each metric over the steps, averaged over ranks."""
     device, local_size = ctx.accelerator.device, minibatch_size // ctx.accelerator.num_processes
     stats: dict[str, list[float]] = {}
     for _ in range(epochs):
         order = torch.randperm(n_samples, generator=generator)
         for start in range(0, n_samples, local_size):
-            micro = micro_batches(order[start:start + local_size].to(device), ctx.params.gradient_accumulation_steps)
-            for opt, loss_fn in updates:
-                for key, value in opt.update(micro, loss_fn).items():
+            micro = micro_batches(order[start:start + local_size].to(device), ctx.params.micro_batch_size)
+            for opt, loss_fn, weigh in updates:
+                for key, value in opt.update(micro, loss_fn, weigh).items():
                     stats.setdefault(key, []).append(value)
     return global_means(ctx.accelerator, {k: sum(v) / len(v) for k, v in stats.items()})
 
@@ -174,7 +194,8 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
             metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
                                            p.eval_samples_per_prompt, p.eval_temperature))
         if ctx.has("lm_eval"):
-            metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")])
+            metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")],
+                                              p.micro_batch_size)
     return metrics
 
 
@@ -187,12 +208,14 @@ def check_evaluation_fits(ctx: StageContext, tokenizer: PreTrainedTokenizerBase,
 
 @torch.no_grad()
 def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
-                    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int) -> float:
-    """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased);
-    `reference` None: the policy with its LoRA adapters off."""
+                    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
+                    micro_batch_size: int) -> float:
+    """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased), scored
+    in micro-batches of `micro_batch_size` rows; `reference` None: the policy with its LoRA adapters off."""
     samples = sample(policy, tokenizer, prompts, max_new_tokens)
     batch = samples.batch.to(next(policy.parameters()).device)
-    diff = response_logprobs(policy, batch) - reference_logprobs(acc, policy, reference, batch)
+    diff = batched(lambda part: response_logprobs(policy, part)
+                   - reference_logprobs(acc, policy, reference, part), batch, micro_batch_size)
     return masked_sum(diff, batch.response_mask, dim=1).mean().item()
 
 
@@ -218,7 +241,8 @@ def adapters_disabled(acc: Accelerator, model: torch.nn.Module) -> Iterator[None
 
 def reference_logprobs(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
                        batch: PairBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Response log-probs [B, R] under the frozen reference: its own model, or the policy with adapters off."""
+    """Response log-probs [B, R] under the frozen reference: its own model, or the policy with adapters off (one
+    forward of the whole `batch`: call it per micro-batch, e.g. through `batched`)."""
     if reference is not None:
         return response_logprobs(reference, batch, temperature=temperature)
     with adapters_disabled(acc, policy):
@@ -226,7 +250,8 @@ def reference_logprobs(acc: Accelerator, policy: torch.nn.Module, reference: tor
 
 
 def sft_loss(model: PreTrainedModel, batch: PairBatch) -> torch.Tensor:
-    """Mean negative log-likelihood of the response tokens."""
+    """Mean negative log-likelihood of the response tokens (a mean over tokens: weigh micro-batches by
+    `response_mask.sum()`)."""
     return -masked_mean(response_logprobs(model, batch), batch.response_mask)
 
 
@@ -264,6 +289,11 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
         masks = [mask if mask is not None else [1] * len(response) for _, response, mask in rows]
         return pair_batch([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id, masks).to(acc.device)
 
+    tokens = [sum(mask) if mask is not None else len(response) for _, response, mask in train]
+
+    def weigh(ids: torch.Tensor) -> float:  # the loss and its extra term are means over the response tokens
+        return sum(tokens[i] for i in ids.tolist())
+
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         batch = collate([train[i] for i in ids.tolist()])
         loss = sft_loss(opt.model, batch)
@@ -275,11 +305,12 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
         return loss, metrics
 
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
-    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
+    train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn, weigh)
     metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
     if holdout:  # on every rank: FSDP forward
         opt.model.eval()
-        metrics["eval_loss"] = held_out_loss(opt.model, (collate(holdout[s:s + p.batch_size])
-                                                         for s in range(0, len(holdout), p.batch_size)))
+        size = p.micro_batch_size
+        metrics["eval_loss"] = held_out_loss(opt.model, (collate(holdout[s:s + size])
+                                                         for s in range(0, len(holdout), size)))
     save_model(ctx, opt.model, tokenizer)
     return metrics

@@ -42,7 +42,7 @@ STAGES = [
     {"name": "sft_fsdp", **SFT, "accelerate_config": FSDP},
     {"name": "sft_mixed_bf16", **SFT, "accelerate_config": "infra/accelerate/single_bf16.yaml"},
     {"name": "sft_bf16", **SFT, "params": {**SFT["params"], "dtype": "bfloat16"}},
-    {"name": "sft_accumulated", **SFT, "params": {**SFT["params"], "gradient_accumulation_steps": 2}},
+    {"name": "sft_accumulated", **SFT, "params": {**SFT["params"], "micro_batch_size": 2}},
     {"name": "sft_cosine", **SFT, "params": {**SFT["params"], "lr_scheduler": "cosine", "warmup_ratio": 0.5}},
     {"name": "pretrain", "kind": "pretrain", "inputs": {"corpus": "datasets.corpus"}, "accelerate_config": DDP,
      "params": {"hidden_size": 16, "layers": 1, "epochs": 1, "batch_size": 16}},

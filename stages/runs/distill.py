@@ -15,7 +15,7 @@ from stages.algorithms import distillation_loss
 from stages.context import StageContext
 from stages.kinds.distill import Params
 from stages.models import load_policy, load_tokenizer
-from stages.text import PairBatch, response_logprobs
+from stages.text import PairBatch, response_logits
 from stages.training import fine_tune
 
 
@@ -27,11 +27,11 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
 
 
 def kd_loss(student: PreTrainedModel, teacher: PreTrainedModel, batch: PairBatch, temperature: float) -> torch.Tensor:
-    """`distillation_loss` of the student's next-token logits towards the teacher's, on the response tokens."""
-    _, student_logits = response_logprobs(student, batch, return_logits=True)
+    """`distillation_loss` of the student's next-token logits towards the teacher's, on the response tokens (a
+    mean over them, as the SFT loss it is added to)."""
     with torch.no_grad():
-        _, teacher_logits = response_logprobs(teacher, batch, return_logits=True)
-    return distillation_loss(student_logits, teacher_logits, batch.response_mask, temperature)
+        teacher_logits = response_logits(teacher, batch)
+    return distillation_loss(response_logits(student, batch), teacher_logits, batch.response_mask, temperature)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

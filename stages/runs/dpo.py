@@ -15,8 +15,8 @@ The losses live in `stages.algorithms` (`preference_loss`, `kto_loss`); this sta
      training. With LoRA, π_ref is the policy with its adapters off: reference log-probs are computed per batch and
      nothing is stored (the output then holds the pairs alone);
   3. KTO's z0: the paper's estimator — each example's prompt is paired with another example's completion (a fixed
-     derangement, so its reference log-prob is precomputed too), and z0 = max(0, mean over the global batch of
-     log π(y'|x) - log π_ref(y'|x)) on those mismatched pairs, detached;
+     derangement, so its reference log-prob is precomputed too), and z0 = max(0, mean over the micro-batch of
+     every rank of log π(y'|x) - log π_ref(y'|x)) on those mismatched pairs, detached;
   4. train: epochs over shuffled batches (chosen and rejected — for KTO, completion and mismatched completion — in
      one forward pass);
   5. evaluate on held-out pairs (the same metrics for every loss): implicit-reward accuracy and margin,
@@ -141,8 +141,8 @@ def sequence_logps(model, batch: PairBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model, tokenizer, prompts: list[Prompt], completions: list[str], p: Params) -> torch.Tensor:
-    """Sequence log-probs of many (prompt, completion) rows, in batches: [N] on the CPU."""
-    device, size = next(model.parameters()).device, p.batch_size
+    """Sequence log-probs of many (prompt, completion) rows, in micro-batches: [N] on the CPU."""
+    device, size = next(model.parameters()).device, p.micro_batch_size
     logps = [sequence_logps(model, encode(tokenizer, prompts[s:s + size], completions[s:s + size], p)
                             .to(device)).cpu() for s in range(0, len(prompts), size)]
     return torch.cat(logps) if logps else torch.zeros(0)
@@ -247,7 +247,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         if eval_pairs:
             write_jsonl(eval_pairs, ctx.outputs["reference_logps"] / "eval.jsonl")
 
-    # 3-4. train: every global batch of `batch_size` pairs is shared by the ranks
+    # 3-4. train: every global batch of `batch_size` pairs is shared by the ranks, in micro-batches of
+    # `micro_batch_size` pairs (the losses are means over pairs, or examples; KTO's z0 is each micro-batch's)
     opt = prepare_optimization(ctx, policy, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -289,7 +290,8 @@ def run(ctx: StageContext) -> dict[str, float]:
             else list({prompt_key(r["prompt"]): r["prompt"] for r in eval_pairs}.values())
         if kl_prompts:  # the reference: reloaded for this only, or the policy with its LoRA adapters off
             reference = None if p.lora else load_policy(ctx.path("policy"), p).to(acc.device).requires_grad_(False)
-            final["kl"] = kl_to_reference(acc, policy, reference, tokenizer, kl_prompts, p.max_new_tokens)
+            final["kl"] = kl_to_reference(acc, policy, reference, tokenizer, kl_prompts, p.max_new_tokens,
+                                          p.micro_batch_size)
             del reference
     final |= evaluate(ctx, opt.model, tokenizer)
     save_model(ctx, opt.model, tokenizer)

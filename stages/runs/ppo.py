@@ -17,31 +17,20 @@ import random
 
 import torch
 
-from stages.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    adaptive_kl_coef,
-    clipped_value_loss,
-    entropy_from_logits,
-    explained_variance,
-    kl_penalty,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    outcome_token_rewards,
-    ppo_policy_loss,
-)
+from stages.algorithms import (ADVANTAGE_ESTIMATORS, adaptive_kl_coef, clipped_value_loss, explained_variance,
+                               kl_penalty, masked_mean, masked_sum, masked_whiten, outcome_token_rewards,
+                               ppo_policy_loss)
 from stages.context import StageContext
-from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows,
-                                seed_sampling, shard)
+from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows, seed_sampling,
+                                shard)
 from stages.kinds.ppo import Params
 from stages.loop import TrainingLoop, check_finite
-from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias, \
-    token_values
-from stages.text import (PairBatch, check_prompts_fit, context_length, count_long_prompts, response_logprobs, sample,
-                         text_lm_loss)
+from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
+                           token_values)
+from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
+                         response_logprobs_and_entropy, sample, text_lm_loss)
 from stages.training import (adapters_disabled, check_evaluation_fits, disable_dropout, evaluate, kl_to_reference,
-                             prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
-                             update_on_buffer)
+                             prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -91,17 +80,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
     ptx_local = shard(ptx_texts, acc)
     if ptx_texts:
-        check_divisible("ptx_batch_size", p.ptx_batch_size, acc, p.gradient_accumulation_steps)
-    ptx_micro = p.ptx_batch_size // (acc.num_processes * p.gradient_accumulation_steps)
+        check_divisible("ptx_batch_size", p.ptx_batch_size, acc)
+    ptx_per_rank, samples_per_step = p.ptx_batch_size // acc.num_processes, p.minibatch_size // acc.num_processes
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
     loop = TrainingLoop(ctx, p.iterations, rngs=[rng, generator])
     state = loop.resume({"kl_coef": p.kl_coef, "ptx_position": 0})
     kl_coef = state["kl_coef"]
 
-    def ptx_batch() -> list[str]:  # the next texts of this rank's share of the corpus, cycling
-        start, state["ptx_position"] = state["ptx_position"], state["ptx_position"] + ptx_micro
-        return [ptx_local[i % len(ptx_local)] for i in range(start, start + ptx_micro)]
+    def ptx_batch(samples: int) -> list[str]:
+        """The next texts of this rank's share of the corpus, cycling: a micro-batch of `samples` rollout samples
+        takes its share of the step's `ptx_batch_size / N` (at least one)."""
+        count = max(1, round(ptx_per_rank * samples / samples_per_step))
+        start, state["ptx_position"] = state["ptx_position"], state["ptx_position"] + count
+        return [ptx_local[i % len(ptx_local)] for i in range(start, start + count)]
 
     for it in loop.steps():
         # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
@@ -113,20 +105,23 @@ def run(ctx: StageContext) -> dict[str, float]:
                            max_prompt_length=p.max_prompt_length).batch.to(device)
         mask = batch.response_mask.float()
 
-        # 2. score in eval mode: r_t = −β·KL_t, plus the RM score on the last response token
+        # 2. score in eval mode, in micro-batches: r_t = −β·KL_t, plus the RM score on the last response token
+        rows = p.micro_batch_size
         with torch.no_grad():
             for model in trained:
                 model.eval()
-            old_logp = response_logprobs(policy.model, batch, temperature=p.temperature)
-            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature)
-            scores = reward_scores(batch)
+            old_logp = batched(lambda part: response_logprobs(policy.model, part, p.temperature), batch, rows,
+                               "old log-probs")
+            ref_logp = batched(lambda part: reference_logprobs(acc, policy.model, reference, part, p.temperature),
+                               batch, rows, "reference log-probs")
+            scores = batched(reward_scores, batch, rows, "rewards")
             check_finite(ctx.label, {"reward": scores.mean().item()})
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
             old_values = None
             if use_values:
-                old_values = token_values(value.model, batch.ids, batch.attention_mask)[:, batch.prompt_len - 1:-1]
-                old_values = old_values * mask
+                old_values = batched(lambda part: token_values(value.model, part.ids, part.attention_mask),
+                                     batch, rows, "values")[:, batch.prompt_len - 1:-1] * mask
             for model in trained:
                 model.train()
 
@@ -141,15 +136,16 @@ def run(ctx: StageContext) -> dict[str, float]:
                 advantages = masked_whiten(advantages, all_mask)
             advantages, returns = local_rows(acc, advantages, mask), local_rows(acc, returns, mask)
 
-        # 4. update: `ppo_epochs` passes of minibatches over this rank's samples, policy then value each step
+        # 4. update: `ppo_epochs` passes of minibatches over this rank's samples, policy then value each step; both
+        # losses are token means over the response mask, so a micro-batch weighs its response tokens
         def policy_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb, mb_mask = batch.select(idx), mask[idx]
-            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
+            logp, entropy = response_logprobs_and_entropy(policy.model, mb, p.temperature)
             loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
             stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
-                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
+                     "entropy": masked_mean(entropy, mb_mask).item()}
             if ptx_texts:
-                lm = text_lm_loss(policy.model, tokenizer, ptx_batch())
+                lm = text_lm_loss(policy.model, tokenizer, ptx_batch(len(idx)))
                 loss = loss + p.ptx_coef * lm
                 stats["ptx_loss"] = lm.item()
             return loss, stats
@@ -160,7 +156,11 @@ def run(ctx: StageContext) -> dict[str, float]:
             loss, _ = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip_eps)
             return loss, {"value_loss": loss.item()}
 
-        updates = [(policy, policy_loss)] + ([(value, value_loss)] if use_values else [])
+        def response_tokens(idx: torch.Tensor) -> float:
+            return float(mask[idx].sum())
+
+        updates = [(policy, policy_loss, response_tokens)] + ([(value, value_loss, response_tokens)]
+                                                              if use_values else [])
         update_stats = update_on_buffer(ctx, len(repeated), p.minibatch_size, p.ppo_epochs, generator, updates)
 
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
@@ -178,10 +178,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
         if ctx.has("eval"):
             eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
-            final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens)
+            final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens,
+                                          p.micro_batch_size)
             eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
             with torch.no_grad():
-                final["reward"] = reward_scores(eval_samples).mean().item()
+                final["reward"] = batched(reward_scores, eval_samples, p.micro_batch_size, "rewards").mean().item()
     if ctx.has("lm_eval"):
         final["ptx_lm_loss"] = final.pop("lm_eval_loss")
     save_model(ctx, policy.model, tokenizer)

@@ -83,7 +83,7 @@ def accuracy(model, tokenizer, rows: list[Encoded], device, batch_size: int) -> 
 
 @torch.no_grad()
 def demo_scores(model, tokenizer, demos: list[tuple[list[int], list[int], Any]], device,
-                batch_size: int = 128) -> torch.Tensor:
+                batch_size: int) -> torch.Tensor:
     """Scores [M] of encoded demonstrations (`encode_row`: {prompt, response} or chat {messages})."""
     scores = []
     for start in range(0, len(demos), batch_size):
@@ -107,18 +107,19 @@ def run(ctx: StageContext) -> dict[str, float]:
                         p.max_prompt_length, p.max_length, context, partial(data.row_name, ctx.inputs["demos"]))
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
 
-    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # a mean over comparisons
         return kwise_loss(opt.model, tokenizer, [train[i] for i in ids.tolist()], acc.device)
 
     train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn)
 
     with full_parameters(acc, opt.model) as full:  # every rank computes the same bias and metrics
-        bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device))
+        rows = p.micro_batch_size  # comparisons (each with its K responses) or demonstrations per forward
+        bias = normalization_bias(demo_scores(full, tokenizer, demos, acc.device, rows))
         acc.unwrap_model(opt.model).config.update({REWARD_BIAS_KEY: bias})
         metrics = {"normalization_bias": bias, "truncated_rows": truncated,
-                   "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device) + bias).mean().item(),
-                   "train_accuracy": accuracy(full, tokenizer, train, acc.device, p.batch_size)}
+                   "demo_mean_reward": (demo_scores(full, tokenizer, demos, acc.device, rows) + bias).mean().item(),
+                   "train_accuracy": accuracy(full, tokenizer, train, acc.device, rows)}
         if ctx.has("eval_comparisons"):
-            metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, p.batch_size)
+            metrics["eval_accuracy"] = accuracy(full, tokenizer, held_out, acc.device, rows)
     save_model(ctx, opt.model, tokenizer, merge=True)  # the head and the normalization bias travel in one model
     return metrics

@@ -3,7 +3,8 @@
 turn is kept as context).
 
 `batch_size` is global: with N processes each rank takes a disjoint `batch_size / N` share of every global batch
-(split again into `gradient_accumulation_steps` micro-batches), so an N-process run takes the 1-process run's steps.
+(split again into micro-batches of at most `micro_batch_size` rows, each weighted by its share of the batch's
+response tokens), so an N-process run takes the 1-process run's steps.
 
 Params, inputs and outputs: stages/kinds/sft.py.
 """
