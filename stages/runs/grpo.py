@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, entropy_from_logits, groups_with_signal,
+from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, aggregation_size, groups_with_signal,
                                kl_penalty, masked_mean, outcome_token_rewards, ppo_policy_loss,
                                process_supervision_advantages)
 from stages.context import StageContext
@@ -40,8 +40,8 @@ from stages.models import last_token_scores, load_policy, load_scalar_head_model
 from stages.registry import STEP_REWARDS
 from stages.rewards import (RewardError, RewardFn, Scorer, accuracy_reward, build_reward, format_reward,
                             reward_model_reward, routed_reward)
-from stages.text import (check_prompts_fit, context_length, count_long_prompts, encode_prompt, encode_response,
-                         pair_batch, response_logprobs, sample)
+from stages.text import (batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
+                         encode_response, pair_batch, response_logprobs, response_logprobs_and_entropy, sample)
 from stages.training import (check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 
@@ -275,29 +275,36 @@ def run(ctx: StageContext) -> dict[str, float]:
         # one optimiser step over the whole batch (μ = 1): π_old is the policy being differentiated, so its
         # log-probs are the step's own, detached (ratio 1), and need no forward pass of their own
         one_step = p.ppo_epochs == 1 and p.minibatch_size // acc.num_processes >= len(local)
-        with torch.no_grad():
+        with torch.no_grad():  # in micro-batches: memory is one micro-batch's
             policy.model.eval()
-            old_logp = None if one_step else response_logprobs(policy.model, batch, temperature=p.temperature)
-            ref_logp = reference_logprobs(acc, policy.model, reference, batch, p.temperature) \
-                if p.kl_coef > 0 else None
+            old_logp = None if one_step else batched(
+                lambda part: response_logprobs(policy.model, part, p.temperature), batch, p.micro_batch_size,
+                "old log-probs")
+            ref_logp = batched(lambda part: reference_logprobs(acc, policy.model, reference, part, p.temperature),
+                               batch, p.micro_batch_size, "reference log-probs") if p.kl_coef > 0 else None
             policy.model.train()
 
-        # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode
+        # 4. update: μ passes of clipped surrogate + β·KL to the reference, both aggregated by loss_agg_mode over a
+        # micro-batch, which carries its share of the minibatch's tokens or sequences (`weigh`)
         def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb, mb_mask = batch.select(idx), response_loss_mask[idx]
-            logp, logits = response_logprobs(policy.model, mb, return_logits=True, temperature=p.temperature)
+            logp, entropy = response_logprobs_and_entropy(policy.model, mb, p.temperature)
             old = logp.detach() if old_logp is None else old_logp[idx]
             loss, pg_stats = ppo_policy_loss(logp, old, advantages[idx], mb_mask, p.clip_low,
                                              p.clip_high, p.agg_mode, p.max_new_tokens)
             stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
-                     "entropy": masked_mean(entropy_from_logits(logits.detach()), mb_mask).item()}
+                     "entropy": masked_mean(entropy, mb_mask).item()}
             if ref_logp is not None:
                 kl = kl_penalty(logp, ref_logp[idx], p.kl_estimator)
                 loss = loss + p.kl_coef * aggregate_loss(kl, mb_mask, p.agg_mode, p.max_new_tokens)
                 stats["kl"] = masked_mean(kl.detach(), mb_mask).item()
             return loss, stats
 
-        metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator, [(policy, loss_fn)])
+        def weigh(idx: torch.Tensor) -> float:
+            return float(aggregation_size(response_loss_mask[idx], p.agg_mode))
+
+        metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator,
+                                    [(policy, loss_fn, weigh)])
         metrics["response_length"] = full_mask.sum(1).mean().item()
         loop.end_step(it, metrics)
 
