@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from flows.errors import ConfigError
 
@@ -280,17 +280,10 @@ def cmd_schema(args) -> str:
             f"# yaml-language-server: $schema={args.out}")
 
 
-def cmd_stage(args) -> str:
-    from stages.warm import run_warm
+def cmd_stage(args) -> NoReturn:
+    from stages.runner import supervise
 
-    argv = [args.pipeline, args.stage, "--params-file", args.params_file]
-    code = run_warm(argv)  # forked from the run's warm process, if it has one
-    if code is not None:
-        sys.exit(code)
-    from stages.runner import main as run_stage
-
-    run_stage(argv)  # prints the metrics
-    return ""
+    supervise(args.pipeline, args.stage, args.params_file)  # the stage prints its metrics; we end as it ends
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from flows.code_deps import code_deps
 from flows.errors import ConfigError, DvcError, StageFailed
 from stages.paths import ARTIFACTS
 from stages.processes import Interrupted, run_child
-from stages.runner import METRICS_FILE, PARAMS_FILE
+from stages.runner import METRICS_FILE, PARAMS_FILE, STOPS, log_file
 from stages.spec import ResolvedStage
 
 DVC_HINTS = ("To track the changes with git", "To enable auto staging", "Use `dvc push`", "git add ",
@@ -122,14 +122,17 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
     pulls the run cache and the stage's missing inputs, and restores the outputs of a pushed run with the same
     inputs, params and code instead of running it (`--pull`). Our SIGINT or SIGTERM reaches the stage as SIGINT
     (DVC waits for its command on SIGINT): it checkpoints and stops, then we raise `Interrupted`, as we do when
-    the stage was stopped by a signal sent to it alone. A failed stage raises `StageFailed` with its exit code and
-    its `error: …` line; a failure of DVC's own, `DvcError`. `on_line` gets each line of output (DVC's and the
-    stage's)."""
+    the stage was stopped by a signal sent to it alone. A failed stage raises `StageFailed` with its exit code
+    (128 + N when signal N killed it, as a shell says) and its `error: …` line, naming the stage's log; a failure
+    of DVC's own, `DvcError`. `on_line` gets each line of output (DVC's and the stage's); the stage's log
+    (`.rl4llm/logs/<pipeline>.<stage>.log`) keeps them all."""
     pull = ["--pull"] if default_remote(root) else []
     cmd = ["dvc", "repro", "--single-item", *pull, *(["--force"] if force else []), dvc_name(pipeline, stage)]
     causes: list[str] = []  # the stage's `error: …` lines (runner.main prints one, naming its full log)
     dvc_errors: list[str] = []
     outcome = ["skipped"]
+    log = root / log_file(pipeline, stage)
+    log.parent.mkdir(parents=True, exist_ok=True)
 
     def shown(line: str) -> None:
         if line.startswith("error: "):
@@ -138,10 +141,13 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
             dvc_errors.append(line.removeprefix("ERROR: "))
         outcome.extend(result for marker, result in OUTCOMES.items() if marker in line)
         if line.strip() and not line.strip().startswith(DVC_HINTS):
+            kept.write(line + "\n")
+            kept.flush()  # the stage appends its traceback to the same file
             on_line(line)
 
-    code, received = run_child(cmd, forward=signal.SIGINT, new_group=True, on_line=shown, cwd=root,
-                               env={**os.environ, **env})
+    with log.open("w") as kept:
+        code, received, _peak = run_child(cmd, forward=signal.SIGINT, new_group=True, on_line=shown, cwd=root,
+                                          env={**os.environ, **env})
     label = f"{pipeline}/{stage}"
     if received is not None:
         raise Interrupted(received, f"{label}: stopped by {signal.Signals(received).name}")
@@ -151,10 +157,12 @@ def repro(root: Path, pipeline: str, stage: str, force: bool, env: dict[str, str
     if found is None:
         raise DvcError(f"`dvc repro` of {label} failed: {dvc_errors[-1] if dvc_errors else f'exit code {code}'}")
     stage_code = int(found.group(1))
-    if stage_code - 128 in (signal.SIGINT, signal.SIGTERM):  # a signal sent to the stage alone
+    stage_code = 128 - stage_code if stage_code < 0 else stage_code  # -N: the shell exec'd it, and signal N killed it
+    if stage_code - 128 in STOPS:  # a signal sent to the stage alone
         raise Interrupted(stage_code - 128, f"{label}: stopped by {signal.Signals(stage_code - 128).name}")
-    raise StageFailed(stage_code, causes[-1] if causes else
-                      f"error: {label} failed with exit code {stage_code} (its output is above)")
+    cause = causes[-1] if causes else f"error: {label} failed with exit code {stage_code}"
+    raise StageFailed(stage_code, cause if str(log_file(pipeline, stage)) in cause else f"{cause} (its output: "
+                      f"{log_file(pipeline, stage)})")
 
 
 def push(root: Path, pipeline: str, stage: str) -> None:

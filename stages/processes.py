@@ -1,23 +1,29 @@
 """Processes and signals. Child processes never outlive the run: each one dies with its parent (Linux
 `PR_SET_PDEATHSIG`), and a parent waiting on a child passes SIGINT / SIGTERM on to it and waits for it to stop
 cleanly (a stage checkpoints). In a stage, SIGINT / SIGTERM raise `Interrupted` at once, or, while a training loop
-defers them, at its next step boundary."""
+defers them, at its next step boundary. A waited child's peak RSS comes from the kernel (`wait4`), and whether the
+OOM killer struck meanwhile from its counter (`oom_kills`)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn
 
 PR_SET_PDEATHSIG = 1
 RUN_PID_ENV = "RL4LLM_RUN_PID"  # set by `rl4llm run`: its stages stop when that process is gone
 THREADS_ENV = "RL4LLM_TORCH_THREADS"  # overrides the torch thread count of each stage process
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>" (cgroup v2)
+CGROUPS = Path("/sys/fs/cgroup")
+MEMORY_LIMIT_FILES = {"": "memory.max", "memory": "memory.limit_in_bytes"}  # cgroup v2 (no controller named), v1
+VMSTAT = Path("/proc/vmstat")  # its `oom_kill` line counts the kernel's OOM kills since boot (Linux >= 4.13)
+MEMINFO = Path("/proc/meminfo")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 _stop_signal: int | None = None  # the first SIGINT / SIGTERM this stage received
 _deferred = False  # a training loop is running: a stop waits for its next step boundary
@@ -131,13 +137,20 @@ def die_with_run(signum: int = signal.SIGTERM, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="rl4llm-run-watch", daemon=True).start()
 
 
+class Exit(NamedTuple):
+    """How a child ended: its exit code (-N: killed by signal N), the signal we received meanwhile (passed on to
+    it), and its peak RSS in bytes (the largest of it and the descendants it waited for; 0 off Linux)."""
+    code: int
+    received: int | None
+    peak_rss: int
+
+
 def run_child(cmd: list[str], forward: int | None = None, new_group: bool = False,
-              on_line: Callable[[str], None] | None = None, **popen: Any) -> tuple[int, int | None]:
+              on_line: Callable[[str], None] | None = None, **popen: Any) -> Exit:
     """Run `cmd` to completion; it gets SIGTERM if we die. A SIGINT or SIGTERM we receive meanwhile is passed on
     (as `forward`, default the same signal; to its whole group with `new_group`) and we keep waiting for it.
-    Returns (its exit code, the signal we received or None). With `new_group` it is in its own process group, so a
-    terminal's Ctrl-C reaches only us and we decide what it gets. With `on_line`, each line the child writes (stdout
-    and stderr) goes there instead of to our terminal."""
+    With `new_group` it is in its own process group, so a terminal's Ctrl-C reaches only us and we decide what it
+    gets. With `on_line`, each line the child writes (stdout and stderr) goes there instead of to our terminal."""
     received: list[int] = []
     if on_line is not None:
         popen.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -155,10 +168,70 @@ def run_child(cmd: list[str], forward: int | None = None, new_group: bool = Fals
     try:
         for line in child.stdout if on_line is not None else ():
             on_line(line.rstrip("\n"))
-        code = child.wait()
+        _pid, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
     finally:
         _restore(previous)
-    return code, (received[0] if received else None)
+    return Exit(child.returncode, received[0] if received else None, usage.ru_maxrss * 1024)  # KiB on Linux
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot (None where /proc/vmstat does not say)."""
+    try:
+        return next(int(line.split()[1]) for line in VMSTAT.read_text().splitlines() if line.startswith("oom_kill "))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_limit() -> int | None:
+    """The memory this process's processes may use, in bytes: the machine's RAM, capped by the memory limits of
+    its cgroup and the cgroups above it (v2 or v1)."""
+    limits = []
+    try:
+        limits.append(next(int(line.split()[1]) * 1024 for line in MEMINFO.read_text().splitlines()
+                           if line.startswith("MemTotal:")))
+    except (OSError, StopIteration, ValueError):
+        pass
+    for folder, name in _memory_cgroups():
+        try:
+            limits.append(int((folder / name).read_text()))  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            pass
+    return min(limits, default=None)
+
+
+def _memory_cgroups() -> Iterator[tuple[Path, str]]:
+    """(folder, limit file) of this process's memory cgroup and each one above it. /proc/self/cgroup names the
+    cgroup from the hierarchy's root, the mount may show a subtree (a container's): the longest tail that exists."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        controller = next((c for c in controllers.split(",") if c in MEMORY_LIMIT_FILES), None)
+        if controller is None:
+            continue
+        mount = CGROUPS / controller if controller else CGROUPS
+        parts = Path(path).parts[1:]
+        folder = next((mount.joinpath(*parts[i:]) for i in range(len(parts) + 1)
+                       if mount.joinpath(*parts[i:]).is_dir()), mount)
+        for above in (folder, *folder.parents):
+            yield above, MEMORY_LIMIT_FILES[controller]
+            if above == mount:
+                break
+
+
+def end_by(signum: int) -> NoReturn:
+    """End this process by `signum`, as the child it waited on ended (so our parent sees what it would have seen
+    without us between them), without a core dump; 128 + signum for a signal that would not end it."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if signum != signal.SIGKILL:  # the one signal with no handler to reset
+        signal.signal(signum, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
 
 
 def terminate(process: subprocess.Popen, grace_s: float) -> None:

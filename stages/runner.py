@@ -8,7 +8,10 @@ Crash safety: the stage writes into `artifacts/<pipeline>/.<stage>.partial/` and
 has finished, so a killed stage never leaves an output that looks complete; a training loop resumes from its last
 checkpoint (`stages/loop.py`); SIGINT / SIGTERM stop it after a checkpoint (exit 130 / 143, MLflow run KILLED); a
 non-finite loss, gradient or reward stops it (exit 1, run FAILED); bad input exits 2. Each failure prints one line
-of cause; the full traceback goes to `.rl4llm/logs/<pipeline>.<stage>.log`.
+of cause; the full traceback goes to `.rl4llm/logs/<pipeline>.<stage>.log` (where `rl4llm run` also keeps the
+stage's output). `rl4llm stage` waits on the stage's process (`supervise`): a stage the kernel kills (SIGKILL, e.g.
+the OOM killer) gets a line too, with its peak RSS and whether the OOM killer struck, and the command ends by the
+same signal.
 """
 
 from __future__ import annotations
@@ -16,23 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import ValidationError
 
-from stages.checkpoint import (STATE_DIR, checkpoint_dir, input_hashes, remove, resumable, stage_checkpoints,
-                               tree_hash)
+from stages.checkpoint import STATE_DIR, checkpoint_dir, input_hashes, remove, resumable, stage_checkpoints, tree_hash
 from stages.paths import ARTIFACTS, claim, output_dir, within
-from stages.processes import Interrupted, die_with_run, install_stop_handlers, run_child, torch_threads
+from stages.processes import (Interrupted, die_with_run, end_by, install_stop_handlers, memory_limit, oom_kills,
+                              run_child, torch_threads)
 from stages.spec import ResolvedStage
 
 PARAMS_FILE = "params.yaml"
 FRESH_ENV = "RL4LLM_FRESH"  # set by `rl4llm run --fresh`: ignore (and remove) the stage's checkpoints
 METRICS_FILE = "metrics.json"
 EXIT_BAD_INPUT = 2
+STOPS = (signal.SIGINT, signal.SIGTERM)  # a stage stops on these after a checkpoint, exiting 128 + the signal
+CHILD = "import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); from stages.runner import main; main()"
+
+
+def log_file(pipeline: str, stage: str) -> Path:
+    """The stage's log: its output under `rl4llm run`, and the traceback of its failure."""
+    return Path(STATE_DIR) / "logs" / f"{pipeline}.{stage}.log"
 
 
 class InputChanged(ValueError):
@@ -85,7 +97,7 @@ def launch_distributed(pipeline: str, stage: str, spec: ResolvedStage, params_fi
     """`accelerate launch` of this stage on N processes; a signal we get is passed on, and its exit is ours."""
     cmd = ["accelerate", "launch", "--config_file", spec.accelerate_config,
            "-m", "stages.runner", pipeline, stage, "--params-file", params_file]
-    code, received = run_child(cmd)
+    code, received, _peak = run_child(cmd)
     if received is not None:
         raise Interrupted(received, f"{pipeline}/{stage}: stopped by signal {received}")
     if code != 0:
@@ -186,13 +198,70 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(1)
     except Exception as e:
-        log = Path(STATE_DIR) / "logs" / f"{args.pipeline}.{args.stage}.log"
+        log = log_file(args.pipeline, args.stage)
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(traceback.format_exc())
+        with log.open("a") as out:  # after the output `rl4llm run` keeps there
+            out.write(traceback.format_exc())
         bad_input = isinstance(e, (ValueError, FileNotFoundError))
         print(f"error: {args.pipeline}/{args.stage} {'bad input' if bad_input else 'failed'}: {type(e).__name__}: "
               f"{e} (full traceback: {log})", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT if bad_input else 1)
+
+
+def supervise(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> NoReturn:
+    """`rl4llm stage`: run the stage (`main`) in a child of the run's warm process, else in a child process with
+    our import path, and end as it ended. A stage ended by a signal other than a stop (SIGKILL from the OOM
+    killer or a `kill -9`, a crash) gets its one line of cause (`killed_cause`), and we end by the same signal."""
+    from stages.warm import run_warm
+
+    argv = [pipeline, stage, "--params-file", params_file]
+    die_with_run()  # our parent gone: the stage stops at its next step boundary
+    oom_before = oom_kills()
+    code, peak = run_warm(argv), None  # forked from the run's warm process, if it has one
+    if code is None:
+        code, _received, peak = run_child([sys.executable, "-c", CHILD, json.dumps(sys.path), *argv])
+    elif code - 128 in signal.valid_signals() and code - 128 not in STOPS:  # its report of a death by signal N
+        code = 128 - code
+    if code >= 0 or -code in STOPS:
+        sys.exit(code)
+    after = oom_kills()
+    oom = None if oom_before is None or after is None else after - oom_before
+    cause = killed_cause(f"{pipeline}/{stage}", -code, peak, oom, memory_limit(), batch_params(pipeline, stage,
+                                                                                             params_file))
+    print(cause, file=sys.stderr)
+    end_by(-code)
+
+
+def killed_cause(label: str, signum: int, peak_rss: int | None, oom_kills: int | None, limit: int | None,
+                 batches: dict[str, Any]) -> str:
+    """The one line for a stage killed by `signum`: with its peak RSS (None: not measured) out of `limit` bytes,
+    and, for SIGKILL, whether the kernel's OOM killer struck while it ran (`oom_kills`: how many it killed
+    meanwhile; None: unknown), with a smaller batch to try (`batches`: the stage's batch-size params)."""
+    name = signal.Signals(signum).name
+    memory = "peak RSS " + (f"{peak_rss / 1e9:.2f} GB" if peak_rss else "not measured") + \
+        (f" (limit {limit / 1e9:.1f} GB)" if limit else "")
+    smaller = ", ".join(f"{key} (now {value})" for key, value in batches.items())
+    advice = f"try a smaller {smaller}" if smaller else "try smaller batches"
+    if signum != signal.SIGKILL:
+        return f"error: {label} killed by {name}; {memory}"
+    if oom_kills is None:
+        return f"error: {label} killed by SIGKILL — out of memory? {memory}; if so, {advice}"
+    if oom_kills:
+        return f"error: {label} killed by SIGKILL — out of memory (the kernel's OOM killer struck); {memory}; " \
+            + advice
+    return f"error: {label} killed by SIGKILL, not by the kernel's OOM killer (someone's kill -9?); {memory}"
+
+
+def batch_params(pipeline: str, stage: str, params_file: str) -> dict[str, Any]:
+    """The stage's params that set how many rows go through the model at once: its micro-batch, else every
+    batch size ({} when params.yaml does not say)."""
+    try:
+        params = load_spec(pipeline, stage, params_file).params
+    except (OSError, ValueError):
+        return {}
+    sizes = {key: value for key, value in params.items() if key.endswith("batch_size") and isinstance(value, int)}
+    micro = {key: value for key, value in sizes.items() if "micro" in key}
+    return micro or sizes
 
 
 if __name__ == "__main__":
