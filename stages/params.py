@@ -19,6 +19,11 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 AdvantageEstimator = named(ADVANTAGE_ESTIMATORS, "advantage estimator")
 OutcomeEstimator = named(OUTCOME_ESTIMATORS, "advantage estimator")
 LossAggMode = named(LOSS_AGG_MODES, "loss_agg_mode")
+REPLACED_PARAMS = {  # params that no longer exist -> what to do instead (a config naming one fails with it)
+    "gradient_accumulation_steps": "replaced by micro_batch_size (rows per forward/backward pass per process; the "
+                                   "optimiser batch is batch_size or minibatch_size, split into micro-batches of that "
+                                   "many rows): remove it and set micro_batch_size instead",
+}
 
 
 class LoraParams(StageParams):
@@ -54,10 +59,9 @@ class OptimParams(ModelParams):
     @model_validator(mode="before")
     @classmethod
     def replaced_keys(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "gradient_accumulation_steps" in values:
-            raise ValueError("gradient_accumulation_steps was replaced by micro_batch_size (rows per forward/backward "
-                             "per process; the optimiser batch is batch_size or minibatch_size, split into "
-                             "micro-batches of that many rows): remove it and set micro_batch_size instead")
+        replaced = sorted(set(values) & set(REPLACED_PARAMS)) if isinstance(values, dict) else []
+        if replaced:
+            raise ValueError("; ".join(f"{key}: {REPLACED_PARAMS[key]}" for key in replaced))
         return values
 
 
