@@ -55,8 +55,9 @@ def test_grpo_raises_reward(inputs, tmp_path):
                        samples_per_prompt=8, max_new_tokens=6, lr=3e-3, kl_coef=0.0, ppo_epochs=2)
     rewards = [m["reward"] for m in tracker.logged]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert {"reward_language_consistency", "accuracy", "format_rate", "clip_fraction", "approx_kl", "ratio_mean",
-            "entropy", "response_length", "dropped_groups"} <= set(tracker.logged[-1])
+    assert {"reward_language_consistency", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "response_length",
+            "dropped_groups"} <= set(tracker.logged[-1])
+    assert not {"accuracy", "format_rate"} & set(tracker.logged[-1])  # no verifier, no format reward: not logged
     # means over both epochs' minibatches: the second epoch's policy has moved from π_old
     assert all(m["approx_kl"] > 0 for m in tracker.logged)
     assert (tmp_path / "model" / "config.json").exists()
@@ -124,6 +125,41 @@ def test_params_check_rewards_and_routes():
         grpo.Params(advantage_estimator="gae")
     assert grpo.Params(advantage_estimator="drgrpo").agg_mode == "seq-mean-token-sum-norm"
     assert grpo.Params().agg_mode == "seq-mean-token-mean"
+
+
+def scored(components: dict[str, list[float]], rows: list[dict]) -> list[dict]:
+    """Samples as `roll_out` returns them, with the given reward components."""
+    return [{"row": row, "reward": sum(v[i] for v in components.values()), "truncated": False,
+             **{f"reward_{name}": v[i] for name, v in components.items()}} for i, row in enumerate(rows)]
+
+
+def test_logged_accuracy_is_the_stages_verifier():
+    rows = [{"prompt": "q", "answer": "4"}] * 4
+    p = grpo.Params(rewards={"format": 0.5, "math_verify": 1.0}, reward_params={"math_verify": {"mode": "lenient"}})
+    metrics = grpo.rollout_metrics(scored({"format": [1, 0, 0, 0], "math_verify": [1, 1, 0, 1]}, rows), p)
+    assert (metrics["accuracy"], metrics["format_rate"], metrics["reward_math_verify"]) == (0.75, 0.25, 0.75)
+    p = grpo.Params(rewards={"reasoning_gym": 1.0})  # partial credit is not accuracy
+    metrics = grpo.rollout_metrics(scored({"reasoning_gym": [1.0, 0.2, 0.0, 1.0]}, rows), p)
+    assert metrics["accuracy"] == 0.5 and "format_rate" not in metrics
+    p = grpo.Params(rewards={"language_consistency": 1.0, "tests.test_grpo:says_good": 1.0})
+    metrics = grpo.rollout_metrics(scored({"language_consistency": [1] * 4, "tests.test_grpo:says_good": [0] * 4},
+                                          rows), p)
+    assert not {"accuracy", "format_rate"} & set(metrics)
+    # routed: accuracy over the rows its verifier judges
+    p = grpo.Params(rewards={"accuracy": 1.0, "reward_model": 1.0}, route_column="task",
+                    routes={"reasoning": ["accuracy"], "general": ["reward_model"]})
+    rows = [{"prompt": "q", "answer": "4", "task": "reasoning"}, {"prompt": "g", "answer": None, "task": "general"}]
+    metrics = grpo.rollout_metrics(scored({"accuracy": [1.0, 0.0], "reward_model": [0.0, 3.0]}, rows), p)
+    assert metrics["accuracy"] == 1.0
+
+
+def test_a_verifier_reward_chooses_the_evaluator():
+    assert grpo.Params(rewards={"reasoning_gym": 1.0, "format": 0.5}).evaluator == "reasoning_gym"
+    assert grpo.Params(rewards={"format": 0.5, "math_verify": 1.0}).evaluator == "math_verify"
+    assert grpo.Params(rewards={"math_verify": 1.0}, evaluator="reasoning").evaluator == "reasoning"  # told
+    assert grpo.Params(rewards={"accuracy": 1.0}).evaluator is None  # the embedded task names its own
+    with pytest.raises(ValidationError, match="mode must be one of strict, lenient"):
+        grpo.Params(rewards={"math_verify": 1.0}, reward_params={"math_verify": {"mode": "loose"}})
 
 
 def test_routed_rewards_score_each_row_by_its_route():

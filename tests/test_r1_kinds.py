@@ -115,6 +115,37 @@ def test_each_filter(name, expected):
     assert keep == expected and rates == {f"pass_{name}": sum(expected) / 6}
 
 
+@pytest.mark.parametrize("verifier, params, expected", [
+    ("accuracy", {}, [True, False, False, False]),  # the built-in: <answer> tags or \\boxed{}
+    ("math_verify", {"mode": "strict"}, [True, False, False, False]),
+    ("math_verify", {"mode": "lenient"}, [True, False, True, False]),
+    ("reasoning_gym", {"mode": "lenient"}, [True, False, True, False]),
+])
+def test_correct_filter_by_a_named_verifier(verifier, params, expected):
+    completions = ["<answer> 42 </answer>", "<answer> 41 </answer>", "17 + 25 = 42", "I do not know"]
+    row = {"prompt": "17 + 25 =", "answer": "42", "task": "chain_sum",
+           "metadata": '{"expression": "17 + 25", "num_terms": 2}'}
+    columns = {key: [value] * 4 for key, value in row.items()}
+    p = rejection_sampling.Params(filters=["correct"], verifier=verifier, verifier_params=params)
+    assert rejection_sampling.FILTERS["correct"](completions, columns, p) == expected
+
+
+def test_correct_filter_threshold_and_bad_verifiers():
+    columns = {"prompt": ["q"] * 2, "answer": ["2"] * 2}
+    p = rejection_sampling.Params(verifier="tests.test_r1_kinds:half_credit", min_score=0.5)
+    assert rejection_sampling.FILTERS["correct"](["a", "b"], columns, p) == [True, True]
+    p = p.model_copy(update={"min_score": 0.6})
+    assert rejection_sampling.FILTERS["correct"](["a", "b"], columns, p) == [False, False]
+    with pytest.raises(ValueError, match="unknown reward 'math_verfy'"):
+        rejection_sampling.Params(verifier="math_verfy")
+    with pytest.raises(ValueError, match="mode must be one of strict, lenient"):
+        rejection_sampling.Params(verifier="math_verify", verifier_params={"mode": "loose"})
+
+
+def half_credit(completions: list[str], **_) -> list[float]:
+    return [0.5] * len(completions)
+
+
 def test_rejection_sampling_run(tmp_path, monkeypatch):
     write_jsonl([{"prompt": f"q{i}", "answer": "4", "language": "en"} for i in range(3)], tmp_path / "prompts.jsonl")
     write_jsonl([{"prompt": "name two fruits", "response": "apple pear"}], tmp_path / "general.jsonl")

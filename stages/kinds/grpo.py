@@ -12,7 +12,7 @@ from pydantic import PositiveInt, field_validator, model_validator
 
 from stages.kinds import Input
 from stages.params import LoraTrainingParams, LossAggMode, OutcomeEstimator, PolicyEvalParams
-from stages.registry import STEP_REWARDS
+from stages.registry import STEP_REWARDS, VERIFIER_EVALUATORS
 from stages.rewards import RewardConfigError, build_reward, reward_fn
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
@@ -79,6 +79,13 @@ class Params(LoraTrainingParams, PolicyEvalParams):
             raise ValueError(f"rewards {sorted(unrouted)} are in no route")
         return self
 
+    @model_validator(mode="after")
+    def verifier_evaluates(self) -> "Params":
+        """Unless `evaluator` says otherwise, a stage rewarded by a library verifier is evaluated by the same one."""
+        if self.evaluator is None:
+            self.evaluator = next((VERIFIER_EVALUATORS[n] for n in self.rewards if n in VERIFIER_EVALUATORS), None)
+        return self
+
     @property
     def agg_mode(self) -> str:
         default = "seq-mean-token-sum-norm" if self.advantage_estimator == "drgrpo" else "seq-mean-token-mean"
@@ -93,6 +100,7 @@ INPUTS = {
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}
-KEY_METRICS = ("accuracy", "format_rate", "language_consistency", "kl")  # `rl4llm compare` shows these
+# `rl4llm compare` shows these
+KEY_METRICS = ("accuracy", "accuracy_strict", "accuracy_lenient", "format_rate", "language_consistency", "kl")
 
 run = "stages.runs.grpo:run"  # what a stage of this kind does

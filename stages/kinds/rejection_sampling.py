@@ -5,12 +5,17 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/rejection
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import model_validator
 
 from stages.kinds import Input
 from stages.params import ModelParams
+from stages.registry import REWARDS
+from stages.rewards import build_reward
 
 FilterName = Literal["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # see stages/runs/
+RewardName = REWARDS.checked_name()
 
 
 class Params(ModelParams):
@@ -23,11 +28,20 @@ class Params(ModelParams):
     filters: list[FilterName] = list(FilterName.__args__)  # every one must pass
     min_language_consistency: float = 1.0  # `language_consistent` threshold
     max_repetition: float = 0.2  # `not_repetitive` threshold
+    verifier: RewardName = "accuracy"  # the reward judging `correct`: accuracy, reasoning_gym, math_verify or yours
+    verifier_params: dict[str, Any] = {}  # its keyword params, e.g. {mode: strict} (the answer in <answer> tags)
+    min_score: float = 1.0  # `correct` keeps the samples the verifier scores at least this
+
+    @model_validator(mode="after")
+    def verifier_builds(self) -> "Params":
+        build_reward(self.verifier, **self.verifier_params)  # unknown or bad params fail here, naming them
+        return self
 
 
 INPUTS = {
     "policy": Input("checkpoint to sample from"),
-    "prompts": Input("prompts with the columns the filters read (answer, language)", columns=("prompt",)),
+    "prompts": Input("prompts with the columns the filters and the verifier read (answer, language, metadata…)",
+                     columns=("prompt",)),
     "general": Input("general (non-reasoning) demonstrations merged into the output", required=False,
                      columns=("prompt", "response")),
 }

@@ -37,9 +37,8 @@ from stages.distributed import (check_divisible, full_parameters, gather_list, l
 from stages.kinds.grpo import MODEL_REWARD, Params
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
-from stages.registry import STEP_REWARDS
-from stages.rewards import (RewardError, RewardFn, Scorer, accuracy_reward, build_reward, format_reward,
-                            reward_model_reward, routed_reward)
+from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
+from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
 from stages.text import (batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, pair_batch, response_logprobs, response_logprobs_and_entropy, sample)
 from stages.training import (check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
@@ -117,8 +116,8 @@ def score(label: str, reward_fns: dict[str, RewardFn], weights: dict[str, float]
 
 def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
              reward_fns: dict[str, RewardFn], label: str) -> list[dict[str, Any]]:
-    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
-    accuracy, format, and `reward_<name>` for each reward component}. `label` names the stage in errors."""
+    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated, and
+    `reward_<name>` for each reward component}. `label` names the stage in errors."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
                      max_prompt_length=p.max_prompt_length)
@@ -126,11 +125,8 @@ def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: 
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
     total, components = score(label, reward_fns, p.rewards, samples.completions, columns)
-    accuracy = accuracy_reward(samples.completions, [row.get("answer") for row in repeated])
-    formatted = format_reward(samples.completions)
     return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
-             "reward": total[i],
-             "truncated": ids[-1:] != [tokenizer.eos_token_id], "accuracy": accuracy[i], "format": formatted[i],
+             "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
              **{f"reward_{name}": values[i] for name, values in components.items()}}
             for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
 
@@ -192,23 +188,34 @@ def process_advantages(samples: list[dict[str, Any]], tokenizer: PreTrainedToken
     return process_supervision_advantages(rewards.to(device), valid.to(device), ends.to(device), mask, group_ids)
 
 
-def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float]:
-    """Means over the batch: reward, each component (over the rows routed to it), accuracy and format rate (over the
-    rows with an answer), truncation rate."""
+def verifier(p: Params) -> str | None:
+    """The reward whose values are the stage's `accuracy`: the first of its rewards that verifies answers."""
+    return next((name for name in p.rewards if name in VERIFIER_REWARDS), None)
 
-    def mean(key: str, rows: list[dict[str, Any]]) -> float:
-        return sum(s[key] for s in rows) / len(rows) if rows else 0.0
+
+def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float]:
+    """Means over the batch: reward, each component (over the rows routed to it), truncation rate; `accuracy`
+    (share scoring 1 by the stage's `verifier`, over its rows with an answer) and `format_rate` (the `format`
+    reward) only when the stage uses such rewards."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
 
     def routed_to(name: str) -> list[dict[str, Any]]:
         if not p.route_column:
             return samples
         return [s for s in samples if name in p.routes.get(s["row"].get(p.route_column), [])]
 
-    answered = [s for s in samples if s["row"].get("answer") is not None]
-    return {"reward": mean("reward", samples),
-            **{f"reward_{name}": mean(f"reward_{name}", routed_to(name)) for name in p.rewards},
-            "accuracy": mean("accuracy", answered), "format_rate": mean("format", answered),
-            "truncated": mean("truncated", samples)}
+    metrics = {"reward": mean([s["reward"] for s in samples]),
+               **{f"reward_{name}": mean([s[f"reward_{name}"] for s in routed_to(name)]) for name in p.rewards},
+               "truncated": mean([s["truncated"] for s in samples])}
+    judge = verifier(p)
+    if judge:
+        answered = [s for s in routed_to(judge) if s["row"].get("answer") is not None]
+        metrics["accuracy"] = mean([float(s[f"reward_{judge}"] >= 1.0) for s in answered])
+    if "format" in p.rewards:
+        metrics["format_rate"] = metrics["reward_format"]
+    return metrics
 
 
 def run(ctx: StageContext) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Rejection sampling into an SFT dataset (DeepSeek-R1 §2.3.3).
 
-Sample N responses per prompt from a checkpoint, keep those that pass every named filter — a correct final answer,
-the `<think>…</think> <answer>…</answer>` template, a chain of thought in the prompt's language, no repetition loops,
+Sample N responses per prompt from a checkpoint, keep those that pass every named filter — a correct final answer
+(by the `verifier` reward: scored at least `min_score`), the `<think>…</think> <answer>…</answer>` template, a chain of thought in the prompt's language, no repetition loops,
 no duplicates — and write `{prompt, response}` rows, optionally merged with general (non-reasoning) demonstrations.
 R1 uses it twice: for readable cold-start data, and for the SFT round after reasoning RL.
 
@@ -13,14 +13,13 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-
 from stages.chat import prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.rejection_sampling import Params
 from stages.models import sampling_policy
-from stages.rewards import accuracy_reward, format_reward, language_consistency_reward, repetition_ratio
+from stages.rewards import build_reward, format_reward, language_consistency_reward, repetition_ratio
 from stages.text import check_prompts_fit, context_length, sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
@@ -28,10 +27,12 @@ Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]
 
 
 def correct(completions: list[str], columns: dict[str, list[Any]], p: "Params") -> list[bool]:
-    """The final answer verifies against the row's `answer`."""
+    """The `verifier` reward (by default `accuracy`: the final answer verifies against the row's `answer`) scores
+    at least `min_score`."""
     if "answer" not in columns:
         raise ValueError("the 'correct' filter needs an `answer` column in the prompts")
-    return [r == 1.0 for r in accuracy_reward(completions, columns["answer"])]
+    scores = build_reward(p.verifier, **p.verifier_params)(completions, **columns)
+    return [score >= p.min_score for score in scores]
 
 
 def formatted(completions: list[str], columns: dict[str, list[Any]], p: "Params") -> list[bool]:
