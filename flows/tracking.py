@@ -29,10 +29,9 @@ from stages.checkpoint import STATE_DIR, tree_hash
 from stages.processes import interrupt_signal, process_alive
 from stages.runner import METRICS_FILE
 from stages.spec import ResolvedStage
-from stages.tracking import (HOST_TAG, PID_TAG, UNSENT, RunWriter, configure_mlflow, experiment_name,
-                             failure_cause, flatten, keep_unsent, now_ms, owner_tags, read_unsent, tracking_uri,
+from stages.tracking import (HOST_TAG, PID_TAG, UNSENT, RunWriter, configure_mlflow, experiment_name, failure_cause,
+                             flatten, keep_unsent, now_ms, owner_tags, read_unsent, tracking_uri, training_experiment,
                              unsent_header, unsent_path)
-
 
 VERSION_TAG = "rl4llm.version"  # a stage run's version: a hash of its outputs' DVC hashes
 LOCK_ARTIFACT = "dvc.lock.json"  # a stage run's dvc.lock entry
@@ -82,7 +81,7 @@ def start_parent_run(root: Path, pipeline: str, config_hash: str, extra_tags: di
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
-    experiment = client.get_experiment_by_name(experiment_name()).experiment_id
+    experiment = training_experiment(client, experiment_name())
     return client.create_run(experiment, tags=resolve_tags(tags), run_name=pipeline).info.run_id
 
 

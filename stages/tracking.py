@@ -45,6 +45,8 @@ BUFFER = 10_000  # operations waiting to be sent; more means MLflow cannot keep 
 HEARTBEAT_S = 15.0  # an idle sender asks the server this often whether it is still there
 FLUSH_S = 60.0  # the longest a finished stage waits for its last operations to be sent
 UNSENT = ".unsent.jsonl"  # a header line (which run, which server), then one operation per line
+# MLflow 3's UI opens an experiment with this tag on its runs (model training), not on the GenAI overview of traces
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def owner_tags() -> dict[str, str]:
@@ -52,6 +54,17 @@ def owner_tags() -> dict[str, str]:
     if os.environ.get("PREFECT__WORKER_NAME"):
         tags[WORKER_TAG] = os.environ["PREFECT__WORKER_NAME"]
     return tags
+
+
+def training_experiment(client: Any, name: str) -> str:
+    """The id of experiment `name`, created if need be, tagged as model training (EXPERIMENT_KIND_TAG) unless a
+    kind is set already: MLflow 3's UI then lands on its runs."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
 
 
 def tracking_uri() -> str:
@@ -157,8 +170,7 @@ class RunWriter:
             self.client.get_run(self.run_id)
 
     def _create(self, op: dict[str, Any]) -> str:
-        experiment = self.client.get_experiment_by_name(op["experiment"])
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(op["experiment"])
+        experiment_id = training_experiment(self.client, op["experiment"])
         return self.client.create_run(experiment_id, op["start_time"], op["tags"], op["run_name"]).info.run_id
 
     def _log_batch(self, ops: deque[dict[str, Any]]) -> None:
