@@ -278,6 +278,7 @@ def _parsed_reference(reference: str) -> tuple:
 def _math_verified(predicted: str, reference: str) -> float:
     from math_verify import parse, verify
 
+    _quiet_math_verify()
     gold = list(_parsed_reference(reference))
     return float(bool(gold) and verify(gold, parse(predicted, parsing_timeout=None), timeout_seconds=None))
 
@@ -290,7 +291,6 @@ def math_verify_reward(completions: list[str], answer: list[Any] | None = None, 
     answer_of("", None, mode)
     if completions and answer is None:
         raise ValueError("the math_verify reward needs an `answer` column")
-    _quiet_math_verify()
     rewards = []
     for completion, reference in zip(completions, answer or [], strict=True):
         predicted = answer_of(completion, reference, mode)
