@@ -47,7 +47,7 @@ class Defaults(Overridable, Scheduling):
 class StageSpec(Overridable, Scheduling):
     name: str = Field(pattern=NAME)  # unique in the pipeline; names the stage's outputs (`<name>.model`)
     kind: str  # a built-in kind (`rl4llm kinds`) or the module path of your own
-    inputs: dict[str, str] = Field(default_factory=dict)  # input -> `datasets.<name>` or `<earlier stage>.<output>`
+    inputs: dict[str, str] = Field(default_factory=dict)  # input -> datasets.<name>, <stage>.<output>, path or Hub id
     params: dict[str, Any] = Field(default_factory=dict)  # the kind's params (`rl4llm kinds <kind>`)
 
 

@@ -16,7 +16,7 @@ from stages.kinds import Described
 class DataInput(Described):
     """What an input reads: a dataset of pipelines.yaml, or an earlier stage's output."""
 
-    path: str  # local jsonl/json/parquet/csv file or folder (relative to pipelines.yaml), or an HF dataset id
+    path: str  # local data file or folder, model directory or .gguf file (relative to pipelines.yaml), or a Hub id
     split: str = "train"  # split of an HF dataset (or of a local Hub-layout folder)
     subset: str | None = None  # HF dataset configuration name
     columns: dict[str, str] = Field(default_factory=dict)  # name a stage expects -> the dataset's column

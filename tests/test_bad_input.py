@@ -611,3 +611,49 @@ def test_a_prompt_cut_to_fit_passes(project: Path, tiny_model_dir: Path):
 def test_max_length_says_what_none_means(kind_name: str):
     assert get_kind(kind_name).params.model_fields["max_length"].description.endswith(
         "None: all, up to the model's context")
+
+
+def import_config(source: str) -> dict:
+    """BASE with an import_model stage first, reading `source`."""
+    return config_with(lambda p: p["stages"].insert(0, {"name": "import", "kind": "import_model",
+                                                        "inputs": {"source": source}}))
+
+
+BAD_SOURCES = {
+    "missing GGUF file": ("models/SmolLM2.gguf", {"models/keep": ""}, "GGUF file not found: models/SmolLM2.gguf"),
+    "not a GGUF file": ("models/m.gguf", {"models/m.gguf": b"<html>404</html>"},
+                        "models/m.gguf is not a GGUF file: it starts with b'<htm', not b'GGUF'"),
+    "a directory named .gguf": ("models/d.gguf", {"models/d.gguf/x": ""}, "models/d.gguf is a directory, not a GGUF"),
+    "a data file": ("demos.jsonl", {}, "model demos.jsonl is a file, not a save_pretrained directory (a source is a "
+                                      "save_pretrained directory, a *.gguf file or a Hub id)"),
+    "a typo under models/": ("models/smoll", {"models/keep": ""}, "model directory not found: models/smoll"),
+    "~ not expanded": ("~/models/x.gguf", {}, "GGUF file not found: ~/models/x.gguf (~ is not expanded"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES, ids=list(BAD_SOURCES))
+def test_a_bad_import_source_is_named_at_validate_time(project: Path, case: str):
+    source, files, expected = BAD_SOURCES[case]
+    error = error_of(project, import_config(source), files)
+    assert expected in str(error), str(error)
+    assert (error.pipeline, error.stage, error.key) == ("demo", "import", "inputs.source")
+
+
+def test_a_model_input_reading_an_earlier_stages_data_file_is_refused(project: Path):
+    config = config_with(lambda p: p["stages"].extend([
+        {"name": "synth", "kind": "synthetic_reasoning"},
+        {"name": "import", "kind": "import_model", "inputs": {"source": "synth.prompts"}}]))
+    error = error_of(project, config)
+    assert (error.stage, error.key) == ("import", "inputs.source")
+    assert "'synth.prompts' is a data file (prompts.jsonl), not a model" in str(error)
+
+
+@pytest.mark.parametrize("wiring", ["path", "dataset"])
+def test_a_typo_in_a_model_input_path_is_named_not_taken_for_a_hub_id(project: Path, tiny_model_dir: Path,
+                                                                     wiring: str):
+    shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    ref = "models/tiyn" if wiring == "path" else "datasets.tiny"
+    error = error_of(project, config_with(lambda p: (p["datasets"].update(tiny={"path": "models/tiyn"}),
+                                                     p["stages"][0]["inputs"].update(base=ref))))
+    assert (error.stage, error.key) == ("sft", "inputs.base")
+    assert "model directory not found: models/tiyn" in str(error)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from stages.kinds import StageParams
+from stages.kinds import BUILT_IN_KINDS, Input, StageParams, get_kind
 from stages.registry import load_object
 
 
@@ -40,3 +40,19 @@ def test_a_broken_user_module_is_named_with_its_error(tmp_path: Path, monkeypatc
     monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
     with pytest.raises(ValueError, match="cannot import 'broken_rewards'.*SyntaxError"):
         load_object("broken_rewards:brevity")
+
+
+def test_an_input_is_a_model_or_data_not_both():
+    with pytest.raises(ValueError, match="a model has no columns"):
+        Input("policy", model=True, columns=("prompt",))
+    with pytest.raises(ValueError, match=r"gguf=True is for a model input"):
+        Input("source", gguf=True)
+    source = get_kind("import_model").inputs["source"]
+    assert source.model and source.gguf and not source.columns
+
+
+def test_every_built_in_kind_declares_its_inputs_and_params_with_descriptions():
+    for name in BUILT_IN_KINDS:
+        kind = get_kind(name)
+        assert all(declared.doc for declared in kind.inputs.values()), name
+        assert all(field.description for field in kind.params.model_fields.values()), name
