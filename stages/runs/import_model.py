@@ -28,6 +28,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     source = ctx.path("source")
     started = time.perf_counter()
+    print(f"[{ctx.label}] importing {source} as {p.dtype}", flush=True)
     if source.endswith(GGUF_SUFFIX):
         model, tokenizer = from_gguf(Path(source), resolve_dtype(p.dtype))
     elif Path(source).exists():
