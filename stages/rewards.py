@@ -37,6 +37,7 @@ MODES = ("strict", "lenient")  # strict: the answer inside <answer>...</answer>;
 
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_WARM_SCORERS: set[tuple[str, str]] = set()  # (task, config) whose scorer has run once
 _R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 _SCRIPT_OF_NAME = {
@@ -235,6 +236,16 @@ def task_dataset(task: str, config: str = "{}") -> Any:
     return reasoning_gym.create_dataset(task, size=1, seed=0, **json.loads(config or "{}"))
 
 
+def _scorer(task: str, config: str, entry: dict[str, Any]) -> Any:
+    """`task_dataset`, its scorer first run on a row's own (trusted) answer outside any timer: the first call of
+    some scorers imports or builds what later calls reuse."""
+    dataset = task_dataset(task, config)
+    if (task, config) not in _WARM_SCORERS:
+        dataset.score_answer(entry["answer"], entry)
+        _WARM_SCORERS.add((task, config))
+    return dataset
+
+
 def _user_text(prompt: Any) -> str:
     """The question of a prompt: the text itself, or a chat's last user message."""
     if prompt is None or isinstance(prompt, str):
@@ -262,25 +273,35 @@ def reasoning_gym_reward(completions: list[str], task: list[str] | None = None, 
             continue
         entry = {"question": _user_text(prompt[i] if prompt else None), "answer": str(answer[i]),
                  "metadata": json.loads(metadata[i]) if isinstance(metadata[i], str) else metadata[i]}
-        dataset = task_dataset(task[i], task_config[i] if task_config else "{}")
+        config = (task_config[i] if task_config else None) or "{}"
+        dataset = _scorer(task[i], config, entry)
         rewards.append(float(time_bounded(lambda: dataset.score_answer(predicted, entry))))
     return rewards
 
 
+@functools.cache
+def _math_verify() -> Any:
+    """math-verify, imported and warmed up outside any timer (its first LaTeX parse builds the parser), with its
+    warning that its own (signal, whole-second) timeout is off silenced: `time_bounded` is ours."""
+    import math_verify
+    from math_verify import grader, parser
+
+    grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
+    math_verify.parse("$\\frac{1}{2}$", parsing_timeout=None)
+    return math_verify
+
+
 @functools.lru_cache(maxsize=4096)
 def _parsed_reference(reference: str) -> tuple:
-    """math-verify's parse of a reference answer (retried as inline LaTeX), cached: references repeat G times."""
-    from math_verify import parse
-
+    """math-verify's parse of a (trusted) reference answer, retried as inline LaTeX; cached: references repeat."""
+    parse = _math_verify().parse
     return tuple(parse(reference, parsing_timeout=None) or parse(f"${reference}$", parsing_timeout=None))
 
 
-def _math_verified(predicted: str, reference: str) -> float:
-    from math_verify import parse, verify
-
-    _quiet_math_verify()
-    gold = list(_parsed_reference(reference))
-    return float(bool(gold) and verify(gold, parse(predicted, parsing_timeout=None), timeout_seconds=None))
+def _math_verified(predicted: str, gold: tuple) -> float:
+    math_verify = _math_verify()
+    return float(bool(gold) and math_verify.verify(list(gold), math_verify.parse(predicted, parsing_timeout=None),
+                                                   timeout_seconds=None))
 
 
 def math_verify_reward(completions: list[str], answer: list[Any] | None = None, *, mode: str = "strict", **_: Any
@@ -295,15 +316,12 @@ def math_verify_reward(completions: list[str], answer: list[Any] | None = None, 
     for completion, reference in zip(completions, answer or [], strict=True):
         predicted = answer_of(completion, reference, mode)
         ok = predicted is not None and reference is not None and len(predicted) <= MAX_ANSWER_CHARS
-        rewards.append(time_bounded(lambda: _math_verified(predicted, str(reference))) if ok else 0.0)
+        if ok:
+            gold = _parsed_reference(str(reference))
+            rewards.append(time_bounded(lambda: _math_verified(predicted, gold)))
+        else:
+            rewards.append(0.0)
     return rewards
-
-
-def _quiet_math_verify() -> None:
-    """math-verify warns once that its own (signal, whole-second) timeout is off: `time_bounded` is ours."""
-    from math_verify import grader, parser
-
-    grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
 
 
 def verifier_metrics(reward: RewardFn, rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import signal
+import subprocess
 import sys
 import time
 
@@ -367,3 +368,13 @@ def test_huge_numbers_are_not_parsed() -> None:
     assert accuracy_reward(["<answer>" + "9" * 60 + "</answer>"], answer=["9" * 60 + "/1"]) == [1.0]
     assert accuracy_reward(["<answer>" + "9" * 61 + "</answer>"], answer=["9" * 61 + "/1"]) == [0.0]
     assert accuracy_reward(["<answer>1e999999</answer>"], answer=["1e999999"]) == [1.0]
+
+
+def test_library_imports_and_warm_up_are_outside_the_timer() -> None:
+    # a fresh interpreter: importing math-verify and reasoning-gym takes seconds, judging "4" milliseconds
+    code = ("from stages import rewards\n"
+            "rewards.VERIFY_SECONDS = 0.05\n"
+            "assert rewards.math_verify_reward(['<answer>4</answer>'], answer=['4']) == [1.0]\n"
+            "assert rewards.reasoning_gym_reward(['<answer>4</answer>'], answer=['4'], task=['chain_sum'], "
+            "metadata=['{}']) == [1.0]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
