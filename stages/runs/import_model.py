@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,6 +23,7 @@ from stages.models import load_policy, resolve_dtype
 from stages.params import ModelParams
 
 GGUF_SUFFIX = ".gguf"
+HUB_TIMEOUT_S = 10  # the look at the Hub before a download
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -55,18 +57,31 @@ def from_gguf(file: Path, dtype: torch.dtype | str) -> tuple[PreTrainedModel, Pr
 
 
 def from_hub(label: str, repo_id: str, p: Params) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A Hub model at `p.revision`: from the local cache when it is there (no network), else downloaded. Neither
-    possible: a ValueError naming the stage, the key and what to do."""
-    options = dict(revision=p.revision, trust_remote_code=p.trust_remote_code)
-    errors = []
-    for local_files_only in (True, False):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_files_only, **options)
-            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=resolve_dtype(p.dtype),
-                                                         local_files_only=local_files_only, **options)
-            return model, tokenizer
-        except OSError as e:
-            errors.append(str(e).splitlines()[0])
-    raise ValueError(f"{label}: inputs.source: Hub model '{repo_id}' (revision {p.revision or 'main'}) is neither in "
-                     f"the local Hugging Face cache nor downloadable ({errors[-1]}); download it once where the Hub "
-                     "is reachable, or give a local save_pretrained directory or .gguf file as the source") from None
+    """A Hub model at `p.revision`: from the local cache when it is there (no network), else downloaded after one
+    quick look at the Hub (transformers would retry an unreachable Hub for most of a minute). Neither possible: a
+    ValueError naming the stage, the key and what to do."""
+    try:
+        return load_hub_model(repo_id, p, local_files_only=True)
+    except OSError:
+        pass  # not cached
+    try:
+        huggingface_hub.model_info(repo_id, revision=p.revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # whatever keeps the Hub from answering: no network, offline mode, an unknown id or revision
+        raise unavailable(label, repo_id, p, e) from None
+    try:
+        return load_hub_model(repo_id, p, local_files_only=False)
+    except OSError as e:  # e.g. the repository holds no transformers checkpoint
+        raise unavailable(label, repo_id, p, e) from None
+
+
+def unavailable(label: str, repo_id: str, p: Params, error: Exception) -> ValueError:
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ValueError(f"{label}: inputs.source: Hub model '{repo_id}' (revision {p.revision or 'main'}) is neither "
+                      f"in the local Hugging Face cache nor downloadable ({cause}); download it once where the Hub is "
+                      "reachable, or give a local save_pretrained directory or .gguf file as the source")
+
+
+def load_hub_model(repo_id: str, p: Params, local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    options = dict(revision=p.revision, trust_remote_code=p.trust_remote_code, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, **options)
+    return AutoModelForCausalLM.from_pretrained(repo_id, dtype=resolve_dtype(p.dtype), **options), tokenizer
