@@ -42,10 +42,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     if ctx.accelerator.is_main_process:
         model.save_pretrained(ctx.outputs["model"])
         tokenizer.save_pretrained(ctx.outputs["model"])
-    print(f"[{ctx.label}] imported {source}: {model.num_parameters() / 1e6:.1f} M parameters, "
-          f"{model.dtype} in {time.perf_counter() - started:.1f}s", flush=True)
-    return {"parameters": float(model.num_parameters()), "vocab_size": float(len(tokenizer)),
-            "load_seconds": loaded, "import_seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    print(f"[{ctx.label}] imported {source}: {model.num_parameters() / 1e6:.1f} M parameters, {model.dtype}, in "
+          f"{seconds:.1f}s", flush=True)
+    return {"parameters": float(model.num_parameters()), "vocab_size": float(len(tokenizer)), "load_seconds": loaded,
+            "import_seconds": seconds}
 
 
 def from_gguf(file: Path, dtype: torch.dtype | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
