@@ -1,6 +1,6 @@
 """Peak memory and seconds per iteration of GRPO with LoRA on a real model, through the real stage code.
 
-    python benchmarks/real_memory.py /tmp/smol/hf [--iterations 2] [--micro-batch-size 8] [--gradient-checkpointing]
+    python benchmarks/real_memory.py /tmp/smol/hf [--iterations 2] [--micro-batch-size N] [--gradient-checkpointing]
                                                   [--threads 1]
 
 Writes a temporary project: 64 two-term arithmetic prompts (`{prompt, answer}` jsonl) and one grpo stage reading the
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="a save_pretrained model directory (e.g. /tmp/smol/hf)")
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="micro_batch_size of the stage")
+    parser.add_argument("--micro-batch-size", type=int, help="micro_batch_size of the stage (default: the stage's)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="gradient_checkpointing of the stage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the stage (RL4LLM_TORCH_THREADS)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -92,9 +92,10 @@ def main() -> None:
         shutil.copytree(REPO / "infra", root / "infra")
         (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_prompts(64)))
         params = {"iterations": args.iterations, "prompts_per_step": 8, "samples_per_prompt": 4,
-                  "max_new_tokens": 64, "lora": {"r": 16, "alpha": 32}, "micro_batch_size": args.micro_batch_size,
-                  "gradient_checkpointing": args.gradient_checkpointing,
+                  "max_new_tokens": 64, "lora": {"r": 16, "alpha": 32}, "gradient_checkpointing": args.gradient_checkpointing,
                   "rewards": {"accuracy": 1.0, "format": 0.5}}
+        if args.micro_batch_size:
+            params["micro_batch_size"] = args.micro_batch_size
         config = {"pipelines": {"memory": {
             "defaults": {"seed": 0},
             "datasets": {"model": {"path": str(Path(args.model).resolve())}, "prompts": {"path": "prompts.jsonl"}},
@@ -112,7 +113,7 @@ def main() -> None:
         r = json.loads(run.stdout.strip().splitlines()[-1])
     seconds = ", ".join(f"{s:.0f}" for s in r["iteration_s"])
     print(f"grpo + LoRA r16 on {args.model}: 8 prompts x 4 samples x 64 new tokens, micro_batch_size "
-          f"{args.micro_batch_size}{', gradient checkpointing' if args.gradient_checkpointing else ''}, "
+          f"{args.micro_batch_size or 'default'}{', gradient checkpointing' if args.gradient_checkpointing else ''}, "
           f"{args.threads} torch thread(s), load average at the start {load:.1f}")
     print(f"  peak RSS {r['peak_rss_mb'] / 1024:.2f} GB (after imports {r['import_rss_mb'] / 1024:.2f} GB); "
           f"seconds per iteration: {seconds}; stage process {time.monotonic() - started:.0f} s in all")

@@ -49,7 +49,7 @@ class OptimParams(ModelParams):
 
     lr_scheduler: LRScheduler = "constant"  # transformers.get_scheduler, with warmup
     warmup_ratio: float = 0.0  # share of the optimiser steps spent warming the LR up from 0
-    micro_batch_size: PositiveInt = 8  # rows per forward/backward pass per process: memory, not the optimiser step
+    micro_batch_size: PositiveInt = 4  # rows per forward/backward pass per process: memory, not the optimiser step
     max_grad_norm: float | None = 1.0  # clip the gradient norm before each optimiser step (None: no clipping)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
     checkpoint_every: PositiveInt = 50  # optimiser steps (RL kinds: iterations) between resumable checkpoints

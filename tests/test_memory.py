@@ -212,4 +212,4 @@ def test_gradient_accumulation_steps_is_refused_with_its_replacement():
     from stages.kinds.sft import Params
     with pytest.raises(ValidationError, match="gradient_accumulation_steps: replaced by micro_batch_size"):
         Params(gradient_accumulation_steps=2)
-    assert Params().micro_batch_size == 8
+    assert Params().micro_batch_size == 4
