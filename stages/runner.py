@@ -217,11 +217,13 @@ def supervise(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> NoRe
     argv = [pipeline, stage, "--params-file", params_file]
     die_with_run()  # our parent gone: the stage stops at its next step boundary
     oom_before = oom_kills()
-    code, peak = run_warm(argv), None  # forked from the run's warm process, if it has one
-    if code is None:
+    warm = run_warm("stages.runner:main", argv)  # forked from the run's warm process, if it has one
+    if warm is None:
         code, _received, peak = run_child([sys.executable, "-c", CHILD, json.dumps(sys.path), *argv])
-    elif code - 128 in signal.valid_signals() and code - 128 not in STOPS:  # its report of a death by signal N
-        code = 128 - code
+    else:
+        code, peak = warm
+        if code - 128 in signal.valid_signals() and code - 128 not in STOPS:  # its report of a death by signal N
+            code = 128 - code
     if code >= 0 or -code in STOPS:
         sys.exit(code)
     after = oom_kills()

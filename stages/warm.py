@@ -4,7 +4,7 @@ imported once per `rl4llm run`, then forked for each stage DVC starts, which sav
 `rl4llm run` starts the warm process (`warm_stages`) and names its unix socket in RL4LLM_WARM_SOCKET. The command
 DVC runs, `rl4llm stage`, then hands its arguments, working directory, environment, `sys.path` and its stdin,
 stdout and stderr to the warm process (`run_warm`), which forks a child that runs the stage exactly as the command
-would (`stages.runner.main`). The command passes SIGINT / SIGTERM on to the child and exits with its exit code; if
+would (the entry it names: `stages.runner:main`). The command passes SIGINT / SIGTERM on to the child and exits with its exit code; if
 the command dies, the child gets SIGTERM. The project's own code (and a user's) is imported fresh in each child, so
 a stage runs the code on disk; only third-party modules come warm.
 
@@ -58,16 +58,17 @@ def differences(request: dict[str, Any], ours: dict[str, str]) -> list[str]:
 
 # --- the command's side -------------------------------------------------------------------------------------------
 
-def run_warm(argv: list[str]) -> int | None:
-    """Run `stages.runner.main(argv)` in a child of the warm process, with this process's stdio, directory and
-    environment. Returns its exit code, or None when no warm process takes it (the caller runs the stage itself)."""
+def run_warm(entry: str, argv: list[str]) -> tuple[int, int | None] | None:
+    """Run the function `entry` (`module:function`, e.g. `stages.runner:main`) on `argv` in a child of the warm
+    process, with this process's stdio, directory and environment. Returns its exit code and peak RSS in bytes
+    (None if unknown), or None when no warm process takes it (the caller runs the stage itself)."""
     name = os.environ.get(WARM_SOCKET_ENV)  # set only where `warm_stages` started one
     if not name:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(address(name))
-        request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
+        request = {"entry": entry, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                    "executable": sys.executable}
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         reply = _receive(conn)
@@ -83,7 +84,8 @@ def run_warm(argv: list[str]) -> int | None:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        return reply.get("exit", 128 + signal.SIGKILL)  # no reply: the warm process was killed, and the child too
+        # no reply: the warm process was killed, and the child too
+        return reply.get("exit", 128 + signal.SIGKILL), reply.get("peak_rss")
     except OSError:  # no warm process (any more)
         return None
     finally:
@@ -214,12 +216,15 @@ class WarmProcess:
         conn.close()
 
     def report_exit(self, pid: int) -> None:
-        """Reap the child and send its exit code (128 + the signal that killed it) to its command, if still there."""
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        """Reap the child and send its exit code (128 + the signal that killed it) and peak RSS to its command, if
+        still there."""
+        _pid, status, usage = os.wait4(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
         conn = self.children.pop(pid)
         try:
             self.selector.unregister(conn)
-            conn.send(json.dumps({"exit": code if code >= 0 else 128 - code}).encode())
+            conn.send(json.dumps({"exit": code if code >= 0 else 128 - code,
+                                  "peak_rss": usage.ru_maxrss * 1024}).encode())  # ru_maxrss is in KiB
         except (KeyError, OSError):  # the command is gone
             pass
         conn.close()
@@ -262,9 +267,8 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
         sys.argv = ["rl4llm stage", *request["argv"]]
         for name in [m for m in sys.modules if m == "stages" or m.startswith("stages.")]:
             del sys.modules[name]  # the project's code as it is on disk now
-        from stages.runner import main
-
-        main(request["argv"])
+        module, _, function = request["entry"].partition(":")
+        getattr(importlib.import_module(module), function)(request["argv"])
         code = 0
     except SystemExit as exit_:  # as the interpreter treats it: a code, None (0) or a message (printed; 1)
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
