@@ -124,6 +124,7 @@ BUILT_IN_KINDS = (  # each declared in stages/kinds/<name>.py
     "ppo",
     "dpo",
     "synthetic_reasoning",
+    "reasoning_gym",
     "grpo",
     "rejection_sampling",
     "distill",

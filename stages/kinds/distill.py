@@ -17,10 +17,10 @@ class Params(sft.Params):
 
 
 INPUTS = {
-    "student": Input("small base model to train (default: the pipeline's `model`)", required=False),
+    "student": Input("small base model to train (default: the pipeline's `model`)", required=False, model=True),
     "data": Input("teacher traces: {prompt, response} or chat {messages}", columns=("prompt", "response"),
                   or_columns=("messages",)),
-    "teacher": Input("teacher model for token-level KD (kd_coef > 0)", required=False),
+    "teacher": Input("teacher model for token-level KD (kd_coef > 0)", required=False, model=True),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
     "lm_eval": Input("held-out plain text for an LM loss", required=False, columns=("text",)),
 }

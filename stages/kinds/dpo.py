@@ -35,7 +35,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
 
 
 INPUTS = {
-    "policy": Input("initial policy, also the frozen reference π_ref (the SFT model)"),
+    "policy": Input("initial policy, also the frozen reference π_ref (the SFT model)", model=True),
     "comparisons": Input("preferences: {prompt, responses, ranks}, {prompt, chosen, rejected} or "
                          "{prompt, completion, label} (label true = desirable), as text or chat messages; chosen / "
                          "rejected conversations without a prompt column too", columns=("prompt",),

@@ -93,10 +93,11 @@ class Params(LoraTrainingParams, PolicyEvalParams):
 
 
 INPUTS = {
-    "policy": Input("initial policy, also the frozen KL reference (with LoRA: the policy with adapters off)"),
+    "policy": Input("initial policy, also the frozen KL reference (with LoRA: the policy with adapters off)",
+                    model=True),
     "prompts": Input("RL prompts; every other column (answer, language, task…) is passed to the rewards",
                      columns=("prompt",)),
-    "reward": Input("trained reward model, for the `reward_model` reward", required=False),
+    "reward": Input("trained reward model, for the `reward_model` reward", required=False, model=True),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}

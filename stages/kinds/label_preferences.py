@@ -22,7 +22,7 @@ class Params(ModelParams):
 
 
 INPUTS = {
-    "policy": Input("model to sample responses from (InstructGPT: the SFT model)"),
+    "policy": Input("model to sample responses from (InstructGPT: the SFT model)", model=True),
     "prompts": Input("prompts to collect comparisons on", columns=("prompt",)),
 }
 OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl"}

@@ -43,9 +43,9 @@ class Params(LoraTrainingParams, PolicyEvalParams):
 
 INPUTS = {
     "policy": Input("initial policy; the frozen reference is loaded from the same checkpoint (with LoRA: the "
-                    "policy with adapters off)"),
+                    "policy with adapters off)", model=True),
     "reward": Input("reward model (its stored normalization bias is applied); with LoRA and GAE it is also the "
-                    "value model's base, and scores with the value adapters off"),
+                    "value model's base, and scores with the value adapters off", model=True),
     "prompts": Input("RL prompts", columns=("prompt",)),
     "ptx": Input("pretraining corpus for the ptx term", required=False, columns=("text",)),
     "lm_eval": Input("held-out pretraining text: final `ptx_lm_loss` (the alignment tax)", required=False,

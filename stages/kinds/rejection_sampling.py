@@ -39,7 +39,7 @@ class Params(ModelParams):
 
 
 INPUTS = {
-    "policy": Input("checkpoint to sample from"),
+    "policy": Input("checkpoint to sample from", model=True),
     "prompts": Input("prompts with the columns the filters and the verifier read (answer, language, metadata…)",
                      columns=("prompt",)),
     "general": Input("general (non-reasoning) demonstrations merged into the output", required=False,

@@ -18,7 +18,7 @@ class Params(LoraTrainingParams):
 
 
 INPUTS = {
-    "base": Input("model to initialise from (InstructGPT: the SFT model)", required=False),
+    "base": Input("model to initialise from (InstructGPT: the SFT model)", required=False, model=True),
     "comparisons": Input("ranked responses: {prompt, responses, ranks} or {prompt, chosen, rejected}, as text or "
                          "chat messages (TRL's preference formats, implicit prompt too)", columns=("prompt",),
                          or_columns=("chosen", "rejected")),

@@ -21,7 +21,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
 
 
 INPUTS = {
-    "base": Input("model to fine-tune (default: the pipeline's `model`)", required=False),
+    "base": Input("model to fine-tune (default: the pipeline's `model`)", required=False, model=True),
     "data": Input("demonstrations: {prompt, response} or chat {messages}", columns=("prompt", "response"),
                   or_columns=("messages",)),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
