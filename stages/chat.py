@@ -14,6 +14,16 @@ def as_messages(prompt: Prompt) -> list[Message]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def with_demonstrations(prompt: Prompt, demonstrations: list[Message]) -> list[Message]:
+    """The prompt with few-shot demonstration turns (user/assistant pairs) put after its system turns, before the
+    conversation itself."""
+    messages = as_messages(prompt)
+    system = 0
+    while system < len(messages) and messages[system]["role"] == "system":
+        system += 1
+    return [*messages[:system], *demonstrations, *messages[system:]]
+
+
 def prompt_text(prompt: Prompt) -> str:
     """The last user turn's text (what rule rewards and evaluators read)."""
     return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")

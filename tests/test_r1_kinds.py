@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,37 @@ def test_rejection_sampling_run(tmp_path, monkeypatch):
     assert rows == [{"prompt": "q0", "response": GOOD}, {"prompt": "q2", "response": GOOD},
                     {"prompt": "name two fruits", "response": "apple pear"}]
 
+
+
+def test_rejection_sampling_shows_demonstrations_when_sampling_and_keeps_the_prompt_without_them(tmp_path,
+                                                                                                 monkeypatch):
+    system = {"role": "system", "content": "answer in tags"}
+    write_jsonl([{"prompt": [system, {"role": "user", "content": "q0"}], "answer": "4", "language": "en"}],
+                tmp_path / "prompts.jsonl")
+    policy = tiny_model(["q0 q1"], tmp_path / "policy")
+    demonstrations = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": GOOD}]
+    shown = []
+
+    def fake_sample(model, tokenizer, prompts, *args, **kwargs):
+        shown.extend(prompts)
+        return Samples(prompts, [GOOD] * len(prompts), None, [])
+
+    monkeypatch.setattr(rejection_sampling, "sample", fake_sample)
+    run_kind("rejection_sampling", tmp_path / "rs", {"policy": str(policy), "prompts": str(tmp_path / "prompts.jsonl")},
+             samples_per_prompt=1, demonstrations=demonstrations)
+    assert shown == [[system, *demonstrations, {"role": "user", "content": "q0"}]]  # after the system turn
+    rows = load_rows(DataInput(path=str(tmp_path / "rs" / "sft.jsonl")))
+    assert rows == [{"prompt": [system, {"role": "user", "content": "q0"}], "response": GOOD}]
+
+
+@pytest.mark.parametrize("turns, error", [
+    ([{"role": "assistant", "content": "a"}], "turn 1 must be {role: user"),
+    ([{"role": "user", "content": "q"}], "the last demonstration turn must be the assistant's"),
+    ([{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}], "turn 1 must be"),
+])
+def test_demonstrations_must_alternate_user_then_assistant(turns, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        rejection_sampling.Params(demonstrations=turns)
 
 # --- distill ----------------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from stages.kinds import Input
 from stages.params import ModelParams
@@ -31,6 +31,19 @@ class Params(ModelParams):
     verifier: RewardName = "accuracy"  # the reward judging `correct`: accuracy, reasoning_gym, math_verify or yours
     verifier_params: dict[str, Any] = {}  # its keyword params, e.g. {mode: strict} (the answer in <answer> tags)
     min_score: float = 1.0  # `correct` keeps the samples the verifier scores at least this
+    demonstrations: list[dict[str, str]] = []  # few-shot user/assistant turns shown when sampling, not kept (R1 2.3.1)
+
+    @field_validator("demonstrations")
+    @classmethod
+    def alternating_turns(cls, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+        for i, turn in enumerate(turns):
+            role = ("user", "assistant")[i % 2]
+            if set(turn) != {"role", "content"} or turn["role"] != role or not isinstance(turn["content"], str):
+                raise ValueError(f"turn {i + 1} must be {{role: {role}, content: <text>}} (user and assistant "
+                                 f"turns alternate, user first), got {turn}")
+        if len(turns) % 2:
+            raise ValueError("the last demonstration turn must be the assistant's")
+        return turns
 
     @model_validator(mode="after")
     def verifier_builds(self) -> "Params":

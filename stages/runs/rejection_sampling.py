@@ -1,8 +1,11 @@
 """Rejection sampling into an SFT dataset (DeepSeek-R1 §2.3.3).
 
-Sample N responses per prompt from a checkpoint, keep those that pass every named filter — a correct final answer
-(by the `verifier` reward: scored at least `min_score`), the `<think>…</think> <answer>…</answer>` template, a chain of thought in the prompt's language, no repetition loops,
-no duplicates — and write `{prompt, response}` rows, optionally merged with general (non-reasoning) demonstrations.
+Sample N responses per prompt from a checkpoint (shown few-shot `demonstrations` first, if any: R1 §2.3.1 collects
+its cold-start data "using few-shot prompting with a long CoT as an example"), keep those that pass every named
+filter — a correct final answer (by the `verifier` reward: scored at least `min_score`), the `<think>…</think>
+<answer>…</answer>` template, a chain of thought in the prompt's language, no repetition loops, no duplicates — and
+write `{prompt, response}` rows, optionally merged with general (non-reasoning) demonstrations.
+The rows keep the prompt without the demonstrations, so the SFT stage teaches the model to answer that way unshown.
 R1 uses it twice: for readable cold-start data, and for the SFT round after reasoning RL.
 
 Params, inputs and outputs: stages/kinds/rejection_sampling.py.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from stages.chat import prompt_key
+from stages.chat import prompt_key, with_demonstrations
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, shard, write_trace
@@ -83,12 +86,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         random.Random(ctx.seed).sample(range(len(rows)), min(p.prompts, len(rows)))
     # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now
     check_prompts_fit(ctx, tokenizer, context_length(model), "prompts", "max_new_tokens", cut=True,
-                      prompts={i: rows[i]["prompt"] for i in ids})
+                      prompts={i: with_demonstrations(rows[i]["prompt"], p.demonstrations) for i in ids})
     rows = [rows[i] for i in ids]
     local_ids = shard(ids, acc)  # each rank samples its share; the filters run on the gathered samples
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", local_ids)
     repeated = [row for row in shard(rows, acc) for _ in range(p.samples_per_prompt)]
-    completions = gather_list(sample(model, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens,
+    shown = [with_demonstrations(row["prompt"], p.demonstrations) if p.demonstrations else row["prompt"]
+             for row in repeated]
+    completions = gather_list(sample(model, tokenizer, shown, p.max_new_tokens,
                                      p.temperature, max_prompt_length=p.max_prompt_length).completions, acc)
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     columns = {key: [row.get(key) for row in repeated] for key in rows[0]}
