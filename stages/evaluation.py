@@ -21,7 +21,8 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     temperature: float = 1.0) -> dict[str, float]:
     """Sample `samples_per_prompt` completions per held-out prompt and score them with the named evaluator."""
     repeated = [r for r in rows for _ in range(samples_per_prompt)]
-    samples = sample(model, tokenizer, [r["prompt"] for r in repeated], max_new_tokens, temperature)
+    samples = sample(model, tokenizer, [r["prompt"] for r in repeated], max_new_tokens, temperature,
+                     what="evaluating")
     return EVALUATORS.load(evaluator)(repeated, samples.completions)
 
 

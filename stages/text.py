@@ -297,13 +297,15 @@ class Samples:
 
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
-           temperature: float = 1.0, batch_size: int = 64, max_prompt_length: int | None = None) -> Samples:
+           temperature: float = 1.0, batch_size: int = 64, max_prompt_length: int | None = None,
+           what: str = "sampling") -> Samples:
     """Sample one completion per prompt (repeat prompts for several) in eval mode, leaving the model's mode as it
     was. Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens.
 
     Each token is drawn from softmax(logits / temperature) exactly (greedy at temperature 0), as the RL log-probs
     assume: none of the checkpoint's `generation_config` defaults (top-k, top-p, repetition penalty, …) applies.
-    Progress lines (samples done / total, tokens/s) come from inside each `generate` call (`DecodeProgress`)."""
+    Progress lines (`what`: samples done / total, tokens/s) come from inside each `generate` call
+    (`DecodeProgress`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -313,7 +315,7 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     pure = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, **pure,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    progress = Progress(None, "sampling", len(prompts))
+    progress = Progress(None, what, len(prompts))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's base generates
     checkpoint_config, inner.generation_config = inner.generation_config, GenerationConfig()
     response_rows: list[list[int]] = []

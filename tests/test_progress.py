@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stages import progress
+from stages.evaluation import evaluate_policy
 from stages.models import load_policy, load_tokenizer, with_lora
 from stages.params import LoraParams
 from stages.progress import Progress
@@ -120,3 +121,10 @@ def test_sampling_reports_samples_and_tokens_from_inside_generate(tiny, monkeypa
     assert lines[4].split(",")[0].endswith("/4 samples") and int(lines[4].split()[2].split("/")[0]) <= 2
     generated = sum(samples.lengths)
     assert f"{generated} tokens" not in lines[-1]  # a rate, not a count
+
+
+def test_evaluation_reports_as_evaluating(tiny, monkeypatch, capsys):
+    model, tokenizer = tiny
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    evaluate_policy(model, tokenizer, [{"prompt": "name two animals"}], "instruct_gold", 3, samples_per_prompt=2)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("[rl4llm] evaluating 2/2 samples, ")
