@@ -199,6 +199,12 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     return metrics
 
 
+def as_initial(metrics: dict[str, float]) -> dict[str, float]:
+    """Held-out metrics of a stage's starting policy, named `initial_<metric>` beside the final ones, so each policy
+    stage shows what it changed."""
+    return {f"initial_{name}": value for name, value in metrics.items()}
+
+
 def check_evaluation_fits(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, context: int | None) -> None:
     """At stage start: every `eval` prompt `evaluate` samples for leaves room for `eval_max_new_tokens` in the model's
     `context` (`check_prompts_fit`), so that evaluation cannot fail after training."""
@@ -305,8 +311,9 @@ def fine_tune(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTo
         return loss, metrics
 
     opt = prepare_optimization(ctx, model, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
+    initial = as_initial(evaluate(ctx, opt.model, tokenizer))
     train_epochs(ctx, opt, len(train), p.batch_size, p.epochs, loss_fn, weigh)
-    metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated}
+    metrics = {**evaluate(ctx, opt.model, tokenizer), "truncated_rows": truncated, **initial}
     if holdout:  # on every rank: FSDP forward
         opt.model.eval()
         size = p.micro_batch_size

@@ -64,8 +64,10 @@ def children(client, parent):
 def test_first_run_runs_every_stage_logs_lineage_and_registers_the_policy(in_workspace):
     assert run("run", "tiny", "--push") == f"tiny: ran {', '.join(STAGES)}; up to date: none"
     assert {"eval_accuracy", "normalization_bias"} <= set(metrics(in_workspace, "reward_model"))
-    assert {"gold_score", "kl", "ptx_lm_loss"} <= set(metrics(in_workspace, "ppo"))
-    assert "gold_score" in metrics(in_workspace, "sft")
+    assert {"gold_score", "kl", "ptx_lm_loss", "initial_gold_score", "initial_ptx_lm_loss"} <= set(
+        metrics(in_workspace, "ppo"))
+    sft = metrics(in_workspace, "sft")  # each policy stage's held-out metrics before and after it trained
+    assert sft["gold_score"] != sft["initial_gold_score"]
     commit_run(in_workspace)
     shutil.copytree(in_workspace / "artifacts/tiny/reward_model", in_workspace.parent / "reward_model-v1")
     client, (parent,) = parent_runs()

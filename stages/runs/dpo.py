@@ -44,7 +44,7 @@ from stages.kinds.dpo import Params
 from stages.models import load_policy, load_tokenizer
 from stages.text import (PairBatch, check_prompts_fit, context_length, encode_prompt, encode_response, fit,
                          fit_comparisons, fit_rows, pair_batch, response_logprobs)
-from stages.training import (adapters_disabled, check_evaluation_fits, evaluate, kl_to_reference,
+from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, evaluate, kl_to_reference,
                              prepare_optimization, save_model, steps_per_epoch, train_epochs)
 
 Row = dict[str, Any]
@@ -250,6 +250,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     # 3-4. train: every global batch of `batch_size` pairs is shared by the ranks, in micro-batches of
     # `micro_batch_size` pairs (the losses are means over pairs, or examples; KTO's z0 is each micro-batch's)
     opt = prepare_optimization(ctx, policy, p.lr, p.epochs * steps_per_epoch(ctx, len(train), p.batch_size))
+    initial = as_initial(evaluate(ctx, opt.model, tokenizer))
 
     def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         picked = ids.tolist()
@@ -293,6 +294,6 @@ def run(ctx: StageContext) -> dict[str, float]:
             final["kl"] = kl_to_reference(acc, policy, reference, tokenizer, kl_prompts, p.max_new_tokens,
                                           p.micro_batch_size)
             del reference
-    final |= evaluate(ctx, opt.model, tokenizer)
+    final |= evaluate(ctx, opt.model, tokenizer) | initial
     save_model(ctx, opt.model, tokenizer)
     return final

@@ -41,7 +41,7 @@ from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
 from stages.text import (batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, pair_batch, response_logprobs, response_logprobs_and_entropy, sample)
-from stages.training import (check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
+from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
@@ -317,4 +317,4 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
     save_model(ctx, policy.model, tokenizer)
-    return {**final, **{f"initial_{k}": v for k, v in initial.items()}}
+    return {**final, **as_initial(initial)}

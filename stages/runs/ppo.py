@@ -29,8 +29,9 @@ from stages.models import (last_token_scores, load_policy, load_scalar_head_mode
                            token_values)
 from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
                          response_logprobs_and_entropy, sample, text_lm_loss)
-from stages.training import (adapters_disabled, check_evaluation_fits, disable_dropout, evaluate, kl_to_reference,
-                             prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
+from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, disable_dropout, evaluate,
+                             kl_to_reference, prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
+                             update_on_buffer)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -75,6 +76,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     trained = [policy.model, value.model] if use_values else [policy.model]
     seed_sampling(ctx.seed, acc)
+    initial = evaluate(ctx, policy.model, tokenizer)
 
     truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
@@ -184,6 +186,6 @@ def run(ctx: StageContext) -> dict[str, float]:
             with torch.no_grad():
                 final["reward"] = batched(reward_scores, eval_samples, p.micro_batch_size, "rewards").mean().item()
     if ctx.has("lm_eval"):
-        final["ptx_lm_loss"] = final.pop("lm_eval_loss")
+        final["ptx_lm_loss"], initial["ptx_lm_loss"] = final.pop("lm_eval_loss"), initial.pop("lm_eval_loss")
     save_model(ctx, policy.model, tokenizer)
-    return final
+    return final | as_initial(initial)
