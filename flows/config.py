@@ -16,6 +16,7 @@ from flows.errors import ConfigError, ConfigErrors, raise_all
 from flows.schema import Overridable, PipelineSpec, Scheduling, StageSpec, load, nearest
 from stages import data
 from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind
+from stages.params import REPLACED_PARAMS
 from stages.paths import output_dir as stage_output_dir
 from stages.registry import is_import_path, use_project
 from stages.spec import DataInput, ResolvedStage
@@ -75,7 +76,8 @@ def _resolve_input(file: str, root: Path, pipeline: str, spec: PipelineSpec, sta
 
 def _check_params(file: str, where: dict, kind: StageKind, params: dict[str, Any]) -> dict[str, Any]:
     fields = kind.params.model_fields
-    errors = [ConfigError(file, f"unknown param for kind '{kind.name}'; {nearest(key, fields)}",
+    errors = [ConfigError(file, REPLACED_PARAMS.get(key) or f"unknown param for kind '{kind.name}'; "
+                          f"{nearest(key, fields)}",
                           **{**where, "key": f"params.{key}"}) for key in params if key not in fields]
     try:
         checked = kind.params(**{k: v for k, v in params.items() if k in fields}).model_dump(mode="json")

@@ -98,6 +98,11 @@ def test_misspelt_param_names_nearest(project):
     assert error.key == "params.lrr" and "did you mean 'lr'" in str(error)
 
 
+def test_a_replaced_param_says_what_replaced_it(project):
+    error = broken(project, lambda p: p["stages"][0]["params"].update(gradient_accumulation_steps=2))
+    assert error.key == "params.gradient_accumulation_steps" and "replaced by micro_batch_size" in str(error)
+
+
 def test_mistyped_param(project):
     error = broken(project, lambda p: p["stages"][0]["params"].update(epochs="many"))
     assert error.key == "params.epochs" and "'many'" in str(error)

@@ -47,17 +47,22 @@ from stages.training import (as_initial, check_evaluation_fits, disable_dropout,
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
 
 
-def reward_model_scorer(path: str, device: torch.device) -> Scorer:
-    """`scorer(prompts, texts)`: the normalised score of a trained reward model on the last token."""
+def reward_model_scorer(path: str, device: torch.device, micro_batch_size: int) -> Scorer:
+    """`scorer(prompts, texts)`: the normalised score of a trained reward model on the last token, `micro_batch_size`
+    rows per forward."""
     tokenizer = load_tokenizer(path)
     model = load_scalar_head_model(path, tokenizer.pad_token_id).eval().requires_grad_(False).to(device)
     bias = reward_bias(path)
 
     @torch.no_grad()
     def score(prompts: list[str], texts: list[str]) -> list[float]:
-        batch = pair_batch([encode_prompt(tokenizer, q) for q in prompts],
-                           [encode_response(tokenizer, t) for t in texts], tokenizer.pad_token_id).to(device)
-        return last_token_scores(model, batch.ids, batch.attention_mask, bias).tolist()
+        scores = []
+        for start in range(0, len(prompts), micro_batch_size):
+            batch = pair_batch([encode_prompt(tokenizer, q) for q in prompts[start:start + micro_batch_size]],
+                               [encode_response(tokenizer, t) for t in texts[start:start + micro_batch_size]],
+                               tokenizer.pad_token_id).to(device)
+            scores += last_token_scores(model, batch.ids, batch.attention_mask, bias).tolist()
+        return scores
 
     return score
 
@@ -236,7 +241,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     keep_reference = p.kl_coef > 0 and p.lora is None  # with LoRA the reference is the policy with adapters off
     reference = load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device) if keep_reference \
         else None
-    scorer = reward_model_scorer(ctx.path("reward"), device) if ctx.has("reward") else None
+    scorer = reward_model_scorer(ctx.path("reward"), device, p.micro_batch_size) if ctx.has("reward") else None
     reward_fns = build_rewards(p, scorer)
     total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
