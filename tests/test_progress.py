@@ -98,8 +98,17 @@ def test_sampling_is_softmax_over_temperature_whatever_the_checkpoint_asks(tiny,
     assert "may be ignored" not in capsys.readouterr().err
 
 
-def test_a_sampled_token_is_drawn_from_softmax_of_logits_over_temperature(tiny):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_sampled_token_is_drawn_from_softmax_of_logits_over_temperature(tiny, lora):
+    """Also with trained LoRA adapters (merged for generation): the policy's own softmax, base weights restored."""
     model, tokenizer = tiny
+    if lora:
+        model = with_lora(model, LoraParams(r=2, alpha=4, target_modules="all-linear"))
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+    base = {name: p.detach().clone() for name, p in model.named_parameters() if "lora" not in name}
     prompts = ["name two animals", "name five tools", "name two colors", "name three fruits"] * 4
     torch.manual_seed(3)
     drawn = sample(model, tokenizer, prompts, 1, temperature=0.7).batch.response_ids[:, 0]
@@ -107,6 +116,10 @@ def test_a_sampled_token_is_drawn_from_softmax_of_logits_over_temperature(tiny):
     torch.manual_seed(3)
     expected = torch.multinomial(torch.softmax(logits(model, ids, mask)[:, -1] / 0.7, -1), 1)[:, 0]
     assert drawn.tolist() == expected.tolist()
+    assert not getattr(model, "merged", False)
+    for name, param in model.named_parameters():
+        if name in base:
+            torch.testing.assert_close(param, base[name], atol=1e-6, rtol=0)
 
 
 def test_sampling_reports_samples_and_tokens_from_inside_generate(tiny, monkeypatch, capsys):
