@@ -33,6 +33,7 @@ from stages.context import StageContext  # noqa: E402
 from stages.data import write_jsonl  # noqa: E402
 from stages.kinds import get_kind  # noqa: E402
 from stages.models import build_tiny_llama, build_word_tokenizer, load_policy, load_tokenizer, save  # noqa: E402
+from stages.spec import DataInput  # noqa: E402
 
 SFT = dict(rows=512, batch_size=32, lr=1e-3, max_length=64)
 DPO = dict(rows=256, batch_size=16, lr=1e-4, beta=0.1, max_length=64)
@@ -89,7 +90,7 @@ def make_inputs(root: Path) -> dict[str, Path]:
     return files
 
 
-def ours(kind_name: str, inputs: dict[str, dict], params: dict[str, Any], out: Path) -> float:
+def ours(kind_name: str, inputs: dict[str, DataInput], params: dict[str, Any], out: Path) -> float:
     kind = get_kind(kind_name)
     clock = StepClock()
     ctx = StageContext("bench", kind_name, 0, kind.params(**params), inputs,
@@ -109,7 +110,7 @@ def trl_trainer(name: str, files: dict[str, Path], out: Path) -> float:
     callback = type("Clock", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: clock.on_step_end(*a, **k)})()
     common = dict(output_dir=str(out), report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True,
                   dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-                  logging_steps=10, disable_tqdm=True, seed=0)
+                  logging_steps=10, disable_tqdm=True, seed=0, bf16=False)  # fp32, as ours
     model, tokenizer = load_policy(str(files["policy"])), load_tokenizer(str(files["policy"]))
     if name == "sft":
         data = Dataset.from_list([{"prompt": chat(r["prompt"]), "completion": chat(r["prompt"], r["response"])[1:]}
@@ -182,19 +183,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rl4llm-vs-trl-") as tmp:
         root = Path(tmp)
         files = make_inputs(root)
-        policy = {"path": str(files["policy"])}
+        policy = DataInput(path=str(files["policy"]))
         cases: dict[str, Callable[[Path], float]] = {
-            "sft (ours)": lambda out: ours("sft", {"base": policy, "data": {"path": str(files["sft"])}}, dict(
+            "sft (ours)": lambda out: ours("sft", {"base": policy, "data": DataInput(path=str(files["sft"]))}, dict(
                 epochs=1, batch_size=SFT["batch_size"], lr=SFT["lr"], max_length=SFT["max_length"],
                 holdout_fraction=0.0), out),
             "sft (TRL)": lambda out: trl_trainer("sft", files, out),
-            "dpo (ours)": lambda out: ours("dpo", {"policy": policy, "comparisons": {"path": str(files["dpo"])}},
+            "dpo (ours)": lambda out: ours("dpo", {"policy": policy, "comparisons": DataInput(path=str(files["dpo"]))},
                                            dict(epochs=1, batch_size=DPO["batch_size"], lr=DPO["lr"],
                                                 beta=DPO["beta"], max_length=DPO["max_length"],
                                                 eval_fraction=0.0), out),
             "dpo (TRL)": lambda out: trl_trainer("dpo", files, out),
             "dpo (bare loop)": lambda out: bare_dpo(files),
-            "grpo (ours)": lambda out: ours("grpo", {"policy": policy, "prompts": {"path": str(files["prompts"])}},
+            "grpo (ours)": lambda out: ours("grpo", {"policy": policy,
+                                                     "prompts": DataInput(path=str(files["prompts"]))},
                                             dict(iterations=GRPO["iterations"],
                                                  prompts_per_step=GRPO["prompts_per_step"],
                                                  samples_per_prompt=GRPO["samples_per_prompt"],
