@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from accelerate import Accelerator
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
