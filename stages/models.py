@@ -94,7 +94,9 @@ ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter directory (PEFT),
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
-    """The `dtype` param: None is float32 on CPU and the checkpoint's own dtype ("auto") on GPU."""
+    """The `dtype` param: None is float32 on CPU and the checkpoint's own dtype ("auto") on GPU. (bfloat16 on this
+    project's CPU, AVX-512 BF16, torch 2.13, 1 thread, SmolLM2-135M: generation 3.3x slower, 6.5x with LoRA; a LoRA
+    training step more than 15x slower: float32 stays the CPU default.)"""
     if name is None:
         name = "auto" if torch.cuda.is_available() else "float32"
     return "auto" if name == "auto" else DTYPES[name]
