@@ -1,29 +1,29 @@
 """Progress lines for the long loops inside a stage (sampling, reference/value scoring, evaluation), where one
 optimiser step can take minutes and the step lines of `StageRun.log` say nothing in between.
 
-    progress = Progress(ctx.label, "scoring", total=len(rows), unit="rows")
-    for start in range(0, len(rows), micro_batch):
-        ...
-        progress.advance(len(chunk), tokens=int(mask.sum()))   # done since the previous call
+    with Progress("scoring", total=len(rows), unit="rows") as progress:
+        for start in range(0, len(rows), micro_batch):
+            ...
+            progress.advance(len(chunk), tokens=int(mask.sum()))   # done since the previous call
 
 Contract:
 - `advance(done, tokens)` counts `done` items (samples, rows) and `tokens` tokens finished since the previous call.
-- A line goes to stderr (where `rl4llm run` streams a stage's output) when at least `interval` seconds have passed
-  since the start or since the last line: the first one `interval` s after the start, so a loop shorter than that
-  says nothing. Call `advance` at least every few seconds (per micro-batch, per decode step) so that a line comes
-  at least every `interval` s while the work runs.
-- The line: `[<label>] <what> <done>/<total> <unit>, <tokens/s> tokens/s, <elapsed>s elapsed`, e.g.
-  `[r1/grpo] sampling 64/128 samples, 412 tokens/s, 31s elapsed` (tokens/s over the whole loop so far; left out
-  when no tokens were counted).
+- A line goes to stderr (where `rl4llm run` streams a stage's output, prefixed `[pipeline/stage]` like the step
+  lines) when at least `interval` seconds have passed since the start or since the last line: the first one
+  `interval` s after the start, so a loop shorter than that says nothing. Inside `with`, a ticker thread also
+  prints when `advance` has not been called for an interval (one forward, e.g. the prefill of a `generate` call on
+  long prompts, can outlast it): a line comes at least every `interval` s while the work runs.
+- The line: `<what> <done>/<total> <unit>, <tokens/s> tokens/s, <elapsed>s elapsed`, e.g. `sampling 64/128
+  samples, 412 tokens/s, 31s elapsed` (tokens/s over the whole loop so far; left out when no tokens were counted).
 - Only the main process of a distributed run prints (RANK unset or 0).
 - `interval` defaults to RL4LLM_PROGRESS_S (seconds; tests lower it), else 30.
-- `label` None: the running stage's `pipeline/stage` (`set_stage`), else "rl4llm".
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -32,13 +32,6 @@ from transformers import StoppingCriteria
 
 INTERVAL_ENV = "RL4LLM_PROGRESS_S"
 DEFAULT_INTERVAL_S = 30.0
-stage_label: str | None = None  # the running stage (`set_stage`): what lines are labelled with by default
-
-
-def set_stage(label: str | None) -> None:
-    """Label the progress lines of this process's stage `label` (`pipeline/stage`)."""
-    global stage_label
-    stage_label = label
 
 
 def default_interval() -> float:
@@ -48,29 +41,53 @@ def default_interval() -> float:
 class Progress:
     """Throttled progress of one loop of `total` items (see the module's contract)."""
 
-    def __init__(self, label: str | None, what: str, total: int, unit: str = "samples",
-                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, what: str, total: int, unit: str = "samples", interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.what, self.total, self.unit = what, total, unit
-        self.label = label or stage_label or "rl4llm"
         self.interval = default_interval() if interval is None else interval
         self.clock = clock
         self.done = self.tokens = 0
         self.started = self.last = clock()
         self.main = os.environ.get("RANK", "0") == "0"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __enter__(self) -> "Progress":
+        if self.main and self.interval > 0:
+            self._ticker = threading.Thread(target=self._tick, name="rl4llm-progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
 
     def advance(self, done: int = 0, tokens: int = 0) -> None:
         """Count `done` items and `tokens` tokens finished since the previous call; print a line when one is due."""
-        self.done += done
-        self.tokens += tokens
-        now = self.clock()
-        if self.main and now - self.last >= self.interval:
+        with self._lock:
+            self.done += done
+            self.tokens += tokens
+        self._report_if_due()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(self.interval, 5.0)):
+            self._report_if_due()
+
+    def _report_if_due(self) -> None:
+        with self._lock:
+            now = self.clock()
+            if not self.main or now - self.last < self.interval:
+                return
             self.last = now
-            print(self.line(now), file=sys.stderr, flush=True)
+            line = self.line(now)
+        print(line, file=sys.stderr, flush=True)
 
     def line(self, now: float) -> str:
         elapsed = now - self.started
         speed = f", {self.tokens / elapsed:.0f} tokens/s" if self.tokens and elapsed > 0 else ""
-        return f"[{self.label}] {self.what} {self.done}/{self.total} {self.unit}{speed}, {elapsed:.0f}s elapsed"
+        return f"{self.what} {self.done}/{self.total} {self.unit}{speed}, {elapsed:.0f}s elapsed"
 
 
 class DecodeProgress(StoppingCriteria):

@@ -264,10 +264,11 @@ def batched(fn: Callable[[PairBatch], torch.Tensor], batch: PairBatch, rows: int
             ) -> torch.Tensor:
     """`fn` over `batch` in micro-batches of at most `rows` rows, results concatenated: [B, ...] (for no-grad
     forwards, whose memory is then one micro-batch's). Progress lines say `what` is done (`stages.progress`)."""
-    progress, results = Progress(None, what, total=len(batch.ids)), []
-    for part in batch.split(rows):
-        results.append(fn(part))
-        progress.advance(len(part.ids), tokens=int(part.attention_mask.sum()))
+    results = []
+    with Progress(what, total=len(batch.ids)) as progress:
+        for part in batch.split(rows):
+            results.append(fn(part))
+            progress.advance(len(part.ids), tokens=int(part.attention_mask.sum()))
     return torch.cat(results)
 
 
@@ -317,7 +318,6 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     pure = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, **pure,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    progress = Progress(None, what, len(prompts))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's base generates
     checkpoint_config, inner.generation_config = inner.generation_config, GenerationConfig()
     merged = hasattr(model, "merge_adapter")
@@ -325,15 +325,17 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     try:
         if merged:
             model.merge_adapter()
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
-            counter = DecodeProgress(progress, tokenizer.eos_token_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                 stopping_criteria=StoppingCriteriaList([counter]))[:, ids.shape[1]:].tolist()
-            progress.advance(len(out) - counter.finished)  # the rows cut at max_new_tokens
-            for row in out:
-                end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-                response_rows.append(row[:end])
+        with Progress(what, len(prompts)) as progress:  # its ticker speaks during a long prefill too
+            for start in range(0, len(prompts), batch_size):
+                ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
+                counter = DecodeProgress(progress, tokenizer.eos_token_id)
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config,
+                                     stopping_criteria=StoppingCriteriaList([counter]))[:, ids.shape[1]:].tolist()
+                progress.advance(len(out) - counter.finished)  # the rows cut at max_new_tokens
+                for row in out:
+                    end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+                    response_rows.append(row[:end])
     finally:
         if merged:
             model.unmerge_adapter()

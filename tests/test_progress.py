@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -23,36 +26,45 @@ class Clock:
 
 def test_a_line_per_interval_with_counts_and_tokens_per_second(capsys):
     clock = Clock()
-    bar = Progress("r1/grpo", "sampling", 128, interval=30, clock=clock)
+    bar = Progress("sampling", 128, interval=30, clock=clock)
     clock.now += 10
     bar.advance(32, tokens=400)
     assert capsys.readouterr().err == ""  # the first line only after the interval
     clock.now += 21
     bar.advance(32, tokens=840)
-    assert capsys.readouterr().err == "[r1/grpo] sampling 64/128 samples, 40 tokens/s, 31s elapsed\n"
+    assert capsys.readouterr().err == "sampling 64/128 samples, 40 tokens/s, 31s elapsed\n"
     clock.now += 29
     bar.advance(1)
     assert capsys.readouterr().err == ""  # 29 s since the last line
     clock.now += 1
     bar.advance(0)
-    assert capsys.readouterr().err == "[r1/grpo] sampling 65/128 samples, 20 tokens/s, 61s elapsed\n"
+    assert capsys.readouterr().err == "sampling 65/128 samples, 20 tokens/s, 61s elapsed\n"
 
 
-def test_no_tokens_no_speed_and_the_stage_label_by_default(capsys, monkeypatch):
-    monkeypatch.setattr(progress, "stage_label", "p/eval")
+def test_no_tokens_no_speed(capsys):
     clock = Clock()
-    bar = Progress(None, "scoring", 10, unit="rows", interval=5, clock=clock)
+    bar = Progress("scoring", 10, unit="rows", interval=5, clock=clock)
     clock.now += 5
     bar.advance(3)
-    assert capsys.readouterr().err == "[p/eval] scoring 3/10 rows, 5s elapsed\n"
+    assert capsys.readouterr().err == "scoring 3/10 rows, 5s elapsed\n"
+
+
+def test_the_ticker_speaks_while_one_call_outlasts_the_interval(capsys):
+    with Progress("sampling", 4, interval=0.05) as bar:
+        bar.advance(1, tokens=10)
+        capsys.readouterr()
+        time.sleep(0.3)  # one long forward: no advance meanwhile
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("sampling 1/4 samples") for line in lines)
+    assert not any(t.name == "rl4llm-progress" for t in threading.enumerate())  # stopped with the loop
 
 
 def test_interval_from_the_environment_and_only_the_main_process_prints(capsys, monkeypatch):
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")
-    Progress("s", "sampling", 2).advance(1)
-    assert capsys.readouterr().err.startswith("[s] sampling 1/2 samples")
+    Progress("sampling", 2).advance(1)
+    assert capsys.readouterr().err.startswith("sampling 1/2 samples")
     monkeypatch.setenv("RANK", "1")
-    Progress("s", "sampling", 2).advance(1)
+    Progress("sampling", 2).advance(1)
     assert capsys.readouterr().err == ""
 
 
@@ -60,7 +72,7 @@ def test_interval_from_the_environment_and_only_the_main_process_prints(capsys, 
 def test_a_bad_interval_setting_is_refused(monkeypatch, bad):
     monkeypatch.setenv(progress.INTERVAL_ENV, bad)
     with pytest.raises(ValueError):
-        Progress("s", "sampling", 2)
+        Progress("sampling", 2)
 
 
 @pytest.fixture
@@ -125,13 +137,12 @@ def test_a_sampled_token_is_drawn_from_softmax_of_logits_over_temperature(tiny, 
 def test_sampling_reports_samples_and_tokens_from_inside_generate(tiny, monkeypatch, capsys):
     model, tokenizer = tiny
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")  # a line at every decode step
-    monkeypatch.setattr(progress, "stage_label", "p/grpo")
     samples = sample(model, tokenizer, ["name two animals", "name five tools"] * 2, 5, batch_size=2)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 2 * 5  # every decode step of each batch, and not only per batch
-    assert all(line.startswith("[p/grpo] sampling ") and "tokens/s" in line for line in lines)
-    assert lines[-1].split(",")[0] == "[p/grpo] sampling 4/4 samples"
-    assert lines[4].split(",")[0].endswith("/4 samples") and int(lines[4].split()[2].split("/")[0]) <= 2
+    assert all(line.startswith("sampling ") and "tokens/s" in line for line in lines)
+    assert lines[-1].split(",")[0] == "sampling 4/4 samples"
+    assert lines[4].split(",")[0].endswith("/4 samples") and int(lines[4].split()[1].split("/")[0]) <= 2
     generated = sum(samples.lengths)
     assert f"{generated} tokens" not in lines[-1]  # a rate, not a count
 
@@ -140,4 +151,4 @@ def test_evaluation_reports_as_evaluating(tiny, monkeypatch, capsys):
     model, tokenizer = tiny
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")
     evaluate_policy(model, tokenizer, [{"prompt": "name two animals"}], "instruct_gold", 3, samples_per_prompt=2)
-    assert capsys.readouterr().err.splitlines()[-1].startswith("[rl4llm] evaluating 2/2 samples, ")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("evaluating 2/2 samples, ")
