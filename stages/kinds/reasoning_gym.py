@@ -6,6 +6,9 @@ Rows: `prompt` ([system?, user] chat messages), `answer` (text), `task`, `metada
 string: its keys vary by task) and `task_config` (the task's config as JSON), which the `reasoning_gym` reward
 needs to rebuild the task's scorer. Importing reasoning-gym takes about a second, so the task and its config are
 checked when the stage starts, not by `rl4llm validate`.
+
+reasoning-gym draws problem i from `seed + i`, so seeds s and s + 1 share all but one problem: the held-out set
+stays (nearly) the same across a pipeline's `--seeds`, and a set of its own needs a seed far from the others.
 """
 
 from __future__ import annotations
