@@ -24,6 +24,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Literal
 
+from stages.chat import prompt_text
 from stages.registry import REWARDS
 
 RewardFn = Callable[..., list[float]]
@@ -87,14 +88,9 @@ def _last_boxed(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """Final answer of a completion: the last `<answer>...</answer>` (unwrapping a `\\boxed{}` inside it), else the
     last balanced `\\boxed{...}`, else None. Stripped."""
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, end) if end != -1 else -1
-    if start != -1:
-        inner = text[start + len("<answer>"):end]
-        boxed = _last_boxed(inner)
-        return (inner if boxed is None else boxed).strip()
-    boxed = _last_boxed(text)
-    return None if boxed is None else boxed.strip()
+    tagged = tagged_answer(text)
+    boxed = _last_boxed(text if tagged is None else tagged)
+    return tagged if boxed is None else boxed.strip()
 
 
 def _normalize(s: str) -> str:
@@ -246,13 +242,6 @@ def _scorer(task: str, config: str, entry: dict[str, Any]) -> Any:
     return dataset
 
 
-def _user_text(prompt: Any) -> str:
-    """The question of a prompt: the text itself, or a chat's last user message."""
-    if prompt is None or isinstance(prompt, str):
-        return prompt or ""
-    return next((str(m["content"]) for m in reversed(prompt) if m.get("role") == "user"), "")
-
-
 def reasoning_gym_reward(completions: list[str], task: list[str] | None = None, metadata: list[Any] | None = None,
                          answer: list[Any] | None = None, prompt: list[Any] | None = None,
                          task_config: list[str | None] | None = None, *, mode: str = "strict", **_: Any
@@ -271,7 +260,7 @@ def reasoning_gym_reward(completions: list[str], task: list[str] | None = None, 
         if predicted is None or len(predicted) > MAX_TASK_ANSWER_CHARS:
             rewards.append(0.0)
             continue
-        entry = {"question": _user_text(prompt[i] if prompt else None), "answer": str(answer[i]),
+        entry = {"question": prompt_text(prompt[i]) if prompt and prompt[i] else "", "answer": str(answer[i]),
                  "metadata": json.loads(metadata[i]) if isinstance(metadata[i], str) else metadata[i]}
         config = (task_config[i] if task_config else None) or "{}"
         dataset = _scorer(task[i], config, entry)
