@@ -370,9 +370,11 @@ def ppo_policy_loss(
     clip_high: float | None = None,
     loss_agg_mode: str = "token-mean",
     max_len: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) with decoupled bounds [1 - eps_low, 1 + eps_high]
-    (DAPO clip-higher; clip_high=None means symmetric). logp, old_logp, advantages, response_mask: [B, T].
+    (DAPO clip-higher; clip_high=None means symmetric). logp, old_logp, advantages, response_mask: [B, T];
+    `token_weights` [B, T] (detached) scale each token's term before aggregation (truncated importance sampling).
 
     Returns (loss, stats) with detached stats: "clip_fraction" (share of tokens where the clipped term is active),
     "approx_kl" (k3 estimate of KL(pi_old || pi_theta) on the sampled tokens), "ratio_mean".
@@ -382,7 +384,10 @@ def ppo_policy_loss(
     ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, loss_agg_mode, max_len)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = aggregate_loss(per_token, response_mask, loss_agg_mode, max_len)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(logp.dtype), response_mask),
@@ -390,6 +395,14 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, response_mask),
         }
     return loss, stats
+
+
+def truncated_importance_weights(old_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling for a rollout engine that differs from the trainer (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"; verl's and TRL's `tis_cap`): samples come
+    from π_engine while the PPO ratio assumes π_old, so each token's loss is weighted by
+    w_t = min(π_old(y_t) / π_engine(y_t), cap). old_logp, engine_logp: [B, T] -> w [B, T] (no gradient)."""
+    return torch.exp((old_logp - engine_logp).clamp(max=20.0)).clamp(max=cap).detach()
 
 
 def clipped_value_loss(

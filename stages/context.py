@@ -30,6 +30,12 @@ class StageContext:
     tracker: StageRun
     checkpoint_dir: Path | None = None  # where the training loop checkpoints (None: it does not)
     declared: dict[str, Input] = field(default_factory=dict)  # the kind's INPUTS: the columns its data must hold
+    opened: dict[str, Any] = field(default_factory=dict, repr=False)  # what the stage opened, by name (its engine)
+
+    def close(self) -> None:
+        """Release what the stage opened (each `opened` value's close(): a started vLLM server stops)."""
+        while self.opened:
+            self.opened.popitem()[1].close()
 
     @property
     def label(self) -> str:

@@ -83,6 +83,15 @@ def gather_list(items: list[T], acc: Accelerator) -> list[T]:
     return gather_object(items) if acc.num_processes > 1 else list(items)
 
 
+def broadcast_object(acc: Accelerator, value: T) -> T:
+    """The main process's `value` on every process (a barrier too)."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def gather_rows(acc: Accelerator, x: torch.Tensor) -> torch.Tensor:
     """Rows [B, T] of every rank, [N·B, T_max]: padded with 0 on the right to the longest T (B equal on all ranks)."""
     if acc.num_processes == 1:

@@ -13,16 +13,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.registry import EVALUATORS
-from stages.text import encode_text, sample, text_lm_loss
+from stages.text import RolloutEngine, encode_text, sample, text_lm_loss
 
 
 def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
                     evaluator: str, max_new_tokens: int, samples_per_prompt: int = 2,
-                    temperature: float = 1.0) -> dict[str, float]:
-    """Sample `samples_per_prompt` completions per held-out prompt and score them with the named evaluator."""
+                    temperature: float = 1.0, engine: RolloutEngine | None = None) -> dict[str, float]:
+    """Sample `samples_per_prompt` completions per held-out prompt (with `engine`, default hf) and score them with
+    the named evaluator."""
     repeated = [r for r in rows for _ in range(samples_per_prompt)]
     samples = sample(model, tokenizer, [r["prompt"] for r in repeated], max_new_tokens, temperature,
-                     what="evaluating")
+                     what="evaluating", engine=engine)
     return EVALUATORS.load(evaluator)(repeated, samples.completions)
 
 

@@ -71,7 +71,27 @@ class LoraTrainingParams(OptimParams):
     lora: LoraParams | None = None  # adapters (r, alpha, dropout, target_modules, merge); None: full fine-tuning
 
 
-class PolicyEvalParams(StageParams):
+class RolloutParams(StageParams):
+    """What generates a stage's samples (stages/rollout.py): transformers' `generate` inside the stage, or vLLM
+    servers — started by the stage (its own environment, `make vllm`) or already running at `url`."""
+
+    engine: Literal["hf", "vllm"] = "hf"  # hf: the stage's model generates; vllm: vLLM servers generate
+    url: str | list[str] | None = None  # vllm: servers a team runs (requests spread over them); None: start one
+    tis_cap: float | None = Field(None, gt=0)  # truncated importance sampling: weight tokens by min(π/π_engine, cap)
+    threads: PositiveInt | None = None  # CPU threads of a started server; None: every core (it takes turns)
+    kv_cache_gib: float = Field(1.0, gt=0)  # CPU: memory of a started server's KV cache (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # GPU: the share of GPU memory a started server takes
+    startup_timeout_s: float = Field(600.0, gt=0)  # how long a started server may take to answer /health
+    weights_dir: str | None = None  # where weights are written for the servers to reload (None: the stage's scratch)
+
+
+class RolloutSettings(StageParams):
+    """Kinds that sample from a policy."""
+
+    rollout: RolloutParams = RolloutParams()  # the engine that samples (engine: hf | vllm, url, tis_cap, …)
+
+
+class PolicyEvalParams(RolloutSettings):
     """Params of the held-out evaluation run after every policy-producing stage (on the `eval` input)."""
 
     evaluator: EvaluatorName | None = None  # metric set computed on the `eval` prompts (e.g. instruct_gold)

@@ -12,7 +12,7 @@ log-probs recomputed for training match the ones seen while sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
@@ -285,23 +285,76 @@ def text_lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
 
 
 @dataclass
+class Generation:
+    """One sampled response: its token ids (ending with EOS unless cut at max_new_tokens) and, when asked, each
+    token's log-prob under softmax(logits / T) as the engine that sampled computed it."""
+
+    response_ids: list[int]
+    logprobs: list[float] | None = None
+
+
+class RolloutEngine(Protocol):
+    """What generates a stage's samples (stages/rollout.py): `hf` (transformers' `generate` on the stage's model) or
+    `vllm` (servers holding a copy of its weights)."""
+
+    name: str
+
+    def generate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
+                 max_new_tokens: int, temperature: float, logprobs: bool = False, what: str = "sampling"
+                 ) -> list[Generation]:
+        """One response per prompt (token ids; repeat a prompt for several) from `model`'s current weights."""
+
+    def describe(self) -> dict[str, str]:
+        """The engine and its version, recorded with the stage's run."""
+
+    def close(self) -> None:
+        """Release what the engine holds (a started server stops)."""
+
+
+@dataclass
 class Samples:
     prompts: list[Prompt]
     completions: list[str]
     batch: PairBatch
     prompt_ids: list[list[int]]  # each prompt's encoded (and cut) ids
+    engine_logprobs: torch.Tensor | None = None  # [B, R] the engine's log-probs of the response tokens, if asked
 
     @property
     def lengths(self) -> list[int]:
         return self.batch.response_mask.sum(1).tolist()
 
 
-@torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
            temperature: float = 1.0, batch_size: int = 64, max_prompt_length: int | None = None,
-           what: str = "sampling") -> Samples:
-    """Sample one completion per prompt (repeat prompts for several) in eval mode, leaving the model's mode as it
-    was. Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens.
+           what: str = "sampling", engine: RolloutEngine | None = None, logprobs: bool = False) -> Samples:
+    """Sample one completion per prompt (repeat prompts for several) with `engine` (None: `hf_generate` on `model`).
+    Prompts longer than `max_prompt_length` tokens keep their end. Responses end at EOS or max_new_tokens. With
+    `logprobs`, the engine's log-probs of the sampled tokens come along (`Samples.engine_logprobs`)."""
+    prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
+    if max_prompt_length:
+        prompt_rows = [row[-max_prompt_length:] for row in prompt_rows]
+    if engine is None:
+        generations = [Generation(row) for row in hf_generate(model, tokenizer, prompt_rows, max_new_tokens,
+                                                              temperature, batch_size, what)]
+    else:
+        generations = engine.generate(model, tokenizer, prompt_rows, max_new_tokens, temperature, logprobs, what)
+    response_rows = [g.response_ids for g in generations]
+    completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
+    engine_logprobs = None
+    if logprobs:
+        engine_logprobs = torch.zeros(len(response_rows), max(map(len, response_rows), default=0))
+        for i, g in enumerate(generations):
+            engine_logprobs[i, :len(g.logprobs)] = torch.tensor(g.logprobs)
+    return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
+                   prompt_rows, engine_logprobs)
+
+
+@torch.no_grad()
+def hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_rows: list[list[int]],
+                max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64, what: str = "sampling"
+                ) -> list[list[int]]:
+    """Response token ids for each prompt's ids, sampled by transformers' `generate` in eval mode (the model's mode
+    is restored after).
 
     Each token is drawn from softmax(logits / temperature) exactly (greedy at temperature 0), as the RL log-probs
     assume: none of the checkpoint's `generation_config` defaults (top-k, top-p, repetition penalty, …) applies.
@@ -312,9 +365,6 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
-    if max_prompt_length:
-        prompt_rows = [row[-max_prompt_length:] for row in prompt_rows]
     pure = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, **pure,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -325,8 +375,8 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     try:
         if merged:
             model.merge_adapter()
-        with Progress(what, len(prompts)) as progress:  # its ticker speaks during a long prefill too
-            for start in range(0, len(prompts), batch_size):
+        with Progress(what, len(prompt_rows)) as progress:  # its ticker speaks during a long prefill too
+            for start in range(0, len(prompt_rows), batch_size):
                 ids, mask = pad(prompt_rows[start:start + batch_size], tokenizer.pad_token_id, "left")
                 counter = DecodeProgress(progress, tokenizer.eos_token_id)
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -341,6 +391,4 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
             model.unmerge_adapter()
         inner.generation_config = checkpoint_config
         model.train(was_training)
-    completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
-    return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
-                   prompt_rows)
+    return response_rows

@@ -23,8 +23,9 @@ from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
 from stages.params import OptimParams
-from stages.text import (PairBatch, batched, check_prompts_fit, context_length, encode_row, fit_rows, pair_batch,
-                         response_logprobs, sample)
+from stages.rollout import stage_engine
+from stages.text import (PairBatch, RolloutEngine, batched, check_prompts_fit, context_length, encode_row, fit_rows,
+                         pair_batch, response_logprobs, sample)
 
 if TYPE_CHECKING:  # an annotation only: the sft declaration is not code every training stage runs
     from stages.kinds.sft import Params as SFTParams
@@ -192,7 +193,7 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     with full_parameters(ctx.accelerator, model) as full:
         if p.evaluator and ctx.has("eval"):
             metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
-                                           p.eval_samples_per_prompt, p.eval_temperature))
+                                           p.eval_samples_per_prompt, p.eval_temperature, stage_engine(ctx)))
         if ctx.has("lm_eval"):
             metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")],
                                               p.micro_batch_size)
@@ -215,10 +216,10 @@ def check_evaluation_fits(ctx: StageContext, tokenizer: PreTrainedTokenizerBase,
 @torch.no_grad()
 def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None,
                     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
-                    micro_batch_size: int) -> float:
+                    micro_batch_size: int, engine: RolloutEngine | None = None) -> float:
     """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased), scored
     in micro-batches of `micro_batch_size` rows; `reference` None: the policy with its LoRA adapters off."""
-    samples = sample(policy, tokenizer, prompts, max_new_tokens)
+    samples = sample(policy, tokenizer, prompts, max_new_tokens, engine=engine)
     batch = samples.batch.to(next(policy.parameters()).device)
     diff = batched(lambda part: response_logprobs(policy, part)
                    - reference_logprobs(acc, policy, reference, part), batch, micro_batch_size)

@@ -25,9 +25,13 @@ class Tracker:
 
     def __init__(self):
         self.logged: list[dict[str, float]] = []
+        self.tags: dict[str, str] = {}
 
     def log(self, step: int, metrics: dict[str, float], total: int | None = None, record: bool = True) -> None:
         self.logged.append(metrics)
+
+    def tag(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
 
 
 @pytest.fixture(autouse=True, scope="session")

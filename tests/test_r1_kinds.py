@@ -29,7 +29,10 @@ def run_kind(kind_name: str, out: Path, inputs: dict[str, str], **params) -> tup
     ctx = StageContext("test", kind_name, 0, kind.params(**params), {k: DataInput(path=v) for k, v in inputs.items()},
                        {name: out / rel for name, rel in kind.outputs.items()}, out, None, Accelerator(cpu=True),
                        tracker)
-    return kind.load_run()(ctx), tracker
+    try:
+        return kind.load_run()(ctx), tracker
+    finally:
+        ctx.close()
 
 
 def tiny_model(texts: list[str], out: Path, hidden: int = 32) -> Path:

@@ -6,13 +6,13 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/label_pre
 from __future__ import annotations
 
 from stages.kinds import Input
-from stages.params import ModelParams
+from stages.params import ModelParams, RolloutSettings
 from stages.registry import LABELERS
 
 Labeler = LABELERS.checked_name()
 
 
-class Params(ModelParams):
+class Params(ModelParams, RolloutSettings):
     prompts: int = 600  # prompts to collect comparisons on (global: each process samples its share)
     responses_per_prompt: int = 4  # K responses ranked per prompt
     eval_fraction: float = 0.2  # share of the prompts written to `eval`

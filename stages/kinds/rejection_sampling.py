@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from stages.kinds import Input
-from stages.params import ModelParams
+from stages.params import ModelParams, RolloutSettings
 from stages.registry import REWARDS
 from stages.rewards import build_reward
 
@@ -18,7 +18,7 @@ FilterName = Literal["correct", "formatted", "language_consistent", "not_repetit
 RewardName = REWARDS.checked_name()
 
 
-class Params(ModelParams):
+class Params(ModelParams, RolloutSettings):
     prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
     samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt

@@ -28,18 +28,19 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, aggregation_size, groups_with_signal,
-                               kl_penalty, masked_mean, outcome_token_rewards, ppo_policy_loss,
-                               process_supervision_advantages)
+from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, aggregation_size, groups_with_signal, kl_penalty,
+                               masked_mean, outcome_token_rewards, ppo_policy_loss, process_supervision_advantages,
+                               truncated_importance_weights)
 from stages.context import StageContext
-from stages.distributed import (check_divisible, full_parameters, gather_list, local_rows,
-                                seed_sampling, shard)
+from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows, seed_sampling,
+                                shard)
 from stages.kinds.grpo import MODEL_REWARD, Params
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
-from stages.text import (batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
+from stages.rollout import logprob_gap, logprob_rows, stage_engine, wants_logprobs
+from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, pair_batch, response_logprobs, response_logprobs_and_entropy, sample)
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
@@ -120,18 +121,24 @@ def score(label: str, reward_fns: dict[str, RewardFn], weights: dict[str, float]
 
 
 def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
-             reward_fns: dict[str, RewardFn], label: str) -> list[dict[str, Any]]:
-    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated, and
-    `reward_<name>` for each reward component}. `label` names the stage in errors."""
+             reward_fns: dict[str, RewardFn], label: str, engine: RolloutEngine | None = None
+             ) -> list[dict[str, Any]]:
+    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
+    `reward_<name>` for each reward component, and the engine's log-probs `engine_logprobs` when the rollout
+    settings want them}. `label` names the stage in errors."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
+    logprobs = wants_logprobs(p.rollout)
     samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
-                     max_prompt_length=p.max_prompt_length)
+                     max_prompt_length=p.max_prompt_length, engine=engine, logprobs=logprobs)
     response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
+    engine_logprobs = [row[:len(ids)] for row, ids in zip(samples.engine_logprobs.tolist(), response_ids)] \
+        if logprobs else [None] * len(response_ids)
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
     total, components = score(label, reward_fns, p.rewards, samples.completions, columns)
     return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
              "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
+             "engine_logprobs": engine_logprobs[i],
              **{f"reward_{name}": values[i] for name, values in components.items()}}
             for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
 
@@ -154,7 +161,7 @@ def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTok
     with full_parameters(acc, policy) as model:
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
-            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label)
+            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label, stage_engine(ctx))
             if p.dynamic_sampling:
                 signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
                                             torch.arange(len(samples)) // G)
@@ -284,9 +291,13 @@ def run(ctx: StageContext) -> dict[str, float]:
         mask = batch.response_mask.float()
         advantages = local_rows(acc, advantages, mask)
         response_loss_mask = loss_mask(local, mask, p.mask_truncated)
+        # the engine's log-probs of the sampled tokens (another engine than the trainer: vLLM), if asked for
+        engine_logp = None if local[0]["engine_logprobs"] is None else \
+            logprob_rows([s["engine_logprobs"] for s in local], mask.shape[1]).to(device)
         # one optimiser step over the whole batch (μ = 1): π_old is the policy being differentiated, so its
         # log-probs are the step's own, detached (ratio 1), and need no forward pass of their own
         one_step = p.ppo_epochs == 1 and p.minibatch_size // acc.num_processes >= len(local)
+        seen_old = torch.zeros_like(mask)  # with one_step: π_old's log-probs, as the update computes them
         with torch.no_grad():  # in micro-batches: memory is one micro-batch's
             policy.model.eval()
             old_logp = None if one_step else batched(
@@ -302,8 +313,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             mb, mb_mask = batch.select(idx), response_loss_mask[idx]
             logp, entropy = response_logprobs_and_entropy(policy.model, mb, p.temperature)
             old = logp.detach() if old_logp is None else old_logp[idx]
+            if engine_logp is not None and old_logp is None:
+                seen_old[idx] = old
+            tis = None if p.rollout.tis_cap is None or engine_logp is None else \
+                truncated_importance_weights(old, engine_logp[idx], p.rollout.tis_cap)
             loss, pg_stats = ppo_policy_loss(logp, old, advantages[idx], mb_mask, p.clip_low,
-                                             p.clip_high, p.agg_mode, p.max_new_tokens)
+                                             p.clip_high, p.agg_mode, p.max_new_tokens, tis)
             stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
                      "entropy": masked_mean(entropy, mb_mask).item()}
             if ref_logp is not None:
@@ -317,6 +332,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
         metrics |= update_on_buffer(ctx, len(local), p.minibatch_size, p.ppo_epochs, generator,
                                     [(policy, loss_fn, weigh)])
+        if engine_logp is not None:  # how far the engine that sampled is from the trainer (π_old)
+            metrics |= global_means(acc, logprob_gap(seen_old if old_logp is None else old_logp, engine_logp, mask))
         metrics["response_length"] = full_mask.sum(1).mean().item()
         loop.end_step(it, metrics)
 

@@ -17,6 +17,7 @@ from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.label_preferences import Params
 from stages.models import sampling_policy
 from stages.registry import LABELERS
+from stages.rollout import stage_engine
 from stages.text import check_prompts_fit, context_length, sample
 
 
@@ -34,7 +35,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     write_trace(acc, f"{ctx.pipeline}.{ctx.stage}", ids)
     prompts = [prompts[i] for i in ids]
     k = p.responses_per_prompt
-    samples = sample(model, tokenizer, [q for q in prompts for _ in range(k)], p.max_new_tokens, p.temperature)
+    samples = sample(model, tokenizer, [q for q in prompts for _ in range(k)], p.max_new_tokens, p.temperature,
+                     engine=stage_engine(ctx))
     label = LABELERS.load(p.labeler)
     rows = []
     for i, prompt in enumerate(prompts):

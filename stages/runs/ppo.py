@@ -19,7 +19,7 @@ import torch
 
 from stages.algorithms import (ADVANTAGE_ESTIMATORS, adaptive_kl_coef, clipped_value_loss, explained_variance,
                                kl_penalty, masked_mean, masked_sum, masked_whiten, outcome_token_rewards,
-                               ppo_policy_loss)
+                               ppo_policy_loss, truncated_importance_weights)
 from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows, seed_sampling,
                                 shard)
@@ -27,6 +27,7 @@ from stages.kinds.ppo import Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
                            token_values)
+from stages.rollout import logprob_gap, logprob_rows, stage_engine, wants_logprobs
 from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
                          response_logprobs_and_entropy, sample, text_lm_loss)
 from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, disable_dropout, evaluate,
@@ -103,9 +104,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         loop.saw(batch_ids)
         repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
         with full_parameters(acc, policy.model) as model:
-            batch = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
-                           max_prompt_length=p.max_prompt_length).batch.to(device)
+            rollout = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
+                             max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx),
+                             logprobs=wants_logprobs(p.rollout))
+        batch = rollout.batch.to(device)
         mask = batch.response_mask.float()
+        # the engine's log-probs of the sampled tokens (another engine than the trainer: vLLM), if asked for
+        engine_logp = None if rollout.engine_logprobs is None else \
+            logprob_rows(rollout.engine_logprobs.tolist(), mask.shape[1]).to(device)
 
         # 2. score in eval mode, in micro-batches: r_t = −β·KL_t, plus the RM score on the last response token
         rows = p.micro_batch_size
@@ -143,7 +149,10 @@ def run(ctx: StageContext) -> dict[str, float]:
         def policy_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb, mb_mask = batch.select(idx), mask[idx]
             logp, entropy = response_logprobs_and_entropy(policy.model, mb, p.temperature)
-            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps)
+            tis = None if p.rollout.tis_cap is None or engine_logp is None else \
+                truncated_importance_weights(old_logp[idx], engine_logp[idx], p.rollout.tis_cap)
+            loss, pg_stats = ppo_policy_loss(logp, old_logp[idx], advantages[idx], mb_mask, p.clip_eps,
+                                             token_weights=tis)
             stats = {"pg_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()},
                      "entropy": masked_mean(entropy, mb_mask).item()}
             if ptx_texts:
@@ -168,6 +177,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
         metrics = {**global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
                                         "response_length": mask.sum(1).mean().item()}), **update_stats}
+        if engine_logp is not None:  # how far the engine that sampled is from the trainer (π_old)
+            metrics |= global_means(acc, logprob_gap(old_logp, engine_logp, mask))
         if use_values:
             metrics["explained_variance"] = float(explained_variance(
                 gather_rows(acc, old_values), gather_rows(acc, returns), all_mask))
@@ -181,8 +192,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         if ctx.has("eval"):
             eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
             final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens,
-                                          p.micro_batch_size)
-            eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens).batch.to(device)
+                                          p.micro_batch_size, stage_engine(ctx))
+            eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens,
+                                  engine=stage_engine(ctx)).batch.to(device)
             with torch.no_grad():
                 final["reward"] = batched(reward_scores, eval_samples, p.micro_batch_size, "rewards").mean().item()
     if ctx.has("lm_eval"):

@@ -23,6 +23,7 @@ from stages.distributed import gather_list, shard, write_trace
 from stages.kinds.rejection_sampling import Params
 from stages.models import sampling_policy
 from stages.rewards import build_reward, format_reward, language_consistency_reward, repetition_ratio
+from stages.rollout import stage_engine
 from stages.text import check_prompts_fit, context_length, sample
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
@@ -94,7 +95,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     shown = [with_demonstrations(row["prompt"], p.demonstrations) if p.demonstrations else row["prompt"]
              for row in repeated]
     completions = gather_list(sample(model, tokenizer, shown, p.max_new_tokens,
-                                     p.temperature, max_prompt_length=p.max_prompt_length).completions, acc)
+                                     p.temperature, max_prompt_length=p.max_prompt_length,
+                                     engine=stage_engine(ctx)).completions, acc)
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     columns = {key: [row.get(key) for row in repeated] for key in rows[0]}
     keep, rates = accept(completions, columns, p)
