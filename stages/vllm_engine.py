@@ -111,7 +111,7 @@ class VLLMServer:
         cmd = [str(vllm_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                "--seed", str(seed), "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
-               "--disable-log-stats", "--uvicorn-log-level", "warning"]
+               "--uvicorn-log-level", "warning", *rollout.server_args]
         cmd += ["--max-model-len", str(context)] if context else []
         cmd += ["--gpu-memory-utilization", str(rollout.gpu_memory_utilization)] if gpu else \
             ["--dtype", "float32", "--enforce-eager"]
