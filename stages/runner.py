@@ -163,6 +163,8 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     except BaseException:
         tracker.end("FAILED")
         raise
+    finally:
+        ctx.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
