@@ -169,9 +169,11 @@ def policy_weights(model: torch.nn.Module, changed_only: bool) -> dict[str, torc
             keep = ({_hf_name(f"{name}.weight") for name, module in inner.named_modules() if hasattr(module,
                                                                                                     "base_layer")}
                     if lora else {_hf_name(name) for name, p in model.named_parameters() if p.requires_grad})
-            state = {k: v for k, v in state.items() if k in keep}
-        if getattr(inner.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # the input embeddings' twin: saved once
+            # tied input and output embeddings go as both names: vLLM's reload unties them otherwise (measured:
+            # pushing the embeddings alone left the output layer stale, log-probs off by 43 nats)
+            embeddings = inner.get_input_embeddings().weight
+            tied = {_hf_name(n) for n, p in inner.named_parameters(remove_duplicate=False) if p is embeddings}
+            state = {k: v for k, v in state.items() if k in keep or (k in tied and keep & tied)}
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     finally:
         if lora:

@@ -83,13 +83,22 @@ def test_pushed_weights_are_the_merged_model_and_only_what_training_changes(tiny
             p.data.normal_()  # B = 0 at the start: make the adapters matter
     full = policy_weights(model, changed_only=False)
     changed = policy_weights(model, changed_only=True)
-    merged = model.merge_and_unload().state_dict()
-    reference = {k: v for k, v in merged.items() if k != "lm_head.weight"}  # tied to the embeddings
+    reference = model.merge_and_unload().state_dict()
     assert full.keys() == reference.keys()
     for key, value in full.items():
         assert_close(value, reference[key])
     assert sorted(changed) == sorted(k for k in reference if k.endswith(("q_proj.weight", "v_proj.weight")))
     assert all("lora" not in k and "base_layer" not in k for k in full)
+
+
+def test_tied_embeddings_are_pushed_under_both_names(tiny_model_dir: Path):
+    model = load_policy(str(tiny_model_dir))
+    assert model.config.tie_word_embeddings
+    changed = policy_weights(model, changed_only=True)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= changed.keys()
+    assert_close(changed["lm_head.weight"], changed["model.embed_tokens.weight"])
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & policy_weights(model, changed_only=True).keys()
 
 
 def test_pushing_leaves_a_lora_model_as_it_was(tiny_model_dir: Path):
