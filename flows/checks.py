@@ -138,7 +138,8 @@ def check_model_dir(file: str, where: dict, name: str, path: Path, alternative: 
 
 
 def check_accelerate_config(file: str, root: Path, where: dict, name: str) -> int:
-    """An accelerate config file: a YAML mapping with a valid `num_processes` (returned) and `mixed_precision`."""
+    """An accelerate config file: a YAML mapping with a valid `num_processes` (returned: the processes of the whole
+    run, across machines, what every global batch size divides by), `mixed_precision` and machines."""
     where = {**where, "key": "accelerate_config"}
     if not (root / name).exists():
         raise ConfigError(file, f"accelerate config not found: {name}", **where)
@@ -158,4 +159,36 @@ def check_accelerate_config(file: str, root: Path, where: dict, name: str) -> in
         hint = " (quote it: 'no')" if precision is False else ""
         raise ConfigError(file, f"accelerate config {name}: mixed_precision must be one of "
                                 f"{', '.join(MIXED_PRECISION)}, got {data.short_repr(precision)}{hint}", **where)
+    problem = machines_problem(config, processes)
+    if problem:
+        raise ConfigError(file, f"accelerate config {name}: {problem}", **where)
     return processes
+
+
+def positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def machines_problem(config: dict, processes: int) -> str | None:
+    """What is wrong with an accelerate config's machines (None: nothing): `num_machines` a positive integer that
+    divides `num_processes` (the total; each machine runs num_processes / num_machines), `machine_rank` 0 (the
+    file is the same on every machine: each machine's rank comes from RL4LLM_MACHINE_RANK), and with several
+    machines the main process's address and port."""
+    machines = config.get("num_machines", 1)
+    if not positive_int(machines):
+        return f"num_machines must be a positive integer, got {data.short_repr(machines)}"
+    if processes % machines:
+        return (f"num_processes ({processes}, the total across machines) must divide by num_machines ({machines}): "
+                "every machine runs the same number of processes")
+    if config.get("machine_rank", 0) != 0:
+        return (f"machine_rank must be 0, got {data.short_repr(config['machine_rank'])}: the file is the same on "
+                "every machine (a stage's dependency); set each machine's rank in RL4LLM_MACHINE_RANK")
+    if machines == 1:
+        return None
+    ip, port = config.get("main_process_ip"), config.get("main_process_port")
+    if not isinstance(ip, str) or not ip:
+        return f"num_machines is {machines}: main_process_ip must name machine 0's address, got {data.short_repr(ip)}"
+    if not positive_int(port) or port > 65535:
+        return f"num_machines is {machines}: main_process_port must be a TCP port (1-65535), got " \
+            f"{data.short_repr(port)}"
+    return None

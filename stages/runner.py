@@ -12,6 +12,12 @@ of cause; the full traceback goes to `.rl4llm/logs/<pipeline>.<stage>.log` (wher
 stage's output). `rl4llm stage` waits on the stage's process (`supervise`): a stage the kernel kills (SIGKILL, e.g.
 the OOM killer) gets a line too, with its peak RSS and whether the OOM killer struck, and the command ends by the
 same signal.
+
+Several machines: an accelerate config with `num_machines` > 1 is the same file on every machine (a DVC dependency
+of the stage); each machine runs `rl4llm stage` in its own checkout with its rank in RL4LLM_MACHINE_RANK (and, if it
+reaches machine 0 by another address or port, RL4LLM_MAIN_PROCESS_IP / RL4LLM_MAIN_PROCESS_PORT). Machine 0 holds
+the global main process: it alone publishes the outputs and metrics.json and logs to MLflow; a machine of rank > 0
+runs its ranks and touches no output.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ METRICS_FILE = "metrics.json"
 EXIT_BAD_INPUT = 2
 STOPS = (signal.SIGINT, signal.SIGTERM)  # a stage stops on these after a checkpoint, exiting 128 + the signal
 CHILD = "import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); from stages.runner import main; main()"
+MACHINE_RANK_ENV = "RL4LLM_MACHINE_RANK"  # this machine's rank in a multi-machine accelerate config (default 0)
+MAIN_IP_ENV = "RL4LLM_MAIN_PROCESS_IP"  # overrides the config's main_process_ip on this machine
+MAIN_PORT_ENV = "RL4LLM_MAIN_PROCESS_PORT"  # overrides the config's main_process_port on this machine
 
 
 def log_file(pipeline: str, stage: str) -> Path:
@@ -93,9 +102,36 @@ def is_launched_worker() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
-def launch_distributed(pipeline: str, stage: str, spec: ResolvedStage, params_file: str) -> None:
-    """`accelerate launch` of this stage on N processes; a signal we get is passed on, and its exit is ours."""
-    cmd = ["accelerate", "launch", "--config_file", spec.accelerate_config,
+def num_machines(spec: ResolvedStage) -> int:
+    """How many machines the stage's accelerate config spans (`num_machines`, default 1)."""
+    return int((yaml.safe_load(Path(spec.accelerate_config).read_text()) or {}).get("num_machines", 1))
+
+
+def machine_rank(machines: int) -> int:
+    """This machine's rank among `machines` (RL4LLM_MACHINE_RANK; 0 when unset or on one machine)."""
+    value = os.environ.get(MACHINE_RANK_ENV, "0")
+    if machines == 1:
+        return 0
+    if not value.isdigit() or int(value) >= machines:
+        raise ValueError(f"{MACHINE_RANK_ENV}={value!r}: a machine rank must be an integer from 0 to {machines - 1} "
+                         f"(the accelerate config spans {machines} machines)")
+    return int(value)
+
+
+def machine_args(machines: int) -> list[str]:
+    """The per-machine `accelerate launch` options of a multi-machine config: this machine's rank and, if this
+    machine overrides them, the main process's address and port."""
+    if machines == 1:
+        return []
+    overrides = {"--main_process_ip": os.environ.get(MAIN_IP_ENV), "--main_process_port": os.environ.get(MAIN_PORT_ENV)}
+    return ["--machine_rank", str(machine_rank(machines)),
+            *[arg for option, value in overrides.items() if value for arg in (option, value)]]
+
+
+def launch_distributed(pipeline: str, stage: str, spec: ResolvedStage, params_file: str, machines: int) -> None:
+    """`accelerate launch` of this stage on N processes (this machine's share of them, on several machines); a
+    signal we get is passed on, and its exit is ours."""
+    cmd = ["accelerate", "launch", "--config_file", spec.accelerate_config, *machine_args(machines),
            "-m", "stages.runner", pipeline, stage, "--params-file", params_file]
     code, received, _peak = run_child(cmd)
     if received is not None:
@@ -104,18 +140,40 @@ def launch_distributed(pipeline: str, stage: str, spec: ResolvedStage, params_fi
         raise SystemExit(code)
 
 
+def check_same_on_every_rank(accelerator: Any, label: str, key: str) -> None:
+    """Refuse to train unless every rank read the same spec and inputs (`key`: their hash, the checkpoint key): on
+    several machines each reads its own checkout's params.yaml and inputs, and one that synced or pulled something
+    else would silently train on other data."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    keys = gather_object([key])
+    differ = [rank for rank, other in enumerate(keys) if other != keys[0]]
+    if differ:
+        raise ValueError(f"{label}: rank(s) {', '.join(map(str, differ))} read another spec or other inputs than "
+                         "rank 0 (on several machines: every checkout needs the same params.yaml and the same "
+                         "inputs: `git pull`, `rl4llm sync`, `dvc pull`)")
+
+
 def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict[str, float]:
     spec = load_spec(pipeline, stage, params_file)
     root = Path.cwd()
     published = owned_output_dir(root, pipeline, stage, spec, params_file)
     staging = published.parent / f".{published.name}.partial"
-    if not is_launched_worker():  # before anything is written: no symbolic link on the way
-        for folder in (published, staging):
+    if not is_launched_worker():
+        machines = num_machines(spec)
+        rank = machine_rank(machines)  # machine 0 holds the global main process, which alone publishes
+        for folder in (published, staging) if rank == 0 else ():  # before anything is written: no link on the way
             claim(root, folder)
         claim(root, stage_checkpoints(root, pipeline, stage), replaceable=False)
-    if spec.num_processes > 1 and not is_launched_worker():
-        launch_distributed(pipeline, stage, spec, params_file)
-        return json.loads((published / METRICS_FILE).read_text())
+        if spec.num_processes > 1:
+            launch_distributed(pipeline, stage, spec, params_file, machines)
+            if rank > 0:
+                print(f"{pipeline}/{stage}: machine {rank} of {machines} done; machine 0 publishes the outputs and "
+                      "metrics", file=sys.stderr)
+                return {}
+            return json.loads((published / METRICS_FILE).read_text())
     read = input_hashes(root, spec) if os.environ.get("RANK", "0") == "0" else None  # the inputs as the stage reads
     install_stop_handlers()
 
@@ -130,7 +188,8 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     from stages.loop import check_finite, fault_point
     from stages.tracking import StageRun
 
-    torch.set_num_threads(torch_threads(spec.num_processes))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", spec.num_processes))  # this machine's (torchrun sets it)
+    torch.set_num_threads(torch_threads(local_processes))
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     accelerator = build_accelerator(spec.accelerate_config)
@@ -138,6 +197,7 @@ def run_stage(pipeline: str, stage: str, params_file: str = PARAMS_FILE) -> dict
     kind = get_kind(spec.kind)
     params = kind.params(**spec.params)
     checkpoints = checkpoint_dir(root, pipeline, stage, spec, read)
+    check_same_on_every_rank(accelerator, f"{pipeline}/{stage}", checkpoints.name)
     if accelerator.is_main_process:
         if os.environ.get(FRESH_ENV):
             remove(stage_checkpoints(root, pipeline, stage))
