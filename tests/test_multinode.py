@@ -85,15 +85,13 @@ def test_two_machines_train_the_weights_of_two_processes(machines: dict, tiny_mo
     root = machines["root"]
     one, two = weights(root, "sft_two_processes"), weights(root, "sft_two_machines")
     assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name in one:  # the same world size and collectives: bit for bit (measured)
+        torch.testing.assert_close(two[name], one[name], atol=0, rtol=0, msg=name)
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(two[n], initial[n]) for n in initial if n in two)
     metrics = [json.loads((root / f"artifacts/dist/{s}/metrics.json").read_text()) for s in
                ("sft_two_processes", "sft_two_machines")]
-    assert metrics[0].keys() == metrics[1].keys()
-    for key, value in metrics[0].items():
-        assert metrics[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert metrics[1] == metrics[0]
 
 
 @pytest.mark.e2e
