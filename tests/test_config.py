@@ -103,6 +103,21 @@ def test_a_replaced_param_says_what_replaced_it(project):
     assert error.key == "params.gradient_accumulation_steps" and "replaced by micro_batch_size" in str(error)
 
 
+def test_the_rollout_engine_is_part_of_the_stages_spec(project):
+    """A stage sampled through vllm is not the same stage as one sampled through hf: DVC sees the param change."""
+    config = copy.deepcopy(BASE)
+    hf = resolve(write(project, config)).stages["demo"]["sft"].params
+    config["pipelines"]["demo"]["stages"][0]["params"]["rollout"] = {"engine": "vllm"}
+    vllm = resolve(write(project, config)).stages["demo"]["sft"].params
+    assert hf["rollout"]["engine"] == "hf" and vllm["rollout"]["engine"] == "vllm"
+    assert {k: v for k, v in hf.items() if k != "rollout"} == {k: v for k, v in vllm.items() if k != "rollout"}
+
+
+def test_an_unknown_rollout_engine_is_named(project):
+    error = broken(project, lambda p: p["stages"][0]["params"].update(rollout={"engine": "sglang"}))
+    assert error.key.startswith("params.rollout") and "'hf'" in str(error) and "'vllm'" in str(error)
+
+
 def test_mistyped_param(project):
     error = broken(project, lambda p: p["stages"][0]["params"].update(epochs="many"))
     assert error.key == "params.epochs" and "'many'" in str(error)

@@ -210,8 +210,10 @@ def test_the_server_is_gone_after_a_sigkill_of_rl4llm_run(policy_dir, tmp_path):
         while session_processes(guards[0]) and time.monotonic() < deadline:
             time.sleep(1)
         assert session_processes(guards[0]) == set(), "processes of the vLLM server outlived the run"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+        with socket.socket() as s:  # nothing listens on the port any more (its closed connections may linger)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
