@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pydantic import BaseModel
+
 from flows.schema import ConfigFile
 from stages.kinds import BUILT_IN_KINDS, StageKind, get_kind, kind_module
 from stages.registry import load_object
@@ -22,14 +24,26 @@ def describe_kind(kind: StageKind) -> str:
         lines.append(f"    {name:<12} {'' if declared.required else '(optional) '}{declared.doc}{columns}")
     lines += ["    (none)"] * (not kind.inputs)
     lines.append("  outputs: " + ", ".join(f"{name} ({path})" for name, path in kind.outputs.items()))
-    schema = kind.params.model_json_schema()
-    rows = [(name, _type(schema["properties"][name]),
-             "required" if field.is_required() else repr(field.get_default(call_default_factory=True)),
-             field.description or "") for name, field in kind.params.model_fields.items()]
+    rows = _param_rows(kind.params)
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines.append("  params:")
     lines += [f"    {n:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {text}".rstrip() for n, t, d, text in rows]
     return "\n".join(lines)
+
+
+def _param_rows(params: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of each param; a param whose default is a settings group (`rollout`)
+    is followed by a row per setting, named `group.setting`."""
+    schema, rows = params.model_json_schema(), []
+    for name, field in params.model_fields.items():
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        grouped = isinstance(default, BaseModel)
+        rows.append((prefix + name, _type(schema["properties"][name]),
+                     "required" if field.is_required() else "(below)" if grouped else repr(default),
+                     field.description or ""))
+        if grouped:
+            rows += _param_rows(type(default), f"{prefix}{name}.")
+    return rows
 
 
 def _type(prop: dict[str, Any] | bool) -> str:
