@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +20,10 @@ from stages.kinds import get_kind
 from stages.loop import NonFinite
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.rewards import RewardError, accuracy_reward, format_reward
+from stages.rollout import HFEngine
 from stages.runs import grpo
 from stages.spec import DataInput
+from stages.text import Generation, RolloutEngine
 from tests.conftest import Tracker
 
 
@@ -40,11 +43,13 @@ def inputs(tmp_path_factory) -> dict[str, dict[str, str]]:
     return {"policy": DataInput(path=str(root / "policy")), "prompts": DataInput(path=str(root / "prompts.jsonl"))}
 
 
-def run_grpo(inputs, out: Path, **params) -> Tracker:
+def run_grpo(inputs, out: Path, engine: RolloutEngine | None = None, **params) -> Tracker:
     kind = get_kind("grpo")
     tracker = Tracker()
     ctx = StageContext("test", "grpo", 0, kind.params(**params), inputs, {"model": out / "model"}, out, None,
                        Accelerator(cpu=True), tracker)
+    if engine is not None:
+        ctx.opened["engine"] = engine
     kind.load_run()(ctx)
     return tracker
 
@@ -61,6 +66,25 @@ def test_grpo_raises_reward(inputs, tmp_path):
     # means over both epochs' minibatches: the second epoch's policy has moved from π_old
     assert all(m["approx_kl"] > 0 for m in tracker.logged)
     assert (tmp_path / "model" / "config.json").exists()
+
+
+class UnderconfidentEngine(HFEngine):
+    """The hf engine, reporting each sampled token 4 times less likely than the trainer computes it (an engine that
+    disagrees with the trainer: π_old / π_engine = 4)."""
+
+    def generate(self, *args, **kwargs) -> list[Generation]:
+        return [Generation(g.response_ids, None if g.logprobs is None else [lp - math.log(4) for lp in g.logprobs])
+                for g in super().generate(*args, **kwargs)]
+
+
+def test_tis_weights_each_tokens_loss_by_the_capped_engine_ratio(inputs, tmp_path):
+    common = dict(rewards={"language_consistency": 1.0}, iterations=1, prompts_per_step=8, samples_per_prompt=4,
+                  max_new_tokens=6, kl_coef=0.0, micro_batch_size=64)
+    plain = run_grpo(inputs, tmp_path / "plain", UnderconfidentEngine(), **common).logged[0]
+    weighted = run_grpo(inputs, tmp_path / "tis", UnderconfidentEngine(), rollout={"tis_cap": 2.0}, **common).logged[0]
+    assert plain["pg_loss"] != 0
+    assert weighted["pg_loss"] == pytest.approx(2 * plain["pg_loss"], rel=1e-4)  # every token weighted min(4, 2)
+    assert weighted["logprob_gap_mean"] == pytest.approx(math.log(4), rel=1e-4) and "logprob_gap_mean" not in plain
 
 
 def fake_samples(group_rewards: list[list[float]]) -> list[dict]:
