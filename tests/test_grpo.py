@@ -50,7 +50,10 @@ def run_grpo(inputs, out: Path, engine: RolloutEngine | None = None, **params) -
                        Accelerator(cpu=True), tracker)
     if engine is not None:
         ctx.opened["engine"] = engine
-    kind.load_run()(ctx)
+    try:
+        kind.load_run()(ctx)
+    finally:
+        ctx.close()
     return tracker
 
 
