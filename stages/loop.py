@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
-from stages.checkpoint import Corrupt, complete_checkpoints, remove, saved_checkpoints, verified, write_manifest
+from stages.checkpoint import Corrupt, complete_checkpoints, intact, remove, saved_checkpoints, verified, write_manifest
 from stages.context import StageContext
 from stages.distributed import TRACE_DIR_ENV, write_trace
 from stages.processes import Interrupted, defer_stops, stop_signal
@@ -85,6 +85,8 @@ class TrainingLoop:
         acc = self.ctx.accelerator
         chosen = [self._newest_intact() if acc.is_main_process and self.directory else 0]  # the main process checks
         self.start = broadcast_object_list(chosen)[0] if acc.num_processes > 1 else chosen[0]
+        if self.start and acc.num_processes > 1:
+            self.start = self._held_by_every_rank(self.start)
         if not self.start:
             return dict(defaults or {})
         path = self.directory / f"step-{self.start}"
@@ -97,6 +99,20 @@ class TrainingLoop:
             say(f"{self.ctx.label}: resuming from step {self.start}/{self.total}")
         self.ctx.tracker.tag({"resumed_from_step": str(self.start)})
         return saved["state"]
+
+    def _held_by_every_rank(self, step: int) -> int:
+        """`step` if every rank finds its checkpoint intact, else 0 (a fresh start on every rank, said once): ranks
+        on machines that do not share `.rl4llm/checkpoints` see none of machine 0's files."""
+        acc = self.ctx.accelerator
+        held = gather_object([self.directory is not None and intact(self.directory / f"step-{step}")])
+        lacking = [str(rank) for rank, has in enumerate(held) if not has]
+        if lacking and acc.is_main_process:  # its checkpoints are of no use to them, and would block new ones
+            say(f"{self.ctx.label}: starting fresh: rank(s) {', '.join(lacking)} cannot read the checkpoint at step "
+                f"{step} (on several machines, `.rl4llm/checkpoints` must be a filesystem every machine mounts at "
+                "the same path); removed the checkpoints")
+            for _, old in saved_checkpoints(self.directory):
+                remove(old)
+        return 0 if lacking else step
 
     def _newest_intact(self) -> int:
         """The step of the newest checkpoint whose files all match their manifest (0: none). Each one skipped is
