@@ -134,18 +134,25 @@ def run_on_machines(pipeline: str, stage: str, parameters: dict[str, Any], machi
     happens when DVC restored its outputs without training) are cancelled."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     ranked = {key: parameters[key] for key in ("pipeline", "stage", "env", "pipeline_hash", "locked")}
-    runs = {0: run_deployment(f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}", parameters=parameters, timeout=0)}
-    for rank in range(1, machines):
-        runs[rank] = run_deployment(f"{RANK_FLOW}/{rank_deployment(pipeline, stage, rank)}",
-                                    parameters={**ranked, "rank": rank}, timeout=0)
-    on_line(f"{pipeline}/{stage}: {machines} machines: flow run '{runs[0].name}' on work pool '{pool}', " + ", ".join(
-        f"'{runs[r].name}' on '{rank_pool(pool, r)}'" for r in range(1, machines)))
+    started = {0: (f"{STAGE_FLOW}/{dvc.dvc_name(pipeline, stage)}", parameters),
+               **{rank: (f"{RANK_FLOW}/{rank_deployment(pipeline, stage, rank)}", {**ranked, "rank": rank})
+                  for rank in range(1, machines)}}
+    runs: dict[int, Any] = {}
     with get_client(sync_client=True) as client:
         try:
+            for rank, (name, arguments) in started.items():
+                try:
+                    runs[rank] = run_deployment(name, parameters=arguments, timeout=0)
+                except ObjectNotFound:
+                    raise RuntimeError(f"{pipeline}/{stage}: no deployment {name} (the stage spans {machines} "
+                                       f"machines): run `rl4llm deploy {pipeline}`") from None
+            on_line(f"{pipeline}/{stage}: {machines} machines: flow run '{runs[0].name}' on work pool '{pool}', "
+                    + ", ".join(f"'{runs[r].name}' on '{rank_pool(pool, r)}'" for r in range(1, machines)))
             wait_for_machines(client, runs, pool, f"{pipeline}/{stage}", on_line)
-        except BaseException:
+        except BaseException:  # a machine left alone would wait for the others at the rendezvous
             cancel_unfinished(client, runs)
             raise
 

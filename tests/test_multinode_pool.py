@@ -185,3 +185,10 @@ def test_worker_sh_takes_the_rank_from_the_pool_name(tmp_path: Path):
                              env={**os.environ, MACHINE_RANK_ENV: "0"})
     assert refused.returncode == 2
     assert "pool trainer-rank1 serves machine rank 1, but RL4LLM_MACHINE_RANK=0" in refused.stderr
+
+
+def test_a_missing_rank_deployment_names_the_command_that_creates_it(prefect_server):
+    with pytest.raises(RuntimeError, match=r"dist/sft: no deployment rl4llm-stage/dist.sft \(the stage spans 2 "
+                                           r"machines\): run `rl4llm deploy dist`"):
+        flow.run_on_machines("dist", "sft", {"pipeline": "dist", "stage": "sft", "force": False, "env": {},
+                                             "pipeline_hash": "", "locked": {}}, 2, "trainer", print)
