@@ -24,12 +24,18 @@ works (what its idle threads take from the trainer), and the logged engine/train
 
 Then generation alone: `hf_generate` against the vllm engine on the same prompt ids (each task's GRPO batch), the
 same new-token budget, temperature 1, interleaved rounds on one server started once (its start and one warm-up call
-left out); tokens/s counts the tokens sampled (responses end at EOS).
+left out), each side timed once the server's worker has stopped spinning (`settle`); tokens/s counts the tokens
+sampled (responses end at EOS).
 
 Conditions recorded: the CPU, torch threads, the server's OMP threads, each round's 1-minute load average before it
 and the CPU the machine's other processes used during it (all busy CPU from /proc/stat minus this process tree's).
 Before measuring, the script waits (polling every 30 s, up to --quiet-wait seconds) until the 1-minute load average
-is below --quiet-load, then measures anyway.
+is below --quiet-load, then measures anyway. --generation-only skips the GRPO rounds.
+
+The server inherits this process's environment: `VLLM_ENABLE_V1_MULTIPROCESSING=0 … --server-args
+'--distributed-executor-backend uni'` measures a server whose worker runs inside its API process (vLLM 0.32 on CPU
+otherwise runs one worker process whose shared-memory queue reader spins for 1 s after every batch, which is
+the server CPU seen while the trainer works).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -270,13 +277,13 @@ class Probe:
         return rows
 
 
-def grpo_round(engine: str, model: str, prompts: str, params: dict[str, Any], iterations: int, server_threads:
-               int | None, out: Path) -> dict[str, Any]:
+def grpo_round(engine: str, model: str, prompts: str, params: dict[str, Any], iterations: int,
+               server: dict[str, Any], out: Path) -> dict[str, Any]:
     """One fresh grpo stage on `engine`: its iterations after the first (`Probe.iterations`), their medians, the
     logged log-prob gaps and the engine's tags."""
     probe = Probe()
     tracker = Tracker(probe.mark)
-    rollout = {"engine": engine, "threads": server_threads}
+    rollout = {"engine": engine, **server}
     params = {**params, "iterations": iterations, "evaluator": None, "rollout": rollout,
               "checkpoint_every": iterations + 1}
     load = load1()
@@ -294,12 +301,24 @@ def grpo_round(engine: str, model: str, prompts: str, params: dict[str, Any], it
 # --- generation tokens/s ----------------------------------------------------------------------------------------
 
 
+def settle(pid: int, max_s: float = 30.0) -> float:
+    """Wait until the server's processes use under 5 % of a core (its worker spins for about a second after a
+    batch: measured here, it would take a core from the hf side); the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        before = tree_cpu_s(pid)
+        time.sleep(0.5)
+        if tree_cpu_s(pid) - before < 0.025:
+            break
+    return time.monotonic() - started
+
+
 def generation_rounds(model_dir: str, prompt_ids: list[list[int]], new_tokens: int, rounds: int,
-                      server_threads: int | None, scratch: Path) -> list[dict[str, Any]]:
+                      server: dict[str, Any], scratch: Path) -> list[dict[str, Any]]:
     """Tokens/s of `hf_generate` and of the vllm engine (one server, started and warmed up first) on the same
     prompt ids, temperature 1, interleaved rounds."""
     model, tokenizer = load_policy(model_dir).eval(), load_tokenizer(model_dir)
-    engine = VLLMEngine(RolloutParams(engine="vllm", threads=server_threads), 0, scratch / "scratch",
+    engine = VLLMEngine(RolloutParams(engine="vllm", **server), 0, scratch / "scratch",
                         scratch / "vllm.log", REPO)
     results = []
     try:
@@ -309,6 +328,7 @@ def generation_rounds(model_dir: str, prompt_ids: list[list[int]], new_tokens: i
             "vllm": lambda: [g.response_ids for g in engine.generate(model, tokenizer, prompt_ids, new_tokens, 1.0)]}
         for round_ in range(rounds):
             for side, generate in sides.items():
+                settled = settle(engine.server.process.pid)
                 load, window = load1(), Window()
                 server_before = tree_cpu_s(engine.server.process.pid)
                 window.start()
@@ -317,7 +337,8 @@ def generation_rounds(model_dir: str, prompt_ids: list[list[int]], new_tokens: i
                 seconds = time.monotonic() - started
                 tokens = sum(map(len, rows))
                 results.append({"round": round_ + 1, "engine": side, "tokens": tokens, "s": seconds,
-                                "tokens_per_s": tokens / seconds, "load1_before": load, "others_cores": window.stop(),
+                                "settled_s": settled, "tokens_per_s": tokens / seconds, "load1_before": load,
+                                "others_cores": window.stop(), "vllm_version": engine.version,
                                 "server_cpu_s": tree_cpu_s(engine.server.process.pid) - server_before})
                 print(f"  generation round {round_ + 1} {side:<4} {tokens / seconds:7.1f} tokens/s ({tokens} tokens "
                       f"in {seconds:.1f} s; load {load:.2f})", flush=True)
@@ -333,7 +354,7 @@ def median_of(runs: list[dict[str, Any]], engine: str, key: str) -> float:
     return statistics.median(r["median"][key] for r in runs if r["engine"] == engine)
 
 
-def report(task: str, grpo: list[dict[str, Any]], generation: list[dict[str, Any]]) -> None:
+def report_grpo(task: str, grpo: list[dict[str, Any]]) -> None:
     print(f"\n### {task}: GRPO seconds per iteration (each round's median over its iterations after the first)\n")
     print("| round | engine | load before | s/iter | rollout | of which push | train | server CPU-s during train "
           "| others' cores | log-prob gap (median of means / max) |")
@@ -346,6 +367,9 @@ def report(task: str, grpo: list[dict[str, Any]], generation: list[dict[str, Any
               f"{m['others_cores']:.2f} | {gap} |")
     hf, vllm = median_of(grpo, "hf", "s"), median_of(grpo, "vllm", "s")
     print(f"\nmedian of rounds: hf {hf:.2f} s, vllm {vllm:.2f} s, **vllm/hf {vllm / hf:.2f}x**")
+
+
+def report_generation(task: str, generation: list[dict[str, Any]]) -> None:
     print(f"\n### {task}: generation alone\n")
     print("| round | engine | load before | tokens | s | tokens/s | others' cores | server CPU-s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -357,14 +381,19 @@ def report(task: str, grpo: list[dict[str, Any]], generation: list[dict[str, Any
           f"**vllm/hf {rates['vllm'] / rates['hf']:.2f}x**")
 
 
+def server_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The rollout params of a started server the command line sets (threads, more server arguments)."""
+    return {"threads": args.server_threads, "server_args": shlex.split(args.server_args)}
+
+
 def run_task(task: str, model: str, prompts: str, params: dict[str, Any], args: argparse.Namespace,
              scratch: Path) -> dict[str, Any]:
     print(f"\n{task}: {model}, {params['prompts_per_step']} prompts x {params['samples_per_prompt']} samples x "
           f"{params['max_new_tokens']} new tokens, {args.iterations} iterations per round", flush=True)
     grpo = []
-    for round_ in range(args.rounds):
+    for round_ in range(0 if args.generation_only else args.rounds):
         for engine in ENGINES:
-            result = grpo_round(engine, model, prompts, params, args.iterations, args.server_threads,
+            result = grpo_round(engine, model, prompts, params, args.iterations, server_settings(args),
                                 scratch / f"{task}-{engine}-{round_}")
             grpo.append(result)
             print(f"  grpo round {round_ + 1} {engine:<4} {result['median']['s']:6.2f} s/iteration (rollout "
@@ -373,9 +402,11 @@ def run_task(task: str, model: str, prompts: str, params: dict[str, Any], args: 
     tokenizer = load_tokenizer(model)
     rows = load_rows(DataInput(path=prompts))[:params["prompts_per_step"]]
     prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in rows for _ in range(params["samples_per_prompt"])]
-    generation = generation_rounds(model, prompt_ids, params["max_new_tokens"], args.rounds, args.server_threads,
+    generation = generation_rounds(model, prompt_ids, params["max_new_tokens"], args.rounds, server_settings(args),
                                    scratch / f"{task}-generation")
-    report(task, grpo, generation)
+    if grpo:
+        report_grpo(task, grpo)
+    report_generation(task, generation)
     return {"model": model, "params": {k: params[k] for k in ("prompts_per_step", "samples_per_prompt",
                                                                "max_new_tokens", "ppo_epochs", "lora", "temperature")},
             "grpo": grpo, "generation": generation}
@@ -392,8 +423,11 @@ def main() -> None:
     parser.add_argument("--tiny-iterations", type=int, help="per GRPO round on the tiny task (default: 3x that)")
     parser.add_argument("--batch", type=int, nargs=3, metavar=("PROMPTS", "SAMPLES", "TOKENS"),
                         help="the 135m task's batch (default: the smollm2 pipeline's, 8 4 64)")
+    parser.add_argument("--generation-only", action="store_true", help="measure generation tokens/s only")
     parser.add_argument("--threads", type=int, default=torch_threads(1), help="torch threads of the trainer")
     parser.add_argument("--server-threads", type=int, help="the server's OMP threads (default: every core)")
+    parser.add_argument("--server-args", default="", help="more arguments for the server (rollout.server_args), "
+                        "one string, e.g. '--distributed-executor-backend uni'")
     parser.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below it")
     parser.add_argument("--quiet-wait", type=float, default=1200, help="wait at most this many seconds for it")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rl4llm" / "bench-vllm"),
@@ -410,7 +444,8 @@ def main() -> None:
         prepared["135m"][2].update(zip(("prompts_per_step", "samples_per_prompt", "max_new_tokens"), args.batch))
     quiet = wait_for_quiet(args.quiet_load, args.quiet_wait)
     conditions = {"cpu": cpu_model(), "cores": available_cores(), "torch_threads": torch.get_num_threads(),
-                  "server_omp_threads": args.server_threads or available_cores(), "torch": torch.__version__,
+                  "server_omp_threads": args.server_threads or available_cores(), "server_args": args.server_args,
+                  "torch": torch.__version__,
                   **quiet}
     print(json.dumps(conditions), flush=True)
     results: dict[str, Any] = {"conditions": conditions, "command": " ".join(sys.argv)}
@@ -420,8 +455,7 @@ def main() -> None:
             iterations = args.iterations if task == "135m" else args.tiny_iterations or 3 * args.iterations
             results[task] = run_task(task, model, prompts, params,
                                      argparse.Namespace(**{**vars(args), "iterations": iterations}), Path(tmp))
-    results["conditions"]["vllm"] = next((r["tags"].get("rollout.engine_version") for t in prepared
-                                          for r in results[t]["grpo"] if r["engine"] == "vllm"), None)
+    results["conditions"]["vllm"] = next(r["vllm_version"] for t in prepared for r in results[t]["generation"])
     print(f"\nconditions: {json.dumps(results['conditions'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
