@@ -20,8 +20,9 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -232,14 +233,23 @@ def stage_flow(pipeline: str, stage: str, force: bool, env: dict[str, str], pipe
     outputs and run cache pushed back when it finishes."""
     root = project_root()
     resolved = checked_project(root, pipeline, stage, pipeline_hash)
+    with run_here(root, pipeline, resolved, env, locked):
+        return reproduce_here(root, pipeline, stage, resolved.stages[pipeline][stage], force, env, True,
+                              stream(f"{pipeline}/{stage}"))
+
+
+@contextmanager
+def run_here(root: Path, pipeline: str, resolved: Resolved, env: dict[str, str],
+             locked: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """This worker's clone, made the run's for the duration: the working directory and tracking store, the
+    pipeline's run lock (on behalf of the run), dvc.yaml synced and the run's dvc.lock entries (`locked`) written."""
     os.chdir(root)
     tracking_uri_default(root)
     with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
         dvc.ensure_repo(root)
         dvc.sync(root, resolved.stages)
         dvc.write_lock_entries(root, pipeline, locked)
-        return reproduce_here(root, pipeline, stage, resolved.stages[pipeline][stage], force, env, True,
-                              stream(f"{pipeline}/{stage}"))
+        yield
 
 
 def checked_project(root: Path, pipeline: str, stage: str, pipeline_hash: str) -> Resolved:
@@ -265,12 +275,7 @@ def rank_flow(pipeline: str, stage: str, rank: int, env: dict[str, str], pipelin
         raise ConfigError(str(root / "pipelines.yaml"), f"this worker's {MACHINE_RANK_ENV} is "
                           f"{os.environ.get(MACHINE_RANK_ENV)!r}, not {rank}: a worker of a rank's pool runs with "
                           f"that rank (`infra/team/worker.sh <pool>-rank{rank}`)", pipeline, stage)
-    os.chdir(root)
-    tracking_uri_default(root)
-    with run_lock(root, pipeline, on_behalf_of=int(env.get(RUN_PID_ENV, 0))):
-        dvc.ensure_repo(root)
-        dvc.sync(root, resolved.stages)
-        dvc.write_lock_entries(root, pipeline, locked)
+    with run_here(root, pipeline, resolved, env, locked):
         upstream = upstream_stages(resolved.stages[pipeline], stage, locked)
         if upstream and dvc.default_remote(root):
             dvc.pull(root, pipeline, upstream)

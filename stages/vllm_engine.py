@@ -111,13 +111,17 @@ class VLLMServer:
         cmd = [str(vllm_python(root)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                "--seed", str(seed), "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
-               "--uvicorn-log-level", "warning", *rollout.server_args]
+               "--uvicorn-log-level", "warning"]
         cmd += ["--max-model-len", str(context)] if context else []
+        # on CPU the worker runs inside the engine process (`uni`, no multiprocessing): vLLM 0.32's worker process
+        # busy-waits 1 s after every batch, about 1 CPU-second per iteration taken from the trainer (measured)
         cmd += ["--gpu-memory-utilization", str(rollout.gpu_memory_utilization)] if gpu else \
-            ["--dtype", "float32", "--enforce-eager"]
+            ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni"]
+        cmd += rollout.server_args  # last: they override the above
         threads = str(rollout.threads or available_cores())
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": f"{rollout.kv_cache_gib:g}",
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": threads}
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": threads,
+               **({} if gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})}
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "stages.guard", *cmd], stdout=out,

@@ -38,7 +38,7 @@ except ValueError as e:
     MISSING = str(e)
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(MISSING is not None, reason=f"no vLLM environment: {MISSING}")]
 
-LOGPROB_TOLERANCE = 1e-4  # |log π_trainer − log π_vllm| per token, fp32; measured here: < 5e-6 (tiny), 5e-5 (135M)
+LOGPROB_TOLERANCE = 1e-4  # |log π_trainer − log π_vllm| per token, fp32, tiny model; measured here: max 3e-5 (135M: 1e-4)
 BLOCK = 32  # KV-cache block size of the test server: prompts longer than it share cached blocks
 # ~40 tokens: more than one cache block, so a second sample of it reuses the first block's cached keys and values
 LONG_PROMPT = " ".join(instruct_task.ALL_WORDS[:36])
