@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from stages.algorithms import masked_mean
 from stages.distributed import broadcast_object
 from stages.params import RolloutParams
-from stages.text import Generation, RolloutEngine, hf_generate, response_logprobs
+from stages.text import Generation, RolloutEngine, batched, hf_generate, pair_batch, response_logprobs
 
 if TYPE_CHECKING:
     from stages.context import StageContext
@@ -45,8 +45,6 @@ class HFEngine:
         rows = hf_generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, what=what)
         if not logprobs:
             return [Generation(row) for row in rows]
-        from stages.text import batched, pair_batch
-
         batch = pair_batch(prompt_ids, rows, tokenizer.pad_token_id).to(next(model.parameters()).device)
         with torch.no_grad():
             values = batched(lambda part: response_logprobs(model, part, temperature), batch, self.micro_batch_size,
@@ -99,10 +97,3 @@ def wants_logprobs(rollout: RolloutParams) -> bool:
     (the gap is logged) or truncated importance sampling weighs tokens by them."""
     return rollout.engine != "hf" or rollout.tis_cap is not None
 
-
-def logprob_rows(values: list[list[float]], width: int) -> torch.Tensor:
-    """Per-token log-probs of several responses as [B, width], zeros after each response's end."""
-    out = torch.zeros(len(values), width)
-    for i, row in enumerate(values):
-        out[i, :len(row)] = torch.tensor(row[:width])
-    return out

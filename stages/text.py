@@ -340,13 +340,18 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
         generations = engine.generate(model, tokenizer, prompt_rows, max_new_tokens, temperature, logprobs, what)
     response_rows = [g.response_ids for g in generations]
     completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
-    engine_logprobs = None
-    if logprobs:
-        engine_logprobs = torch.zeros(len(response_rows), max(map(len, response_rows), default=0))
-        for i, g in enumerate(generations):
-            engine_logprobs[i, :len(g.logprobs)] = torch.tensor(g.logprobs)
+    engine_logprobs = logprob_rows([g.logprobs for g in generations], max(map(len, response_rows), default=0)) \
+        if logprobs else None
     return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
                    prompt_rows, engine_logprobs)
+
+
+def logprob_rows(values: list[list[float]], width: int) -> torch.Tensor:
+    """Per-token log-probs of several responses as [B, width], zeros after each response's end."""
+    out = torch.zeros(len(values), width)
+    for i, row in enumerate(values):
+        out[i, :len(row)] = torch.tensor(row[:width])
+    return out
 
 
 @torch.no_grad()

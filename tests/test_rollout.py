@@ -18,8 +18,8 @@ from torch.testing import assert_close
 from stages import algorithms as A
 from stages.models import load_policy, load_tokenizer, with_lora
 from stages.params import LoraParams, RolloutParams
-from stages.rollout import HFEngine, logprob_gap, logprob_rows, wants_logprobs
-from stages.text import response_logprobs, sample
+from stages.rollout import HFEngine, logprob_gap, wants_logprobs
+from stages.text import logprob_rows, response_logprobs, sample
 from stages.vllm_engine import VLLM_PYTHON_ENV, check_head_size, fingerprint, policy_weights, vllm_python
 from tests.conftest import session_processes
 

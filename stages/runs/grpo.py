@@ -39,9 +39,10 @@ from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
-from stages.rollout import logprob_gap, logprob_rows, stage_engine, wants_logprobs
+from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
-                         encode_response, pair_batch, response_logprobs, response_logprobs_and_entropy, sample)
+                         encode_response, logprob_rows, pair_batch, response_logprobs, response_logprobs_and_entropy,
+                         sample)
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 

@@ -27,7 +27,7 @@ from stages.kinds.ppo import Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
                            token_values)
-from stages.rollout import logprob_gap, logprob_rows, stage_engine, wants_logprobs
+from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
                          response_logprobs_and_entropy, sample, text_lm_loss)
 from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, disable_dropout, evaluate,
@@ -110,8 +110,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         batch = rollout.batch.to(device)
         mask = batch.response_mask.float()
         # the engine's log-probs of the sampled tokens (another engine than the trainer: vLLM), if asked for
-        engine_logp = None if rollout.engine_logprobs is None else \
-            logprob_rows(rollout.engine_logprobs.tolist(), mask.shape[1]).to(device)
+        engine_logp = None if rollout.engine_logprobs is None else rollout.engine_logprobs.to(device)  # [B, R]
 
         # 2. score in eval mode, in micro-batches: r_t = −β·KL_t, plus the RM score on the last response token
         rows = p.micro_batch_size
