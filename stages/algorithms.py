@@ -481,6 +481,31 @@ def normalization_bias(demo_scores: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Verifiers and process reward models (Cobbe et al. 2021; Lightman et al. 2023; Wang et al. 2024)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_bce_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Binary cross-entropy of sigma(logits) against `targets` in [0, 1] (hard 0/1 labels or Math-Shepherd's soft
+    ones), averaged over the positions where `mask` is 1: an outcome verifier's positions are every response token
+    (Cobbe et al. §4: the verifier predicts the solution's correctness at each token) or its last; a PRM's are the
+    end of each step. logits, targets, mask: [B, T] -> scalar; 0 when the mask is empty."""
+    per_position = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return masked_sum(per_position, mask) / mask.sum().clamp(min=1)
+
+
+def binary_auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve: the probability that a positive scores above a negative, ties counting one half
+    (the Mann–Whitney U statistic / (n_pos · n_neg)). scores, labels: [N] -> float; NaN without both classes."""
+    positive = labels.bool()
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    if not len(pos) or not len(neg):
+        return math.nan
+    above = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    return (above / (len(pos) * len(neg))).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Preference optimisation (DPO family, KTO)
 # ----------------------------------------------------------------------------------------------------------------
 

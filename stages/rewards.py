@@ -93,7 +93,7 @@ def extract_answer(text: str) -> str | None:
     return tagged if boxed is None else boxed.strip()
 
 
-def _normalize(s: str) -> str:
+def normalize_answer(s: str) -> str:
     """Strip whitespace, `$` delimiters and one trailing period; unify the Unicode minus and LaTeX `{,}`."""
     s = s.strip().strip("$").strip().replace("\u2212", "-").replace("{,}", ",")
     return s[:-1].rstrip() if s.endswith(".") else s
@@ -116,7 +116,7 @@ def _parse_decimal(s: str) -> Fraction | None:
     return sign * Fraction(int(digits), 10 ** len(frac))
 
 
-def _parse_number(s: str) -> Fraction | None:
+def parse_number(s: str) -> Fraction | None:
     """Exact value of a decimal, `a/b` or `\\frac{a}{b}` (optionally signed); None if `s` is anything else."""
     match = _FRAC.fullmatch(s[1:].lstrip() if s[:1] in ("-", "+") else s)
     if match:
@@ -139,8 +139,8 @@ def verify_answer(predicted: str, reference: str) -> bool:
     MAX_ANSWER_CHARS is wrong; numbers longer than MAX_DIGITS digits do not parse (so compare as strings)."""
     if len(predicted) > MAX_ANSWER_CHARS:
         return False
-    pred, ref = _normalize(predicted), _normalize(reference)
-    pred_value, ref_value = _parse_number(pred), _parse_number(ref)
+    pred, ref = normalize_answer(predicted), normalize_answer(reference)
+    pred_value, ref_value = parse_number(pred), parse_number(ref)
     if pred_value is not None and ref_value is not None:
         return pred_value == ref_value
     return " ".join(pred.split()) == " ".join(ref.split())
@@ -188,7 +188,7 @@ def answer_of(completion: str, reference: Any, mode: str) -> str | None:
     tagged = tagged_answer(completion)
     if tagged is not None or mode == "strict":
         return tagged
-    if reference is not None and _parse_decimal(_normalize(str(reference))) is not None:
+    if reference is not None and _parse_decimal(normalize_answer(str(reference))) is not None:
         return _last_number(completion)
     return _final_line(completion)
 

@@ -333,6 +333,16 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     prompt_rows = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_length:
         prompt_rows = [row[-max_prompt_length:] for row in prompt_rows]
+    return sample_ids(model, tokenizer, prompt_rows, max_new_tokens, temperature, batch_size, what, engine, logprobs,
+                      list(prompts))
+
+
+def sample_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_rows: list[list[int]],
+               max_new_tokens: int, temperature: float = 1.0, batch_size: int = 64, what: str = "sampling",
+               engine: RolloutEngine | None = None, logprobs: bool = False,
+               prompts: list[Prompt] | None = None) -> Samples:
+    """`sample` from prompts already encoded (e.g. a prompt and the start of a response, to continue it);
+    `prompts` (default: the decoded ids) is what `Samples.prompts` records."""
     if engine is None:
         generations = [Generation(row) for row in hf_generate(model, tokenizer, prompt_rows, max_new_tokens,
                                                               temperature, batch_size, what)]
@@ -342,7 +352,9 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     completions = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_rows]
     engine_logprobs = logprob_rows([g.logprobs for g in generations], max(map(len, response_rows), default=0)) \
         if logprobs else None
-    return Samples(list(prompts), completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
+    if prompts is None:
+        prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in prompt_rows]
+    return Samples(prompts, completions, pair_batch(prompt_rows, response_rows, tokenizer.pad_token_id),
                    prompt_rows, engine_logprobs)
 
 

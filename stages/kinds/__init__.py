@@ -128,6 +128,11 @@ BUILT_IN_KINDS = (  # each declared in stages/kinds/<name>.py
     "grpo",
     "rejection_sampling",
     "distill",
+    "label_outcomes",
+    "label_steps",
+    "verifier",
+    "prm",
+    "best_of_n",
 )
 
 
