@@ -1,11 +1,13 @@
 """`rl4llm compare`: the key metrics of each stage across runs, as a table a person reads (or markdown, CSV,
-JSON), and a chart of those metrics side by side plus the training curves of RL stages overlaid across runs."""
+JSON), and a chart of those metrics side by side plus the training curves of RL stages overlaid across runs and the
+accuracy-vs-N curves of best-of-N stages."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +17,9 @@ from stages.kinds import key_metrics
 WIDTH = 100  # the table fits a terminal this wide
 CURVES = ("reward", "kl", "response_length")  # per-step curves of RL stages, overlaid across runs
 RL_KINDS = ("ppo", "grpo")
+BEST_OF_N_KINDS = ("best_of_n",)  # stages whose final metrics `<scorer>_n<N>` are accuracy-vs-N curves
+CURVE_POINT = re.compile(r"(?P<scorer>.+)_n(?P<n>[0-9]+)")  # a best-of-N metric name: scorer and N
+BestOfNPanel = tuple[str, str, list[str], dict[str, dict[int, tuple[float, float]]]]  # see best_of_n_curves
 
 
 def shown_metrics(row: dict[str, Any], chosen: list[str] | None) -> list[str]:
@@ -61,6 +66,42 @@ def lines_by_pipeline(rows: list[dict[str, Any]], chosen: list[str] | None) -> d
             pipeline["lines"].setdefault((row["stage"], metric), {})[row["run"]] = row["metrics"][metric]
     return {p: {"runs": v["runs"], "lines": [(s, m, values) for (s, m), values in v["lines"].items()],
                 "seeds": len(v["runs"]) > 1 and all(r.startswith("seed ") for r in v["runs"])} for p, v in out.items()}
+
+
+def curve_points(metrics: dict[str, float]) -> dict[str, dict[int, float]]:
+    """{scorer: {N: accuracy}} from a best-of-N stage's final metrics named `<scorer>_n<N>`."""
+    points: dict[str, dict[int, float]] = {}
+    for name, value in metrics.items():
+        match = CURVE_POINT.fullmatch(name)
+        if match:
+            points.setdefault(match["scorer"], {})[int(match["n"])] = value
+    return points
+
+
+def best_of_n_curves(rows: list[dict[str, Any]]) -> list[BestOfNPanel]:
+    """[(pipeline, stage, runs, {scorer: {N: (mean, sd)}})] for each best-of-N stage: over the newest run of each
+    seed when the pipeline ran several (`rl4llm run --seeds`; sd: the sample standard deviation), else of its
+    newest run alone (sd 0)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in newest_per_seed(rows):
+        if row["kind"] in BEST_OF_N_KINDS and curve_points(row["metrics"]):
+            groups.setdefault((row["pipeline"], row["stage"]), []).append(row)
+    out = []
+    for (pipeline, stage), group in groups.items():
+        seeds = len(group) > 1 and all(row["run"].startswith("seed ") for row in group)
+        group = group if seeds else group[:1]
+        parsed = [curve_points(row["metrics"]) for row in group]
+        order = key_metrics(group[0]["kind"])  # the kind's scorers in its order, then any others
+        scorers = sorted({s for points in parsed for s in points},
+                         key=lambda s: (order.index(s) if s in order else len(order), s))
+        curves = {}
+        for scorer in scorers:
+            sizes = sorted({n for points in parsed for n in points.get(scorer, {})})
+            values = {n: [points[scorer][n] for points in parsed if n in points.get(scorer, {})] for n in sizes}
+            curves[scorer] = {n: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                              for n, v in values.items()}
+        out.append((pipeline, stage, [row["run"] for row in group], curves))
+    return out
 
 
 def _value(values: dict[str, float], run: str) -> str:
@@ -127,9 +168,10 @@ FORMATTERS: dict[str, Callable[[list[dict[str, Any]], list[str] | None], str]] =
 def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str, dict[str, list[float]]],
          path: Path) -> bool:
     """Top: a panel per (pipeline, stage) with its key metrics side by side, a bar per run (each metric scaled to
-    its own largest value; the labels are the values). Bottom: for each RL stage, its reward, KL and response
-    length per step, a line per run. `curves`: {stage run id: {metric: values}}. False (and no chart) when none
-    of the metrics shown was logged."""
+    its own largest value; the labels are the values). Below: for each RL stage, its reward, KL and response
+    length per step, a line per run; then a panel per best-of-N stage, its accuracy vs N per scorer
+    (`best_of_n_curves`). `curves`: {stage run id: {metric: values}}. False (and no chart) when none of the
+    metrics shown was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,10 +185,11 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
     rl = [row for row in newest_per_seed(rows) if row["kind"] in RL_KINDS and row["run_id"] in curves
           and row["pipeline"] in blocks]
     rl_stages = list(dict.fromkeys((r["pipeline"], r["stage"]) for r in rl))
+    best_of_n = [panel for panel in best_of_n_curves(rows) if panel[0] in blocks]
     columns = 3
-    stage_rows = -(-len(stages) // columns)
-    fig, axes = plt.subplots(stage_rows + len(rl_stages), columns, squeeze=False,
-                             figsize=(4.2 * columns, 2.8 * (stage_rows + len(rl_stages))))
+    stage_rows, best_of_n_rows = -(-len(stages) // columns), -(-len(best_of_n) // columns)
+    fig, axes = plt.subplots(stage_rows + len(rl_stages) + best_of_n_rows, columns, squeeze=False,
+                             figsize=(4.2 * columns, 2.8 * (stage_rows + len(rl_stages) + best_of_n_rows)))
     colors = plt.get_cmap("tab10")
     for ax, (pipeline, stage, metrics, runs) in zip(axes[:stage_rows].flat, stages):
         width = 0.8 / max(len(runs), 1)
@@ -180,7 +223,35 @@ def plot(rows: list[dict[str, Any]], chosen: list[str] | None, curves: dict[str,
             ax.set_title(f"{pipeline}/{stage}\n{metric} per step", fontsize=9)
             ax.tick_params(labelsize=7)
         row_axes[0].legend(fontsize=6)
+    draw_best_of_n(list(axes[stage_rows + len(rl_stages):].flat), best_of_n, colors)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_size_inches()[1]))  # room for the legend above
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def draw_best_of_n(axes: list[Any], panels: list[BestOfNPanel], colors: Any) -> None:
+    """A panel per best-of-N stage (Lightman et al.'s Figure 3): accuracy vs N on a log2 axis, a line per scorer
+    (each scorer one colour in every panel; pass@N dashed), with a band of ± one sd when over several seeds."""
+    scorers = list(dict.fromkeys(scorer for *_, curves in panels for scorer in curves))
+    for ax, (pipeline, stage, runs, curves) in zip(axes, panels):
+        for scorer, curve in curves.items():
+            sizes, color = list(curve), colors(scorers.index(scorer) % 10)
+            means = [mean for mean, _ in curve.values()]
+            ax.plot(sizes, means, marker="o", markersize=3, color=color, label=scorer,
+                    linestyle="--" if scorer == "oracle" else "-")
+            if len(runs) > 1:
+                ax.fill_between(sizes, [m - sd for m, sd in curve.values()], [m + sd for m, sd in curve.values()],
+                                color=color, alpha=0.15, linewidth=0)
+        sizes = sorted({n for curve in curves.values() for n in curve})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("N (samples per problem)", fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+        over = f"mean ± sd over {len(runs)} seeds" if len(runs) > 1 else runs[0]
+        ax.set_title(f"{pipeline}/{stage}\nbest-of-N accuracy ({over})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in axes[len(panels):]:
+        ax.axis("off")

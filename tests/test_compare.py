@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from flows.compare import CURVES, FORMATTERS, WIDTH, as_table, newest_per_seed, plot
+from flows.compare import CURVES, FORMATTERS, WIDTH, as_table, best_of_n_curves, draw_best_of_n, newest_per_seed, plot
 
 
 def rows(runs: int = 3) -> list[dict]:
@@ -86,3 +86,62 @@ def test_runs_of_one_seed_are_not_taken_for_seeds_and_no_chart_is_drawn_without_
     assert newest_per_seed(plain) == plain  # no seed variants: the runs as they are
     assert not plot(plain, ["no_such_metric"], {}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def best_of_n_rows(points: dict[str, list[float]], seeds: bool = True) -> list[dict]:
+    """A best_of_n stage row per seed (or per plain run, newest first); `points`: {scorer: [accuracy at N = 1, 2,
+    4, 8, 16] of seed 0}, seed s adding s / 10 to each."""
+    out = []
+    for s in range(3):
+        metrics = {f"{scorer}_n{n}": value + s / 10 for scorer, values in points.items()
+                   for n, value in zip((1, 2, 4, 8, 16), values)}
+        metrics |= {"pass1": 0.9, "problems": 40, "answered_rate": 0.5}  # not points of a curve
+        metrics = dict(sorted(metrics.items()))  # by name, as a store may list them: pass1_n16 before pass1_n2
+        out.append({"pipeline": "verifiers", "run": f"r{s}", "seed": str(s) if seeds else None, "started": 10 - s,
+                    "seed_of": "verifiers" if seeds and s else None, "stage": "best_of_n", "kind": "best_of_n",
+                    "run_id": f"bon{s}", "skipped": False, "metrics": metrics})
+    return out
+
+
+POINTS = {"oracle": [0.2, 0.3, 0.5, 0.7, 0.8], "pass1": [0.2] * 5, "prm_min": [0.2, 0.25, 0.3, 0.35, 0.4]}
+
+
+def test_best_of_n_curves_are_parsed_from_the_metrics_and_averaged_over_seeds():
+    [(pipeline, stage, runs, curves)] = best_of_n_curves(best_of_n_rows(POINTS))
+    assert (pipeline, stage, runs) == ("verifiers", "best_of_n", ["seed 0", "seed 1", "seed 2"])
+    assert list(curves) == ["pass1", "prm_min", "oracle"]  # the kind's order, whatever the metrics' order
+    for scorer, values in POINTS.items():
+        assert list(curves[scorer]) == [1, 2, 4, 8, 16]  # N as numbers, ascending (not "16" < "2")
+        for (mean, sd), value in zip(curves[scorer].values(), values):
+            assert mean == pytest.approx(value + 0.1) and sd == pytest.approx(0.1)  # seeds add 0, 0.1, 0.2
+
+
+def test_best_of_n_curves_of_plain_runs_are_the_newest_runs():
+    [(_, _, runs, curves)] = best_of_n_curves(best_of_n_rows(POINTS, seeds=False))
+    assert runs == ["r0"] and curves["prm_min"] == {n: (v, 0.0) for n, v in zip((1, 2, 4, 8, 16), POINTS["prm_min"])}
+    assert best_of_n_curves(rows()) == []  # no best-of-N stage, no curve
+
+
+def test_the_chart_has_a_best_of_n_panel_with_a_line_and_band_per_scorer(tmp_path):
+    from PIL import Image
+
+    curves = {f"ppo{i}": {name: [0.1 * s + i for s in range(5)] for name in CURVES} for i in range(3)}
+    plot(rows(), None, curves, tmp_path / "without.png")
+    plot(rows() + best_of_n_rows(POINTS), None, curves, tmp_path / "with.png")
+    (width, height), (_, before) = Image.open(tmp_path / "with.png").size, Image.open(tmp_path / "without.png").size
+    assert width > 1000 and height > before + 250  # a row more: the best-of-N panel
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2)
+    draw_best_of_n(list(axes), best_of_n_curves(best_of_n_rows(POINTS)), plt.get_cmap("tab10"))
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    assert list(lines) == ["pass1", "prm_min", "oracle"] and axes[0].get_xscale() == "log"
+    assert list(lines["oracle"].get_xdata()) == [1, 2, 4, 8, 16]
+    assert list(lines["oracle"].get_ydata()) == pytest.approx([v + 0.1 for v in POINTS["oracle"]])
+    assert len(axes[0].collections) == 3  # a ± sd band per scorer
+    assert not axes[1].axison  # the unused panel is blank
+    plt.close(fig)
