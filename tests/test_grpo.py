@@ -19,6 +19,7 @@ from stages.data import write_jsonl
 from stages.kinds import get_kind
 from stages.loop import NonFinite
 from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.process_rewards import rule_steps
 from stages.rewards import RewardError, accuracy_reward, format_reward
 from stages.rollout import HFEngine
 from stages.runs import grpo
@@ -262,8 +263,10 @@ def test_process_advantages_by_hand():
     responses = ["<think> 5 plus 3 is 8 </think> <answer> 8 </answer>", "<answer> 9 </answer>"]
     samples = [{"response_ids": [vocab.index(w) for w in r.split()], "reward": reward}
                for r, reward in zip(responses, [1.0, 0.0])]
+    for sample, steps in zip(samples, rule_steps(reasoning_task.step_rewards, tokenizer)(samples)):
+        sample["steps"] = steps
     mask = torch.tensor([[1.0] * 10, [1.0] * 3 + [0.0] * 7])
-    advantages = grpo.process_advantages(samples, tokenizer, mask, torch.tensor([0, 0]), reasoning_task.step_rewards)
+    advantages = grpo.process_advantages(samples, mask, torch.tensor([0, 0]))
     s = 1 / 3 ** 0.5
     expected = torch.tensor([[2 * s] * 6 + [s] * 4, [-2 * s] * 3 + [0.0] * 7])
     torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
@@ -273,6 +276,7 @@ def test_advantage_process_trains_on_process_advantages(inputs, tmp_path, monkey
     calls = []
     process_advantages = grpo.process_advantages
     monkeypatch.setattr(grpo, "process_advantages", lambda *args: calls.append(args[0]) or process_advantages(*args))
-    run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=2,
-             prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo")
+    tracker = run_grpo(inputs, tmp_path, advantage="process", step_reward="arithmetic_steps", iterations=2,
+                       prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, advantage_estimator="drgrpo")
     assert [len(samples) for samples in calls] == [8, 8]  # every step's whole batch
+    assert {"steps_per_sample", "step_reward_mean"} <= set(tracker.logged[-1])

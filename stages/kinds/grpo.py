@@ -10,13 +10,16 @@ from typing import Any, Literal
 
 from pydantic import PositiveInt, field_validator, model_validator
 
+from stages.judge import JUDGE_REWARD, JudgeParams
 from stages.kinds import Input
 from stages.params import LoraTrainingParams, LossAggMode, OutcomeEstimator, PolicyEvalParams
 from stages.registry import STEP_REWARDS, VERIFIER_EVALUATORS
 from stages.rewards import RewardConfigError, build_reward, reward_fn
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
-StepReward = STEP_REWARDS.checked_name()
+PRM_STEP_REWARD = "prm"  # the step reward scored by the `prm` input (a trained process reward model)
+RESERVED_REWARDS = {MODEL_REWARD: "scored by the `reward` input",
+                    JUDGE_REWARD: "asked of the `judge` input or judge.url"}  # rewards scored by a model
 
 
 class Params(LoraTrainingParams, PolicyEvalParams):
@@ -31,8 +34,8 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = 1.0  # sampling temperature; log-probs for the ratio and the KL use the same
     lr: float = 1e-4  # AdamW learning rate
-    advantage: Literal["outcome", "process"] = "outcome"  # outcome or rule-based process supervision
-    step_reward: StepReward | None = None  # with advantage: process, the rule scoring each step (arithmetic_steps)
+    advantage: Literal["outcome", "process"] = "outcome"  # outcome or process supervision (rule or trained PRM)
+    step_reward: str | None = None  # with advantage: process, what scores each step: a rule (arithmetic_steps) or prm
     advantage_estimator: OutcomeEstimator = "grpo"  # how outcome rewards become advantages
     loss_agg_mode: LossAggMode | None = None  # default: seq-mean-token-sum-norm for drgrpo, else seq-mean-token-mean
     clip_low: float = 0.2  # ratio clip below 1
@@ -40,6 +43,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     kl_coef: float = 0.04  # β; 0 keeps no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # KL estimator inside the loss
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}  # name -> weight
+    judge: JudgeParams = JudgeParams()  # the `judge` reward (template, max_score, max_new_tokens, url, timeout_s, …)
     reward_params: dict[str, dict[str, Any]] = {}  # name -> keyword params, e.g. overlong: {max_length, buffer}
     reward_model_score_on: Literal["full", "answer"] = "answer"  # what the `reward_model` reward scores
     route_column: str | None = None  # e.g. "task"
@@ -53,21 +57,38 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     def known_rewards(cls, rewards: dict[str, float]) -> dict[str, float]:
         if not rewards:
             raise ValueError("no rewards given")
-        for name in sorted(set(rewards) - {MODEL_REWARD}):
+        for name in sorted(set(rewards) - set(RESERVED_REWARDS)):
             try:
                 reward_fn(name)  # an unknown name, or an import path that does not load, fails here
             except RewardConfigError as e:
-                raise ValueError(f"{e}; or '{MODEL_REWARD}' (scored by the `reward` input)") from None
+                reserved = ", ".join(f"'{n}' ({what})" for n, what in RESERVED_REWARDS.items())
+                raise ValueError(f"{e}; or {reserved}") from None
         return rewards
+
+    @field_validator("step_reward")
+    @classmethod
+    def known_step_reward(cls, name: str | None) -> str | None:
+        if name is None or name == PRM_STEP_REWARD or name in STEP_REWARDS:
+            return name
+        try:
+            STEP_REWARDS.load(name)  # an unknown name, or an import path that does not load, fails here
+        except ValueError as e:
+            raise ValueError(f"{e}; or '{PRM_STEP_REWARD}' (the `prm` input's step scores)") from None
+        return name
 
     @model_validator(mode="after")
     def consistent_rewards(self) -> "Params":
         for name, params in self.reward_params.items():
+            if name in RESERVED_REWARDS:
+                raise ValueError(f"reward_params for '{name}': its settings are not reward_params"
+                                 + (" but the `judge` params" if name == JUDGE_REWARD else ""))
             if name not in self.rewards:
                 raise ValueError(f"reward_params for '{name}', which is not in rewards {sorted(self.rewards)}")
             build_reward(name, **params)  # fails here on unknown or bad parameters
         if (self.advantage == "process") != (self.step_reward is not None):
             raise ValueError("advantage: process needs a step_reward (and only it uses one)")
+        if "judge" in self.model_fields_set and JUDGE_REWARD not in self.rewards:
+            raise ValueError(f"judge params are set but '{JUDGE_REWARD}' is not in rewards {sorted(self.rewards)}")
         if bool(self.route_column) != bool(self.routes):
             raise ValueError("route_column and routes go together")
         for route, names in self.routes.items():
@@ -98,6 +119,9 @@ INPUTS = {
     "prompts": Input("RL prompts; every other column (answer, language, task…) is passed to the rewards",
                      columns=("prompt",)),
     "reward": Input("trained reward model, for the `reward_model` reward", required=False, model=True),
+    "prm": Input("trained process reward model (a `prm` stage's), for step_reward: prm", required=False, model=True),
+    "judge": Input("causal LM asked the `judge` reward's question (greedy); or judge.url", required=False,
+                   model=True),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
 }
 OUTPUTS = {"model": "model"}

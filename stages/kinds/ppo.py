@@ -1,4 +1,5 @@
-"""PPO-ptx (InstructGPT §3.5, eq. 2).
+"""PPO-ptx (InstructGPT §3.5, eq. 2), optionally with a trained PRM's step rewards (Math-Shepherd §4, step-by-step
+PPO).
 
 Declared here (what pipelines.yaml may set); how it works: stages/runs/ppo.py.
 """
@@ -31,6 +32,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     clip_eps: float = 0.2  # ratio clip ε
     value_clip_eps: float = 0.2  # value clip around the old values
     kl_coef: float = 0.05  # β of the per-token KL penalty in the reward
+    prm_coef: float = 1.0  # with a `prm` input: weight of its step scores, token rewards at each step's last token
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # KL estimator of that penalty
     adaptive_kl: bool = False  # adapt β towards `kl_target` (Ziegler et al. 2019)
     kl_target: float = 1.0  # target KL per response for the adaptive β
@@ -47,6 +49,8 @@ INPUTS = {
     "reward": Input("reward model (its stored normalization bias is applied); with LoRA and GAE it is also the "
                     "value model's base, and scores with the value adapters off", model=True),
     "prompts": Input("RL prompts", columns=("prompt",)),
+    "prm": Input("trained process reward model (a `prm` stage's): its step scores, times prm_coef, are token rewards "
+                 "at the step ends", required=False, model=True),
     "ptx": Input("pretraining corpus for the ptx term", required=False, columns=("text",)),
     "lm_eval": Input("held-out pretraining text: final `ptx_lm_loss` (the alignment tax)", required=False,
                      columns=("text",)),

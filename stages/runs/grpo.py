@@ -5,12 +5,14 @@ Each iteration:
   1. roll out: G samples for each of a batch of prompts from π_old. DAPO dynamic sampling drops the groups whose
      rewards are all equal (they carry no gradient) and samples again until the batch is full, at most
      `max_sampling_rounds` rounds;
-  2. score: rewards chosen by name with weights — rule rewards (accuracy, format, language consistency, overlong)
-     and/or a trained reward model — optionally routed by a dataset column (R1's secondary round: reasoning rows get
-     the rules, general rows the reward model);
+  2. score: rewards chosen by name with weights — rule rewards (accuracy, format, language consistency, overlong),
+     a trained reward model and/or an LLM judge (stages/judge.py) — optionally routed by a dataset column (R1's
+     secondary round: reasoning rows get the rules, general rows the reward model); with process supervision, each
+     response's steps are scored too, by a rule over its tokens or by a trained PRM (stages/process_rewards.py);
   3. advantages: outcome supervision, (r − mean_G) / (std_G + eps) given to every token (`grpo`; `drgrpo` drops the
-     std), or process supervision: rule-based per-step rewards normalised in the group, A_t = sum of the normalised
-     rewards of the steps ending at or after t;
+     std), or process supervision: each response's step rewards, then its outcome reward as a last step ending on
+     its last token, normalised over all steps of the group, A_t = sum of the normalised rewards of the steps ending
+     at or after t;
   4. update: μ = `ppo_epochs` passes over shuffled minibatches of the token-level clipped surrogate with ratio
      bounds [1 − clip_low, 1 + clip_high] (DAPO clip-higher) plus β·KL(π‖π_ref) inside the loss (k3 estimator),
      aggregated by `loss_agg_mode`; DAPO overlong filtering masks out truncated samples (`mask_truncated`).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numbers
 import random
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -34,9 +36,11 @@ from stages.algorithms import (ADVANTAGE_ESTIMATORS, aggregate_loss, aggregation
 from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows, seed_sampling,
                                 shard)
-from stages.kinds.grpo import MODEL_REWARD, Params
+from stages.judge import JUDGE_REWARD, Ask, JudgeReward, served_judge
+from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
+from stages.process_rewards import StepSource, prm_steps, rule_steps, step_metrics
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
@@ -45,6 +49,7 @@ from stages.text import (RolloutEngine, batched, check_prompts_fit, context_leng
                          sample)
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
+from stages.verifiers import load_verifier
 
 ROW_ID = "_row_id"  # the prompt's row index, carried with each sample (not a column the rewards see)
 
@@ -69,14 +74,31 @@ def reward_model_scorer(path: str, device: torch.device, micro_batch_size: int) 
     return score
 
 
+def model_judge(path: str, device: torch.device, p: Params) -> Ask:
+    """`ask(questions)`: the greedy replies (at most `judge.max_new_tokens` tokens) of the causal LM at `path`, each
+    question as a user turn of its chat template, `micro_batch_size` rows per `generate`; a question longer than
+    the model's context keeps its end."""
+    tokenizer = load_tokenizer(path)
+    model = load_policy(path, p).eval().requires_grad_(False).to(device)
+    context = context_length(model)
+    room = None if context is None else max(context - p.judge.max_new_tokens, 1)
+
+    def ask(questions: list[str]) -> list[str | None]:
+        return sample(model, tokenizer, questions, p.judge.max_new_tokens, 0.0, p.micro_batch_size,
+                      max_prompt_length=room, what="judging").completions
+
+    return ask
+
+
 def _no_reward(completions: list[str], **_: Any) -> list[float]:
     return [0.0] * len(completions)
 
 
-def build_rewards(p: Params, scorer: Scorer | None) -> dict[str, RewardFn]:
+def build_rewards(p: Params, scorer: Scorer | None, judge: JudgeReward | None = None) -> dict[str, RewardFn]:
     """The reward fns by name; with `route_column`, each one scores only the rows of the routes listing it."""
-    fns = {name: reward_model_reward(scorer, p.reward_model_score_on) if name == MODEL_REWARD
-           else build_reward(name, **p.reward_params.get(name, {})) for name in p.rewards}
+    reserved = {MODEL_REWARD: lambda: reward_model_reward(scorer, p.reward_model_score_on), JUDGE_REWARD: lambda: judge}
+    fns = {name: reserved[name]() if name in reserved else build_reward(name, **p.reward_params.get(name, {}))
+           for name in p.rewards}
     if not p.route_column:
         return fns
     return {name: routed_reward(p.route_column, {route: fn if name in names else _no_reward
@@ -122,11 +144,12 @@ def score(label: str, reward_fns: dict[str, RewardFn], weights: dict[str, float]
 
 
 def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
-             reward_fns: dict[str, RewardFn], label: str, engine: RolloutEngine | None = None
-             ) -> list[dict[str, Any]]:
+             reward_fns: dict[str, RewardFn], label: str, engine: RolloutEngine | None = None,
+             step_source: StepSource | None = None) -> list[dict[str, Any]]:
     """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
-    `reward_<name>` for each reward component, and the engine's log-probs `engine_logprobs` when the rollout
-    settings want them}. `label` names the stage in errors."""
+    `reward_<name>` for each reward component, the engine's log-probs `engine_logprobs` when the rollout settings
+    want them, and with a `step_source` the response's `steps` [(last token, reward)]}. `label` names the stage in
+    errors."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     logprobs = wants_logprobs(p.rollout)
     samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
@@ -137,16 +160,19 @@ def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: 
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
     total, components = score(label, reward_fns, p.rewards, samples.completions, columns)
-    return [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
-             "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
-             "engine_logprobs": engine_logprobs[i],
-             **{f"reward_{name}": values[i] for name, values in components.items()}}
-            for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
+    scored = [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
+               "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
+               "engine_logprobs": engine_logprobs[i],
+               **{f"reward_{name}": values[i] for name, values in components.items()}}
+              for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
+    for s, steps in zip(scored, step_source(scored) if step_source else []):
+        s["steps"] = steps
+    return scored
 
 
 def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-            prompt_rows: list[dict[str, Any]], rng: random.Random, reward_fns: dict[str, RewardFn]
-            ) -> tuple[list[dict[str, Any]], int]:
+            prompt_rows: list[dict[str, Any]], rng: random.Random, reward_fns: dict[str, RewardFn],
+            step_source: StepSource | None = None) -> tuple[list[dict[str, Any]], int]:
     """One global rollout batch of up to `prompts_per_step` groups (every rank gets the same list), and the number
     of groups dropped.
 
@@ -162,7 +188,7 @@ def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTok
     with full_parameters(acc, policy) as model:
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
-            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label, stage_engine(ctx))
+            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label, stage_engine(ctx), step_source)
             if p.dynamic_sampling:
                 signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
                                             torch.arange(len(samples)) // G)
@@ -184,14 +210,11 @@ def loss_mask(samples: list[dict[str, Any]], mask: torch.Tensor, mask_truncated:
     return mask * torch.tensor([not s["truncated"] for s in samples], dtype=mask.dtype, device=mask.device)[:, None]
 
 
-def process_advantages(samples: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, mask: torch.Tensor,
-                       group_ids: torch.Tensor, step_reward: Callable[[list[str]], list[tuple[int, float]]]
-                       ) -> torch.Tensor:
-    """Process supervision (DeepSeekMath §4.1.3) with a rule-based process reward: `step_reward` scores each
-    chain-of-thought step of a response's tokens, and a last step ending on the last token scores the outcome
-    reward. Returns advantages [B, T]."""
-    steps = [step_reward(tokenizer.convert_ids_to_tokens(s["response_ids"]))
-             + [(len(s["response_ids"]) - 1, s["reward"])] for s in samples]
+def process_advantages(samples: list[dict[str, Any]], mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3): each sample's `steps` [(last token, reward)] (a rule's or a PRM's),
+    then a last step ending on its last token that scores its outcome `reward`, normalised over all steps of the
+    group (`process_supervision_advantages`). Returns advantages [B, T]."""
+    steps = [s["steps"] + [(len(s["response_ids"]) - 1, s["reward"])] for s in samples]
     shape = (len(steps), max(map(len, steps)))
     rewards, ends, valid = torch.zeros(shape), torch.zeros(shape, dtype=torch.long), torch.zeros(shape)
     for i, row in enumerate(steps):
@@ -231,13 +254,45 @@ def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float
     return metrics
 
 
+def check_reward_inputs(ctx: StageContext) -> None:
+    """Each reward or step reward scored by an input, and that input, go together."""
+    p: Params = ctx.params
+    if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
+        raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
+    if (p.step_reward == PRM_STEP_REWARD) != ctx.has("prm"):
+        raise ValueError(f"{ctx.stage}: step_reward: {PRM_STEP_REWARD} and the `prm` input go together")
+    if (JUDGE_REWARD in p.rewards) != (ctx.has("judge") or p.judge.url is not None):
+        raise ValueError(f"{ctx.stage}: the '{JUDGE_REWARD}' reward and a judge (the `judge` input or judge.url) go "
+                         "together")
+    if ctx.has("judge") and p.judge.url is not None:
+        raise ValueError(f"{ctx.stage}: the `judge` input and judge.url are two judges: give one")
+
+
+def step_source(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> tuple[StepSource | None, str]:
+    """What scores each response's steps under `advantage: process` (None under outcome supervision), and the name
+    its mean is logged under."""
+    p: Params = ctx.params
+    if p.step_reward == PRM_STEP_REWARD:
+        prm = load_verifier(ctx.path("prm"), ctx.accelerator.device, p.micro_batch_size, expected="process")
+        return prm_steps(prm, tokenizer), "prm_step_score"
+    return (rule_steps(STEP_REWARDS.load(p.step_reward), tokenizer) if p.step_reward else None), "step_reward"
+
+
+def judge_reward(ctx: StageContext) -> JudgeReward | None:
+    """The `judge` reward, asking the `judge` input or the served judge at judge.url; None if not used."""
+    p: Params = ctx.params
+    if JUDGE_REWARD not in p.rewards:
+        return None
+    ask = served_judge(p.judge) if p.judge.url else model_judge(ctx.path("judge"), ctx.accelerator.device, p)
+    return JudgeReward(ask, p.judge)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
     device = acc.device
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
-    if (MODEL_REWARD in p.rewards) != ctx.has("reward"):
-        raise ValueError(f"{ctx.stage}: the '{MODEL_REWARD}' reward and the `reward` input go together")
+    check_reward_inputs(ctx)
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)
     context = context_length(policy_model)
@@ -250,7 +305,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     reference = load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device) if keep_reference \
         else None
     scorer = reward_model_scorer(ctx.path("reward"), device, p.micro_batch_size) if ctx.has("reward") else None
-    reward_fns = build_rewards(p, scorer)
+    judge = judge_reward(ctx)
+    reward_fns = build_rewards(p, scorer, judge)
+    steps, step_metric = step_source(ctx, tokenizer)
     total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
     policy = prepare_optimization(ctx, policy_model, p.lr, total_steps)
@@ -265,11 +322,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     loop.resume()
     for it in loop.steps():
         # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
-        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns)
+        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns, steps)
+        judged = {"judge_unparsed": sum(gather_list([judge.take_unparsed()], acc))} if judge else {}
         if not samples:  # every sampled group was dropped: nothing to learn from
-            loop.end_step(it, {"dropped_groups": dropped})
+            loop.end_step(it, {"dropped_groups": dropped, **judged})
             continue
-        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped}
+        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped, **judged}
+        if steps:
+            metrics |= step_metrics([s["steps"] for s in samples], step_metric)
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
         full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
                                tokenizer.pad_token_id).response_mask.float().to(device)
@@ -277,8 +337,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         # 3. advantages, on the whole batch
         with torch.no_grad():
             if p.advantage == "process":
-                advantages = process_advantages(samples, tokenizer, full_mask, group_ids,
-                                                 STEP_REWARDS.load(p.step_reward))
+                advantages = process_advantages(samples, full_mask, group_ids)
             else:
                 scores = torch.tensor([s["reward"] for s in samples], device=device)
                 advantages, _ = ADVANTAGE_ESTIMATORS[p.advantage_estimator](

@@ -2,7 +2,9 @@
 
 Each iteration:
   1. roll out: sample responses to a batch of prompts from the policy;
-  2. score: normalized RM score on the last token, minus β·KL(π‖π_ref) per token (k1/k2/k3);
+  2. score: normalized RM score on the last token, minus β·KL(π‖π_ref) per token (k1/k2/k3); with a `prm` input,
+     plus prm_coef × the PRM's P(correct so far) of each step on the step's last token (Math-Shepherd §4,
+     step-by-step PPO), so that GAE credits steps;
   3. advantages: GAE(γ, λ) over the value model (initialised from the RM) — or any estimator of the registry
      (rloo, reinforce, grpo, …) with `samples_per_prompt` > 1 for the group-based ones;
   4. update: several epochs over shuffled minibatches of the buffer; clipped surrogate + clipped value loss, plus
@@ -21,18 +23,20 @@ from stages.algorithms import (ADVANTAGE_ESTIMATORS, adaptive_kl_coef, clipped_v
                                kl_penalty, masked_mean, masked_sum, masked_whiten, outcome_token_rewards,
                                ppo_policy_loss, truncated_importance_weights)
 from stages.context import StageContext
-from stages.distributed import (check_divisible, full_parameters, gather_rows, global_means, local_rows, seed_sampling,
-                                shard)
+from stages.distributed import (check_divisible, full_parameters, gather_list, gather_rows, global_means, local_rows,
+                                seed_sampling, shard)
 from stages.kinds.ppo import Params
 from stages.loop import TrainingLoop, check_finite
 from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
                            token_values)
+from stages.process_rewards import prm_step_rewards, step_metrics, step_token_rewards
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
                          response_logprobs_and_entropy, sample, text_lm_loss)
 from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, disable_dropout, evaluate,
                              kl_to_reference, prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
                              update_on_buffer)
+from stages.verifiers import load_verifier
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -54,6 +58,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     shared_base = p.lora is not None  # reference = policy with adapters off; RM = value model with adapters off
     reference = None if shared_base else load_policy(ctx.path("policy"), p).eval().requires_grad_(False).to(device)
     bias = reward_bias(ctx.path("reward"))
+    prm = load_verifier(ctx.path("prm"), device, p.micro_batch_size, expected="process") if ctx.has("prm") else None
 
     total_steps = rl_optimiser_steps(ctx, p.rollout_prompts // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
@@ -111,6 +116,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         mask = batch.response_mask.float()
         # the engine's log-probs of the sampled tokens (another engine than the trainer: vLLM), if asked for
         engine_logp = None if rollout.engine_logprobs is None else rollout.engine_logprobs.to(device)  # [B, R]
+        # the PRM's score of each step, at the policy token that ends it
+        steps = None if prm is None else prm_step_rewards(
+            prm, tokenizer, repeated, [ids[:n] for ids, n in zip(rollout.batch.response_ids.tolist(), rollout.lengths)])
 
         # 2. score in eval mode, in micro-batches: r_t = −β·KL_t, plus the RM score on the last response token
         rows = p.micro_batch_size
@@ -125,6 +133,8 @@ def run(ctx: StageContext) -> dict[str, float]:
             check_finite(ctx.label, {"reward": scores.mean().item()})
             kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             token_rewards = -kl_coef * kl + outcome_token_rewards(scores, mask)
+            if steps is not None:
+                token_rewards += p.prm_coef * step_token_rewards(steps, mask.shape[1]).to(device)
             old_values = None
             if use_values:
                 old_values = batched(lambda part: token_values(value.model, part.ids, part.attention_mask),
@@ -178,6 +188,8 @@ def run(ctx: StageContext) -> dict[str, float]:
                                         "response_length": mask.sum(1).mean().item()}), **update_stats}
         if engine_logp is not None:  # how far the engine that sampled is from the trainer (π_old)
             metrics |= global_means(acc, logprob_gap(old_logp, engine_logp, mask))
+        if steps is not None:
+            metrics |= step_metrics(gather_list(steps, acc), "prm_step_score")
         if use_values:
             metrics["explained_variance"] = float(explained_variance(
                 gather_rows(acc, old_values), gather_rows(acc, returns), all_mask))
