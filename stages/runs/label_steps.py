@@ -113,10 +113,13 @@ def sample_solutions(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTr
     samples = sample(model, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
                      max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx))
     correct = judge(reward, samples.completions, repeated, p.min_score)
+    responses = response_rows(samples)
+    # the steps of the text `step_token_ends` splits (decoded as it decodes it), so that they pair up one to one
+    texts = [tokenizer.decode(response, skip_special_tokens=True) for response in responses]
     return [Solution(row, prompt_ids, response, split_steps(text, p.step_separator),
                      step_token_ends(tokenizer, response, p.step_separator), ok)
-            for row, prompt_ids, response, text, ok in zip(repeated, samples.prompt_ids, response_rows(samples),
-                                                           samples.completions, correct, strict=True)]
+            for row, prompt_ids, response, text, ok in zip(repeated, samples.prompt_ids, responses, texts, correct,
+                                                           strict=True)]
 
 
 def step_prefixes(solution: Solution, tokenizer: PreTrainedTokenizerBase, completer: Completer,
