@@ -19,6 +19,8 @@ from functools import partial
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
 
 from stages import data
 from stages.algorithms import binary_auc, masked_bce_loss
@@ -38,7 +40,8 @@ def is_label(value: Any) -> bool:
     return not isinstance(value, str) and value in (True, False)
 
 
-def encode_labelled(ctx: StageContext, tokenizer, name: str, context: int | None) -> tuple[list[Encoded], int]:
+def encode_labelled(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, name: str,
+                    context: int | None) -> tuple[list[Encoded], int]:
     """Input `name`'s rows tokenized and fitted to the length budgets and the model's `context` (a row that cannot
     fit is named by its file line), and how many were truncated."""
     p: Params = ctx.params
@@ -73,7 +76,8 @@ def last_values(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tens
     return values.gather(1, (response_mask.sum(1) - 1)[:, None]).squeeze(1)
 
 
-def outcome_loss(model, batch: PairBatch, labels: torch.Tensor, loss_on: str) -> tuple[torch.Tensor, dict[str, float]]:
+def outcome_loss(model: torch.nn.Module, batch: PairBatch, labels: torch.Tensor,
+                 loss_on: str) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE of the per-token log-odds against each row's label at the `loss_on` positions (a mean over them), and
     the accuracy of the last-token scores."""
     values = response_values(model, batch)
@@ -84,7 +88,8 @@ def outcome_loss(model, batch: PairBatch, labels: torch.Tensor, loss_on: str) ->
 
 
 @torch.no_grad()
-def outcome_probabilities(model, rows: list[Encoded], pad_id: int, device, micro_batch_size: int) -> torch.Tensor:
+def outcome_probabilities(model: torch.nn.Module, rows: list[Encoded], pad_id: int, device: torch.device,
+                          micro_batch_size: int) -> torch.Tensor:
     """P(correct) of each row, read at its last token: [N]."""
     scores = []
     for start in range(0, len(rows), micro_batch_size):
@@ -103,7 +108,8 @@ def classification_metrics(prefix: str, probabilities: torch.Tensor, labels: tor
     return metrics | ({} if math.isnan(auc) else {f"{prefix}auc": auc})
 
 
-def held_out_metrics(acc, model, rows: list[Encoded], pad_id: int, micro_batch_size: int) -> dict[str, float]:
+def held_out_metrics(acc: Accelerator, model: torch.nn.Module, rows: list[Encoded], pad_id: int,
+                     micro_batch_size: int) -> dict[str, float]:
     """`classification_metrics` of the held-out rows, computed with full parameters on every rank."""
     labels = torch.tensor([label for _, _, label in rows])
     with full_parameters(acc, model) as full:
