@@ -74,6 +74,8 @@ def load_rows(spec: DataInput, columns: tuple[str, ...] = (),
     """The rows of an input spec. Hub data (not checked by `rl4llm validate`) is checked here: each row must hold
     the mapped columns and the stage's `columns` (or all of `or_columns`, when the first row has them), by the
     stage's names, and text columns must hold text or chat messages."""
+    if is_local(spec.path):  # an empty file is refused by name (`datasets` would raise a bare StopIteration)
+        next(local_rows(Path(spec.path), spec.split), None)
     rows = load(spec).to_list()
     if not is_local(spec.path):
         source = _hub_source(spec)
