@@ -75,6 +75,9 @@ def test_judge_params_are_checked():
     with pytest.raises(ValidationError, match="unknown reward 'jugde'.*or 'reward_model'.*'judge'"):
         grpo.Params(rewards={"jugde": 1.0})
     assert grpo.Params(rewards={"judge": 1.0}, judge={"url": "http://127.0.0.1:1"}).judge.timeout_s == 30.0
+    for params in ({}, {"rewards": {"judge": 1.0}, "judge": {"max_score": 5}}):  # a resolved spec (params.yaml:
+        resolved = grpo.Params(**params).model_dump(mode="json")  # every default written out) reads back
+        assert grpo.Params(**resolved).model_dump(mode="json") == resolved
 
 
 # --- a pipeline model as the judge ------------------------------------------------------------------------------

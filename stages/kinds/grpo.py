@@ -80,14 +80,14 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     def consistent_rewards(self) -> "Params":
         for name, params in self.reward_params.items():
             if name in RESERVED_REWARDS:
-                raise ValueError(f"reward_params for '{name}': its settings are not reward_params"
-                                 + (" but the `judge` params" if name == JUDGE_REWARD else ""))
+                raise ValueError(f"reward_params for '{name}', which takes none"
+                                 + (" (its settings are the `judge` params)" if name == JUDGE_REWARD else ""))
             if name not in self.rewards:
                 raise ValueError(f"reward_params for '{name}', which is not in rewards {sorted(self.rewards)}")
             build_reward(name, **params)  # fails here on unknown or bad parameters
         if (self.advantage == "process") != (self.step_reward is not None):
             raise ValueError("advantage: process needs a step_reward (and only it uses one)")
-        if "judge" in self.model_fields_set and JUDGE_REWARD not in self.rewards:
+        if self.judge != JudgeParams() and JUDGE_REWARD not in self.rewards:  # (a resolved spec has the defaults)
             raise ValueError(f"judge params are set but '{JUDGE_REWARD}' is not in rewards {sorted(self.rewards)}")
         if bool(self.route_column) != bool(self.routes):
             raise ValueError("route_column and routes go together")
