@@ -5,13 +5,16 @@
 Copies pipelines.yaml and infra/ into DIR (default: a fresh temporary directory), runs
 `rl4llm run <pipeline> --seeds <seeds>` there for each pipeline (stages already done for a seed are skipped, so an
 interrupted benchmark resumes with the same --dir), then prints each pipeline's key metrics per seed with their
-mean ± sd as markdown, and the wall time of each pipeline run.
+mean ± sd as markdown, and the wall time of each pipeline run. A pipeline with `best_of_n` stages also gets their
+accuracy-vs-N table: a row per selection method, a column per N, mean ± sd over the seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,10 +22,34 @@ import tempfile
 import time
 from pathlib import Path
 
+from flows.compare import mean_sd
+
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1")
+PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1", "verifiers")
 METRICS = ("gold_score,kl,ptx_lm_loss,eval_accuracy,accuracy,format_rate,language_consistency,initial_accuracy,"
-           "initial_format_rate,initial_language_consistency,mean_response_length")
+           "initial_format_rate,initial_language_consistency,mean_response_length,correct_rate,step_positive_rate,"
+           "eval_auc,eval_step_accuracy,eval_step_auc,eval_first_error_f1")
+SCORERS = ("pass1", "majority", "orm", "prm_min", "prm_prod", "prm_last", "oracle")  # best_of_n's selection methods
+CURVE_METRICS = ",".join(f"{scorer}_n{2 ** k}" for scorer in SCORERS for k in range(11))
+CURVE_POINT = re.compile(r"^(.+)_n(\d+)$")
+
+
+def best_of_n_table(rows: list[dict]) -> str:
+    """Markdown: for each best_of_n stage, a row per selection method and a column per N, mean ± sd over seeds."""
+    tables = []
+    for stage in dict.fromkeys(r["stage"] for r in rows if r["kind"] == "best_of_n"):
+        points: dict[str, dict[int, list[float]]] = {}
+        for row in (r for r in rows if r["stage"] == stage):
+            for name, value in row["metrics"].items():
+                scorer, n = CURVE_POINT.match(name).groups()
+                points.setdefault(scorer, {}).setdefault(int(n), []).append(value)
+        sizes = sorted({n for by_n in points.values() for n in by_n})
+        lines = [f"| {stage}: accuracy at N | " + " | ".join(f"N={n}" for n in sizes) + " |",
+                 "|---|" + "---:|" * len(sizes)]
+        lines += [f"| {scorer} | " + " | ".join(mean_sd(by_n[n]) if n in by_n else "-" for n in sizes) + " |"
+                  for scorer in SCORERS if scorer in points for by_n in [points[scorer]]]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main() -> None:
@@ -48,6 +75,11 @@ def main() -> None:
                                     METRICS, "--out", str(root / f"{pipeline}.png")], cwd=root, env=env, check=True,
                                    capture_output=True, text=True).stdout
             print(f"\n{table}", flush=True)
+            curves = json.loads(subprocess.run([*cli, "compare", pipeline, "--last", "1", "--format", "json",
+                                                "--metrics", CURVE_METRICS, "--out", os.devnull], cwd=root, env=env,
+                                               check=True, capture_output=True, text=True).stdout)
+            if any(row["kind"] == "best_of_n" for row in curves):
+                print(f"\n{best_of_n_table(curves)}", flush=True)
 
 
 if __name__ == "__main__":

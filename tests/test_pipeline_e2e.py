@@ -195,6 +195,29 @@ def test_r1_pipeline_runs_every_stage_kind(tmp_path, monkeypatch, prefect_server
     assert kept["kept"] > 0 and 0 < kept["acceptance_rate"] <= 1
 
 
+def test_verifiers_pipeline_labels_trains_reranks_and_supervises_grpo_with_the_prm(tmp_path, monkeypatch,
+                                                                                   prefect_server):
+    """The verifier recipe end to end at test size: outcome and Math-Shepherd step labels, an ORM and a PRM trained
+    on them, best-of-N by every selection method, and GRPO whose step rewards come from the trained PRM."""
+    make_project(tmp_path, REPO / "tests" / "pipelines" / "tiny_verifiers.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    specs = yaml.safe_load((tmp_path / "pipelines.yaml").read_text())["pipelines"]["tiny-verifiers"]["stages"]
+    assert run("run", "tiny-verifiers") == \
+        f"tiny-verifiers: ran {', '.join(s['name'] for s in specs)}; up to date: none"
+    artifacts = tmp_path / "artifacts/tiny-verifiers"
+    steps = [json.loads(line) for line in (artifacts / "steps/train.jsonl").read_text().splitlines()]
+    assert steps and all(len(r["completions"]) == len(r["labels"]) == len(r["soft_labels"]) for r in steps)
+    best = json.loads((artifacts / "best_of_n/metrics.json").read_text())
+    for scorer in ("pass1", "majority", "orm", "prm_min", "prm_prod", "prm_last", "oracle"):
+        assert 0 <= best[f"{scorer}_n1"] <= 1 and f"{scorer}_n4" in best
+        assert best[f"{scorer}_n1"] == pytest.approx(best["pass1_n1"])  # choosing among one is that one
+    assert best["oracle_n4"] >= best["pass1_n4"]
+    grpo = json.loads((artifacts / "grpo_prm/metrics.json").read_text())
+    assert {"accuracy", "initial_accuracy"} <= set(grpo)
+    assert run("compare", "tiny-verifiers") and (tmp_path / "compare.png").stat().st_size > 0
+
+
 def test_versions_are_listed_and_a_restored_version_makes_downstream_stale(in_workspace):
     listing = run("versions", "tiny", "reward_model")
     newest, first = [line.split()[1] if line.startswith("*") else line.split()[0]
