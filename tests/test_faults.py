@@ -61,6 +61,21 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=root, env=env(root), capture_output=True, text=True, timeout=600)
 
 
+def session_prefect_api() -> dict[str, str]:
+    """Inside the `prefect_server` fixture: the environment that has `rl4llm run` report to it instead of starting a
+    temporary server of its own (seconds per run; tests/test_run_safety.py keeps runs with their own server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+@pytest.fixture
+def shared_prefect(prefect_server, monkeypatch) -> None:
+    """This test's runs report to the session's Prefect API (`session_prefect_api`)."""
+    for name, value in session_prefect_api().items():
+        monkeypatch.setenv(name, value)
+
+
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env(root), capture_output=True,
                           text=True, timeout=600)
@@ -104,6 +119,7 @@ def test_claim_removes_a_link_at_the_folder_only_and_refuses_one_above(tmp_path:
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_prefect")
 def test_a_rerun_replaces_a_symlinked_output_directory_and_never_touches_its_target(tmp_path: Path):
     root = write_pipeline(tmp_path / "project", DATA)
     assert cli(root, "run", "faults").returncode == 0
@@ -120,6 +136,7 @@ def test_a_rerun_replaces_a_symlinked_output_directory_and_never_touches_its_tar
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_prefect")
 def test_a_symlinked_pipeline_folder_is_refused_naming_the_link_and_its_target(tmp_path: Path):
     root = write_pipeline(tmp_path / "project", DATA)
     outside = victim(tmp_path)
@@ -139,6 +156,7 @@ def test_a_symlinked_pipeline_folder_is_refused_naming_the_link_and_its_target(t
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("source", ["datasets.prompts", "data.prompts"])
+@pytest.mark.usefixtures("shared_prefect")
 def test_an_input_changed_under_a_running_stage_fails_it_before_anything_is_published(tmp_path: Path, source: str):
     """A local dataset or an earlier stage's output, rewritten while the stage reads it: exit 2 naming the file,
     nothing published, dvc.lock without the stage (so it stays stale), under `rl4llm run` and under plain DVC."""
@@ -170,6 +188,7 @@ def test_an_input_changed_under_a_running_stage_fails_it_before_anything_is_publ
 # --- DVC's own files and remotes ------------------------------------------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("shared_prefect")
 def test_a_push_to_a_broken_remote_names_the_remote_its_url_and_dvcs_cause(tmp_path: Path):
     root = write_pipeline(tmp_path / "project", DATA)
     assert cli(root, "run", "faults").returncode == 0
