@@ -19,6 +19,7 @@ from flows.run_lock import LOCK_FILE, run_lock
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
 from stages.processes import RUN_PID_ENV, THREADS_ENV, available_cores, process_alive, torch_threads
 from tests.conftest import descendants, make_project, write_instruct_data
+from tests.test_faults import session_prefect_api
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
@@ -122,7 +123,8 @@ def wait_for_checkpoint_after(root: Path, step: int, process: subprocess.Popen) 
 
 
 @pytest.mark.e2e
-def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resumes(tmp_path, tiny_model_dir):
+def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resumes(tmp_path, tiny_model_dir,
+                                                                                   prefect_server):
     root = write_project(tmp_path, tiny_model_dir, epochs=12)  # 12 × 32 steps: long enough to interrupt
 
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group
@@ -150,8 +152,9 @@ def test_ctrl_c_and_sigkill_of_a_run_leave_nothing_behind_and_the_next_run_resum
     saved = sorted(str(p.relative_to(root)) for p in (root / CHECKPOINTS).rglob("progress.json"))
     assert "interrupted (resumes from step" in listing.stdout, (listing.stdout, saved)
 
-    third = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
-                           timeout=600)
+    # the interrupted runs had a Prefect server of their own (which had to go with them); this one need not
+    third = subprocess.run([*CLI, "run", "safe"], cwd=root, env={**env(root), **session_prefect_api()},
+                           capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "safe/sft: resuming from step" in third.stderr
     assert (root / "artifacts/safe/sft/metrics.json").exists()
@@ -176,9 +179,10 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def warm_sockets() -> list[str]:
-    """The warm processes' sockets on this machine (abstract unix sockets: listed by the kernel, never files)."""
-    return [line for line in Path("/proc/net/unix").read_text().splitlines() if "@rl4llm-warm-" in line]
+def warm_sockets(run: subprocess.Popen) -> list[str]:
+    """The sockets of the run's warm processes (abstract unix sockets: listed by the kernel, never files), named after
+    the run's pid (other runs on the machine have their own)."""
+    return [line for line in Path("/proc/net/unix").read_text().splitlines() if f"@rl4llm-warm-{run.pid}-" in line]
 
 
 @pytest.mark.e2e
@@ -191,14 +195,15 @@ def test_sigterm_to_the_warm_process_ends_the_run_143_with_its_checkpoint_and_re
     assert run.returncode == 143, out[-3000:]
     assert "interrupted (SIGTERM): safe/sft: stopped by SIGTERM; resume with `rl4llm run safe`" in out
     assert "checkpoint saved" in out and "exit code 255" not in out
-    assert newest_checkpoint(root) > 0 and not warm_sockets()
+    assert newest_checkpoint(root) > 0 and not warm_sockets(run)
 
 
 @pytest.mark.e2e
-def test_a_run_beside_a_run_in_a_dvc_project_exits_75_naming_the_holder(tmp_path, tiny_model_dir):
+def test_a_run_beside_a_run_in_a_dvc_project_exits_75_naming_the_holder(tmp_path, tiny_model_dir, prefect_server):
     """DVC's own lock is never what refuses it, and its advice to delete lock files is never printed."""
     root = write_project(tmp_path, tiny_model_dir)
-    first = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*CLI, "run", "safe"], cwd=root, env={**env(root), **session_prefect_api()},
+                           capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     with run_lock(root, "other"):
         second = subprocess.run([*CLI, "run", "safe"], cwd=root, env=env(root), capture_output=True, text=True,
