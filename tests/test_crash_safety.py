@@ -3,7 +3,9 @@ bit-identical to a run that was never interrupted, and redoes only the steps aft
 it after a checkpoint (exit 130, MLflow run KILLED); a diverging run stops at the first non-finite step.
 
 Each case is a copy of a stage under another name (same spec, so the same seed and data order): the original runs
-uninterrupted, the copy is killed at a fault point (`RL4LLM_FAULT=<point>:<step>`) and rerun.
+uninterrupted, the copy is killed at a fault point (`RL4LLM_FAULT=<point>:<step>`) and rerun. Every `rl4llm stage`
+forks from one warm interpreter, as under `rl4llm run` (a killed stage is the warm process's child; the command
+still ends by its signal): seconds of imports saved per run. tests/test_killed_stage.py kills stages started cold.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -21,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
 from stages.loop import FAULT_ENV
-from tests.conftest import make_project, write_instruct_data
+from tests.conftest import make_project, warm_stage_processes, write_instruct_data
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +63,14 @@ def stage_command(name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
+def warm() -> Iterator[None]:
+    """One warm interpreter for the module's stages (each `env()` names it)."""
+    with warm_stage_processes():
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir: Path, warm: None) -> Path:
     root = tmp_path_factory.mktemp("crash")
     datasets = write_instruct_data(root)
     make_project(root)
