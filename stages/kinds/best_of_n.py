@@ -12,11 +12,10 @@ from pydantic import PositiveInt, model_validator
 
 from stages.kinds import Input, named
 from stages.params import ModelParams, RolloutSettings
-from stages.registry import REWARDS
 from stages.rewards import build_reward
 from stages.selection import STEP_AGGREGATIONS
+from stages.verifier_params import RewardName
 
-RewardName = REWARDS.checked_name()
 Aggregation = named(STEP_AGGREGATIONS, "step aggregation")
 
 

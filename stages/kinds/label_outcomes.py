@@ -6,33 +6,20 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/label_out
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from stages.kinds import Input
 from stages.params import ModelParams, RolloutSettings
-from stages.registry import REWARDS
-from stages.rewards import build_reward
-
-RewardName = REWARDS.checked_name()
+from stages.verifier_params import VerifierSettings
 
 
-class Params(ModelParams, RolloutSettings):
+class Params(ModelParams, RolloutSettings, VerifierSettings):
     prompts: PositiveInt | None = None  # prompts sampled for (None: all; global: each process samples its share)
     samples_per_prompt: PositiveInt = 8  # N solutions sampled per prompt
     max_new_tokens: PositiveInt = 24  # response budget
     max_prompt_length: PositiveInt | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = Field(1.0, gt=0)  # sampling temperature
-    verifier: RewardName = "accuracy"  # the reward judging a solution: accuracy, reasoning_gym, math_verify or yours
-    verifier_params: dict[str, Any] = {}  # its keyword params, e.g. {mode: strict} (the answer in <answer> tags)
-    min_score: float = 1.0  # a solution is labelled correct when the verifier scores it at least this
     eval_fraction: float = Field(0.2, ge=0, lt=1)  # share of the prompts (with all their samples) written to `eval`
-
-    @model_validator(mode="after")
-    def verifier_builds(self) -> "Params":
-        build_reward(self.verifier, **self.verifier_params)  # unknown or bad params fail here, naming them
-        return self
 
 
 INPUTS = {

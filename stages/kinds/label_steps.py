@@ -6,19 +6,14 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/label_ste
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from stages.kinds import Input
 from stages.params import ModelParams, RolloutSettings
-from stages.registry import REWARDS
-from stages.rewards import build_reward
-
-RewardName = REWARDS.checked_name()
+from stages.verifier_params import VerifierSettings
 
 
-class Params(ModelParams, RolloutSettings):
+class Params(ModelParams, RolloutSettings, VerifierSettings):
     prompts: PositiveInt | None = None  # prompts sampled for (None: all; global: each process samples its share)
     samples_per_prompt: PositiveInt = 4  # solutions sampled per prompt
     completions_per_step: PositiveInt = 4  # N continuations sampled after each step prefix (Math-Shepherd's N)
@@ -26,16 +21,8 @@ class Params(ModelParams, RolloutSettings):
     max_new_tokens: PositiveInt = 24  # solution budget; a continuation completes its solution within it
     max_prompt_length: PositiveInt | None = None  # prompt tokens kept (cut from the left); None: all
     temperature: float = Field(1.0, gt=0)  # sampling temperature, of solutions and continuations
-    verifier: RewardName = "accuracy"  # the reward judging a finished solution: accuracy, math_verify or yours
-    verifier_params: dict[str, Any] = {}  # its keyword params, e.g. {mode: strict} (the answer in <answer> tags)
-    min_score: float = 1.0  # a finished solution is correct when the verifier scores it at least this
     eval_fraction: float = Field(0.2, ge=0, lt=1)  # share of the prompts (with all their solutions) written to `eval`
     solutions_per_call: PositiveInt = 64  # solutions per process whose continuations are sampled in one engine call
-
-    @model_validator(mode="after")
-    def verifier_builds(self) -> "Params":
-        build_reward(self.verifier, **self.verifier_params)  # unknown or bad params fail here, naming them
-        return self
 
 
 INPUTS = {

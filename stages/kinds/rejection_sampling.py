@@ -5,20 +5,17 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/rejection
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
 from stages.kinds import Input
 from stages.params import ModelParams, RolloutSettings
-from stages.registry import REWARDS
-from stages.rewards import build_reward
+from stages.verifier_params import VerifierSettings
 
 FilterName = Literal["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # see stages/runs/
-RewardName = REWARDS.checked_name()
 
-
-class Params(ModelParams, RolloutSettings):
+class Params(ModelParams, RolloutSettings, VerifierSettings):
     prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
     samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt
@@ -28,9 +25,6 @@ class Params(ModelParams, RolloutSettings):
     filters: list[FilterName] = list(FilterName.__args__)  # every one must pass
     min_language_consistency: float = 1.0  # `language_consistent` threshold
     max_repetition: float = 0.2  # `not_repetitive` threshold
-    verifier: RewardName = "accuracy"  # the reward judging `correct`: accuracy, reasoning_gym, math_verify or yours
-    verifier_params: dict[str, Any] = {}  # its keyword params, e.g. {mode: strict} (the answer in <answer> tags)
-    min_score: float = 1.0  # `correct` keeps the samples the verifier scores at least this
     demonstrations: list[dict[str, str]] = []  # few-shot user/assistant turns shown when sampling, not kept (R1 2.3.1)
 
     @field_validator("demonstrations")
@@ -44,11 +38,6 @@ class Params(ModelParams, RolloutSettings):
         if len(turns) % 2:
             raise ValueError("the last demonstration turn must be the assistant's")
         return turns
-
-    @model_validator(mode="after")
-    def verifier_builds(self) -> "Params":
-        build_reward(self.verifier, **self.verifier_params)  # unknown or bad params fail here, naming them
-        return self
 
 
 INPUTS = {
