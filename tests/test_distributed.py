@@ -4,14 +4,23 @@ One pipeline holds a stage per case; the module fixture runs each stage once wit
 `rl4llm run` (forked from a warm interpreter), and every rank records the row ids it trained on (RL4LLM_TRACE_DIR).
 Models come from the path real users take: `model:` points at a saved HF directory and the data are local files with
 a column mapping.
+
+A stage across machines (accelerate's multi-node launch) is proven with two "machines" on 127.0.0.1: machine 0 runs
+`rl4llm stage` in the project, machine 1 at the same time in a copy of it (as a second machine runs in its own
+checkout), each with its rank in RL4LLM_MACHINE_RANK and one process; they train the weights of the 2-process `sft`
+stage, and only machine 0 publishes (tests/test_multinode.py: machine ranks and multi-machine configs).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -19,11 +28,13 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.distributed import TRACE_DIR_ENV
-from tests.conftest import make_project, warm_stage_processes, write_instruct_data
+from stages.runner import MACHINE_RANK_ENV, MAIN_PORT_ENV
+from tests.conftest import free_port, make_project, warm_stage_processes, write_instruct_data
 
 pytestmark = pytest.mark.e2e
 
 DDP, FSDP = "infra/accelerate/cpu_2proc.yaml", "infra/accelerate/fsdp_cpu_2proc.yaml"
+MULTI_NODE = "infra/accelerate/multi_node_cpu.yaml"
 SFT = {"kind": "sft", "inputs": {"data": "datasets.demos"},
        "params": {"epochs": 2, "batch_size": 8, "lr": 0.01, "holdout_fraction": 0.2}}
 REWARD_MODEL = {"kind": "reward_model", "inputs": {"comparisons": "datasets.comparisons", "demos": "datasets.demos"},
@@ -64,13 +75,22 @@ STAGES = [
                 "temperature": 0.7}},
     {"name": "grpo", **GRPO, "accelerate_config": DDP},
     {"name": "grpo_fsdp", **GRPO, "accelerate_config": FSDP},
+    {"name": "sft_two_machines", **SFT, "accelerate_config": MULTI_NODE},  # launched by `machines`
 ]
 TRAINED = ["sft", "pretrain", "reward_model", "dpo", "distill", "label_preferences", "rejection_sampling", "ppo",
            "grpo"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
+def warm() -> Iterator[dict[str, str]]:
+    """The environment in which the module's `rl4llm stage` commands fork from one warm interpreter, as under
+    `rl4llm run` (a 2-process stage launches from a forked child)."""
+    with warm_stage_processes() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir: Path, warm: dict[str, str]) -> Path:
     root = tmp_path_factory.mktemp("dist")
     datasets = write_instruct_data(root)
     make_project(root)
@@ -80,12 +100,45 @@ def project(tmp_path_factory, tiny_model_dir: Path) -> Path:
                                      "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli = [sys.executable, "-m", "flows.cli"]
-    with warm_stage_processes() as warm:  # as under `rl4llm run`: a 2-process stage launches from a forked child
-        env = {**warm, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", TRACE_DIR_ENV: str(root / "trace")}
-        subprocess.run([*cli, "sync"], cwd=root, env=env, check=True, timeout=120)
-        for stage in STAGES:
-            subprocess.run([*cli, "stage", "dist", stage["name"]], cwd=root, env=env, check=True, timeout=300)
+    env = {**warm, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", TRACE_DIR_ENV: str(root / "trace")}
+    subprocess.run([*cli, "sync"], cwd=root, env=env, check=True, timeout=120)
+    for stage in STAGES[:-1]:  # sft_two_machines: `machines`
+        subprocess.run([*cli, "stage", "dist", stage["name"]], cwd=root, env=env, check=True, timeout=300)
     return root
+
+
+def launch_machines(checkouts: list[Path], env: dict[str, str]) -> list[tuple[int, str, str]]:
+    """`rl4llm stage dist sft_two_machines` at once in each checkout, machine rank r in checkouts[r]: each one's
+    exit code, stdout and stderr."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "dist", "sft_two_machines"], cwd=cwd,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                              env={**env, MACHINE_RANK_ENV: str(rank), MAIN_PORT_ENV: port})
+             for rank, cwd in enumerate(checkouts)]
+    try:
+        outputs = [rank.communicate(timeout=240) for rank in ranks]
+    finally:  # a machine that never joins leaves the other waiting at the rendezvous: end both, with their workers
+        for rank in ranks:
+            if rank.poll() is None:
+                os.killpg(rank.pid, signal.SIGKILL)
+                rank.wait()
+    return [(rank.returncode, out, err) for rank, (out, err) in zip(ranks, outputs)]
+
+
+@pytest.fixture(scope="module")
+def machines(project: Path, warm: dict[str, str], tmp_path_factory) -> dict:
+    """The 2-machine stage, run once the project's other stages ran: machine 1's checkout, and what machine 1's
+    command said."""
+    other = tmp_path_factory.mktemp("machine1") / "checkout"
+    shutil.copytree(project, other)  # machine 1's own checkout: the same files, inputs in place (as after a dvc pull)
+    kept = other / "artifacts/dist/sft_two_machines"  # a machine of rank > 0 writes, claims and removes no output
+    kept.mkdir(parents=True)
+    (kept / "theirs.txt").write_text("untouched\n")
+    env = {**warm, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    results = launch_machines([project, other], env)
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"machine {rank}: {out}\n{err}"
+    return {"other": other, "kept": kept, "env": env, "stdout": results[1][1], "stderr": results[1][2]}
 
 
 def metrics(project: Path, stage: str) -> dict[str, float]:
@@ -158,3 +211,34 @@ def test_gradient_accumulation_keeps_the_global_batch(project: Path):
 def test_lr_schedule_changes_the_run(project: Path):
     runs = [weights(project, s) for s in ("sft_one", "sft_cosine")]
     assert any(not torch.allclose(runs[0][n], runs[1][n], atol=1e-4) for n in runs[0])
+
+
+def test_two_machines_train_the_weights_of_two_processes(project: Path, machines: dict, tiny_model_dir: Path):
+    one, two = weights(project, "sft"), weights(project, "sft_two_machines")
+    assert one.keys() == two.keys()
+    for name in one:  # the same world size and collectives: bit for bit (measured)
+        torch.testing.assert_close(two[name], one[name], atol=0, rtol=0, msg=name)
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(two[n], initial[n]) for n in initial if n in two)
+    assert metrics(project, "sft_two_machines") == metrics(project, "sft")
+
+
+def test_only_machine_0_publishes(machines: dict):
+    assert [p.name for p in machines["kept"].iterdir()] == ["theirs.txt"]
+    assert not (machines["other"] / "artifacts/dist/.sft_two_machines.partial").exists()
+    assert "machine 1 of 2 done; machine 0 publishes" in machines["stderr"]
+    assert json.loads(machines["stdout"].strip().splitlines()[-1]) == {}
+
+
+def test_a_machine_with_other_inputs_is_refused(project: Path, machines: dict, tmp_path: Path):
+    other = tmp_path / "checkout"
+    shutil.copytree(machines["other"], other)
+    with (other / "demos.jsonl").open("a") as demos:  # a machine that pulled another version of the data
+        demos.write(json.dumps({"instruction": "name one animal", "output": "cat dog"}) + "\n")
+    published = (project / "artifacts/dist/sft_two_machines/metrics.json").read_text()
+    results = launch_machines([project, other], machines["env"])
+    for rank, (code, out, err) in enumerate(results):
+        assert code != 0, f"machine {rank}: {out}\n{err}"  # torchrun ends 1 whatever its ranks' codes (here 2)
+        assert "bad input: ValueError: dist/sft_two_machines: rank(s) 1 read another spec or other inputs than " \
+            "rank 0" in err, err
+    assert (project / "artifacts/dist/sft_two_machines/metrics.json").read_text() == published
