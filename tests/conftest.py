@@ -132,10 +132,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect API for the whole session (starting one costs ~20 s)."""
+    """One temporary Prefect API for the whole session (starting one costs ~20 s; on a loaded 2-core machine it has
+    taken over 30 s, Prefect's default limit)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         yield
 
 
