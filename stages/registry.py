@@ -90,6 +90,8 @@ REWARDS = Registry("reward", {
     "overlong": "stages.rewards:overlong_reward",
     "reasoning_gym": "stages.rewards:reasoning_gym_reward",
     "math_verify": "stages.rewards:math_verify_reward",
+    "exact_match": "stages.search_task:exact_match_reward",
+    "tool_format": "stages.search_task:tool_format_reward",
 })
 # (response tokens) -> [(index of a step's last token, reward)], for process supervision
 STEP_REWARDS = Registry("step reward", {"arithmetic_steps": "stages.reasoning_task:step_rewards"})
@@ -99,6 +101,7 @@ EVALUATORS = Registry("evaluator", {
     "reasoning": "stages.reasoning_task:evaluate",
     "reasoning_gym": "stages.rewards:evaluate_reasoning_gym",
     "math_verify": "stages.rewards:evaluate_math_verify",
+    "search": "stages.search_task:evaluate",
 })
 # a reward that verifies answers -> the evaluator judging with the same verifier: a stage whose rewards include one
 # is evaluated by it unless its `evaluator` says otherwise
@@ -110,4 +113,9 @@ LABELERS = Registry("labeler", {
     "instruct_gold": "stages.instruct_task:rank_by_gold",
     "reasoning_general": "stages.reasoning_task:rank_general",
 })
-REGISTRIES = (REWARDS, STEP_REWARDS, EVALUATORS, LABELERS)
+# (query, **columns) -> text shown to the model, called by its tag in a multi-turn rollout (stages/tools.py)
+TOOLS = Registry("tool", {
+    "search": "stages.retrieval:search",
+    "calculator": "stages.calculator:calculator",
+})
+REGISTRIES = (REWARDS, STEP_REWARDS, EVALUATORS, LABELERS, TOOLS)

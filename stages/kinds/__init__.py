@@ -133,6 +133,8 @@ BUILT_IN_KINDS = (  # each declared in stages/kinds/<name>.py
     "verifier",
     "prm",
     "best_of_n",
+    "synthetic_search",
+    "bm25_index",
 )
 
 
