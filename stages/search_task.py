@@ -84,6 +84,13 @@ def existence(entity: Entity) -> str:
     return f"{entity.name} is a country ."
 
 
+def value_sentences(world: list[Entity]) -> list[str]:
+    """A sentence per attribute value used in `world` ("quenta is a capital ."), linking it to no country (so every
+    answer word is in the pretraining text while the facts are not)."""
+    values = sorted({(a, v) for e in world for a, v in e.facts.items()})
+    return [f"{v} is a {a} ." for a, v in values]
+
+
 def question(entity: Entity, attribute: str) -> dict[str, str]:
     """A row {prompt, answer, entity, attribute}."""
     return {"prompt": f"what is the {attribute} of {entity.name} ?", "answer": entity.facts[attribute],

@@ -120,7 +120,10 @@ def test_synthetic_search_writes_every_output_and_keeps_eval_facts_out_of_pretra
     for name, expected in columns.items():
         assert rows[name] and expected <= set(rows[name][0]), name
     assert (len(rows["corpus"]), len(rows["prompts"]), len(rows["eval"]), len(rows["sft"])) == (60, 50, 20, 15)
-    assert metrics["pretrain_documents"] == len(rows["pretrain"]) == 60 + 100
+    stated = {(w[i + 1], w[i + 3]) for r in rows["corpus"] for w in [r["text"].split()] for i, x in enumerate(w)
+              if x == "its"}  # (attribute, value) pairs of the corpus
+    assert metrics["pretrain_documents"] == len(rows["pretrain"]) == 60 + len(stated) + 100
+    assert {r["answer"] for r in rows["eval"]} <= {w for r in rows["pretrain"] for w in r["text"].split()}
     pretrain = " \n ".join(r["text"] for r in rows["pretrain"])
     corpus = {r["text"].split()[0]: r["text"] for r in rows["corpus"]}
     for row in rows["eval"] + rows["prompts"]:  # RL and eval facts: in the corpus only

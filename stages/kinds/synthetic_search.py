@@ -4,8 +4,9 @@ traces that call the search tool, and a pretraining corpus that teaches the form
 
 Countries are split three ways: "known" ones (their passages and solved questions are pretraining text, their
 questions the cold-start traces), RL ones (asked in `prompts`) and held-out ones (asked in `eval`). The facts of RL
-and held-out countries are in the corpus alone; pretraining only names them ("zorblax is a country ."), so without
-a search the model can only guess among the `values` of the attribute asked. A real pipeline replaces this stage
+and held-out countries are in the corpus alone; pretraining only names them ("zorblax is a country .") and each value
+("quenta is a capital .") apart, so without a search the model can only guess among the `values` of the attribute
+asked. A real pipeline replaces this stage
 with datasets (e.g. NQ/HotpotQA questions and a Wikipedia corpus).
 """
 
@@ -29,7 +30,7 @@ class Params(StageParams):
     rl_prompts: int = 1000  # questions about RL countries (drawn with replacement from their facts)
     eval_prompts: int = 100  # held-out questions about eval countries (distinct facts)
     cold_start_traces: int = 300  # solved questions about known countries, calling the search tool
-    pretrain_documents: int = 4000  # passages and solved questions of known countries (plus one naming each country)
+    pretrain_documents: int = 4000  # known countries' passages and solved questions (plus a line per country and value)
 
 
 INPUTS: dict[str, Input] = {}
@@ -64,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                 "answer": row["answer"]}
 
     corpus = [{"id": f"p{i}", "text": task.passage(e)} for i, e in enumerate(world)]
-    pretrain = [{"text": task.existence(e)} for e in world]
+    pretrain = [{"text": task.existence(e)} for e in world] + [{"text": t} for t in task.value_sentences(world)]
     for _ in range(p.pretrain_documents):
         if rng.random() < 0.5:
             pretrain.append({"text": task.passage(rng.choice(known))})
