@@ -45,7 +45,7 @@ def build_index(passages: list[str], out_dir: Path, k1: float = 1.5, b: float = 
     with open(out_dir / PASSAGES, "w", encoding="utf-8") as f:
         for passage_id, text in zip(ids, passages, strict=True):
             f.write(json.dumps({"id": passage_id, "text": text}, ensure_ascii=False) + "\n")
-    return {"passages": len(passages), "vocabulary": len(tokens.vocab)}
+    return {"passages": len(passages), "vocabulary": sum(1 for word in tokens.vocab if word)}  # bm25s may add ""
 
 
 @dataclass(frozen=True)
