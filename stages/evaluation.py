@@ -12,19 +12,28 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stages.multiturn import ToolUse, multi_turn_sample
 from stages.registry import EVALUATORS
 from stages.text import RolloutEngine, encode_text, sample, text_lm_loss
 
 
 def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]],
                     evaluator: str, max_new_tokens: int, samples_per_prompt: int = 2,
-                    temperature: float = 1.0, engine: RolloutEngine | None = None) -> dict[str, float]:
-    """Sample `samples_per_prompt` completions per held-out prompt (with `engine`, default hf) and score them with
-    the named evaluator."""
+                    temperature: float = 1.0, engine: RolloutEngine | None = None,
+                    tools: ToolUse | None = None) -> dict[str, float]:
+    """Sample `samples_per_prompt` completions per held-out prompt (with `engine`, default hf; with `tools`,
+    multi-turn, the tools answering each call, `max_new_tokens` counting their text too) and score them with the
+    named evaluator; with tools, the tool counts per sample (`tool_calls_per_sample`, …) come along."""
     repeated = [r for r in rows for _ in range(samples_per_prompt)]
-    samples = sample(model, tokenizer, [r["prompt"] for r in repeated], max_new_tokens, temperature,
-                     what="evaluating", engine=engine)
-    return EVALUATORS.load(evaluator)(repeated, samples.completions)
+    prompts = [r["prompt"] for r in repeated]
+    if tools is None:
+        completions = sample(model, tokenizer, prompts, max_new_tokens, temperature, what="evaluating",
+                             engine=engine).completions
+        return EVALUATORS.load(evaluator)(repeated, completions)
+    turns = multi_turn_sample(model, tokenizer, prompts, repeated, tools.toolbox, tools.max_turns, max_new_tokens,
+                              temperature, engine, what="evaluating")
+    counts = {k: v for k, v in turns.counts().items() if k != "model_tokens"}
+    return {**EVALUATORS.load(evaluator)(repeated, turns.completions), **counts}
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from stages.distributed import check_divisible, full_parameters, full_state_dict
 from stages.evaluation import evaluate_policy, lm_loss
 from stages.loop import TrainingLoop, check_finite
 from stages.models import save, with_lora
+from stages.multiturn import ToolUse
 from stages.params import OptimParams
 from stages.rollout import stage_engine
 from stages.text import (PairBatch, RolloutEngine, batched, check_prompts_fit, context_length, encode_row, fit_rows,
@@ -186,14 +187,21 @@ def update_on_buffer(ctx: StageContext, n_samples: int, minibatch_size: int, epo
     return global_means(ctx.accelerator, {k: sum(v) / len(v) for k, v in stats.items()})
 
 
-def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+             tools: ToolUse | None = None, also_without_tools: bool = False) -> dict[str, float]:
     """The evaluator's metrics on the `eval` input (and the held-out LM loss on `lm_eval` if wired), with full
-    parameters. Every rank evaluates (under FSDP every rank must run the forwards); the main process's are logged."""
+    parameters; with `tools`, sampled multi-turn with them, and with `also_without_tools` also sampled without
+    them (metrics prefixed `notool_`). Every rank evaluates (under FSDP every rank must run the forwards); the main
+    process's are logged."""
     p, metrics = ctx.params, {}
     with full_parameters(ctx.accelerator, model) as full:
         if p.evaluator and ctx.has("eval"):
-            metrics.update(evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
-                                           p.eval_samples_per_prompt, p.eval_temperature, stage_engine(ctx)))
+            def scored(with_tools: ToolUse | None) -> dict[str, float]:
+                return evaluate_policy(full, tokenizer, ctx.rows("eval"), p.evaluator, p.eval_max_new_tokens,
+                                       p.eval_samples_per_prompt, p.eval_temperature, stage_engine(ctx), with_tools)
+            metrics.update(scored(tools))
+            if tools is not None and also_without_tools:
+                metrics.update({f"notool_{k}": v for k, v in scored(None).items()})
         if ctx.has("lm_eval"):
             metrics["lm_eval_loss"] = lm_loss(full, tokenizer, [r["text"] for r in ctx.rows("lm_eval")],
                                               p.micro_batch_size)

@@ -37,9 +37,10 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows, seed_sampling,
                                 shard)
 from stages.judge import JUDGE_REWARD, Ask, JudgeReward, served_judge
-from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params
+from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params, build_toolbox
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
+from stages.multiturn import MultiTurnSamples, ToolUse, multi_turn_sample
 from stages.process_rewards import StepSource, prm_steps, rule_steps, step_metrics
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
@@ -47,6 +48,7 @@ from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, logprob_rows, pair_batch, response_logprobs, response_logprobs_and_entropy,
                          sample)
+from stages.tools import ToolBox
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
 from stages.verifiers import load_verifier
@@ -145,26 +147,39 @@ def score(label: str, reward_fns: dict[str, RewardFn], weights: dict[str, float]
 
 def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
              reward_fns: dict[str, RewardFn], label: str, engine: RolloutEngine | None = None,
-             step_source: StepSource | None = None) -> list[dict[str, Any]]:
-    """G scored samples for each row, group after group: {row, completion, response_ids, reward, truncated,
-    `reward_<name>` for each reward component, the engine's log-probs `engine_logprobs` when the rollout settings
-    want them, and with a `step_source` the response's `steps` [(last token, reward)]}. `label` names the stage in
-    errors."""
+             step_source: StepSource | None = None, toolbox: ToolBox | None = None) -> list[dict[str, Any]]:
+    """G scored samples for each row, group after group: {row, completion, response_ids, loss_mask (1 on the tokens
+    the policy wrote, 0 on the tool text appended to a multi-turn response), reward, truncated, `reward_<name>` for
+    each reward component, the engine's log-probs `engine_logprobs` when the rollout settings want them, with a
+    `toolbox` the sample's tool counts `tools` and with a `step_source` the response's `steps` [(last token,
+    reward)]}. `label` names the stage in errors."""
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
-    logprobs = wants_logprobs(p.rollout)
-    samples = sample(policy, tokenizer, [row["prompt"] for row in repeated], p.max_new_tokens, p.temperature,
-                     max_prompt_length=p.max_prompt_length, engine=engine, logprobs=logprobs)
-    response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
-    engine_logprobs = [row[:len(ids)] for row, ids in zip(samples.engine_logprobs.tolist(), response_ids)] \
-        if logprobs else [None] * len(response_ids)
+    prompts = [row["prompt"] for row in repeated]
+    if toolbox is None:
+        logprobs = wants_logprobs(p.rollout)
+        samples = sample(policy, tokenizer, prompts, p.max_new_tokens, p.temperature,
+                         max_prompt_length=p.max_prompt_length, engine=engine, logprobs=logprobs)
+        response_ids = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
+        engine_logprobs = [row[:len(ids)] for row, ids in zip(samples.engine_logprobs.tolist(), response_ids)] \
+            if logprobs else [None] * len(response_ids)
+        prompt_ids, masks, tools = samples.prompt_ids, [[1] * len(ids) for ids in response_ids], [None] * len(prompts)
+        completions = samples.completions
+    else:  # multi-turn: the tools' columns are the row's (not its row id)
+        turns = multi_turn_sample(policy, tokenizer, prompts, [{k: v for k, v in row.items() if k != ROW_ID}
+                                                               for row in repeated], toolbox, p.max_turns,
+                                  p.max_new_tokens, p.temperature, engine, p.max_prompt_length)
+        rollouts = turns.rollouts
+        prompt_ids, response_ids = [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts]
+        masks, tools, completions = [r.loss_mask for r in rollouts], rollouts, turns.completions
+        engine_logprobs = [None] * len(response_ids)
     columns = {key: [row.get(key) for row in repeated] for key in repeated[0] if key != ROW_ID}
     columns["completion_length"] = [len(ids) for ids in response_ids]
-    total, components = score(label, reward_fns, p.rewards, samples.completions, columns)
-    scored = [{"row": row, "completion": completion, "prompt_ids": samples.prompt_ids[i], "response_ids": ids,
-               "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
-               "engine_logprobs": engine_logprobs[i],
+    total, components = score(label, reward_fns, p.rewards, completions, columns)
+    scored = [{"row": row, "completion": completion, "prompt_ids": prompt_ids[i], "response_ids": ids,
+               "loss_mask": masks[i], "reward": total[i], "truncated": ids[-1:] != [tokenizer.eos_token_id],
+               "engine_logprobs": engine_logprobs[i], "tools": tools[i],
                **{f"reward_{name}": values[i] for name, values in components.items()}}
-              for i, (row, completion, ids) in enumerate(zip(repeated, samples.completions, response_ids))]
+              for i, (row, completion, ids) in enumerate(zip(repeated, completions, response_ids))]
     for s, steps in zip(scored, step_source(scored) if step_source else []):
         s["steps"] = steps
     return scored
@@ -172,7 +187,8 @@ def roll_out(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: 
 
 def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             prompt_rows: list[dict[str, Any]], rng: random.Random, reward_fns: dict[str, RewardFn],
-            step_source: StepSource | None = None) -> tuple[list[dict[str, Any]], int]:
+            step_source: StepSource | None = None, toolbox: ToolBox | None = None
+            ) -> tuple[list[dict[str, Any]], int]:
     """One global rollout batch of up to `prompts_per_step` groups (every rank gets the same list), and the number
     of groups dropped.
 
@@ -188,7 +204,8 @@ def collect(ctx: StageContext, policy: torch.nn.Module, tokenizer: PreTrainedTok
     with full_parameters(acc, policy) as model:
         for _ in range(p.max_sampling_rounds if p.dynamic_sampling else 1):
             rows = shard(rng.sample(prompt_rows, min(p.prompts_per_step, len(prompt_rows))), acc)
-            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label, stage_engine(ctx), step_source)
+            samples = roll_out(model, tokenizer, rows, p, reward_fns, ctx.label, stage_engine(ctx), step_source,
+                               toolbox)
             if p.dynamic_sampling:
                 signal = groups_with_signal(torch.tensor([s["reward"] for s in samples]),
                                             torch.arange(len(samples)) // G)
@@ -254,6 +271,15 @@ def rollout_metrics(samples: list[dict[str, Any]], p: Params) -> dict[str, float
     return metrics
 
 
+def tool_metrics(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Per sample, with tools: tool calls, the share calling one, invalid and failed calls, turns (none without)."""
+    rollouts = [s["tools"] for s in samples if s["tools"] is not None]
+    if not rollouts:
+        return {}
+    counts = MultiTurnSamples(rollouts, []).counts()
+    return {k: v for k, v in counts.items() if k != "model_tokens"}
+
+
 def check_reward_inputs(ctx: StageContext) -> None:
     """Each reward or step reward scored by an input, and that input, go together."""
     p: Params = ctx.params
@@ -308,13 +334,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     judge = judge_reward(ctx)
     reward_fns = build_rewards(p, scorer, judge)
     steps, step_metric = step_source(ctx, tokenizer)
+    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None) if p.tools else None
+    tools = ToolUse(toolbox, p.max_turns) if toolbox else None
     total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
     policy = prepare_optimization(ctx, policy_model, p.lr, total_steps)
     disable_dropout(policy.model)
     seed_sampling(ctx.seed, acc)
 
-    initial = evaluate(ctx, policy.model, tokenizer)
+    initial = evaluate(ctx, policy.model, tokenizer, tools, p.eval_without_tools)
     truncated_prompts = count_long_prompts(tokenizer, [r["prompt"] for r in prompt_rows], p.max_prompt_length)
     rng = random.Random(ctx.seed)  # the same on every rank: it draws the global batch of prompts
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -322,17 +350,20 @@ def run(ctx: StageContext) -> dict[str, float]:
     loop.resume()
     for it in loop.steps():
         # 1-2. roll out and score (each rank its share), gathered: every rank holds the whole batch
-        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns, steps)
+        samples, dropped = collect(ctx, policy.model, tokenizer, prompt_rows, rng, reward_fns, steps, toolbox)
         judged = {"judge_unparsed": sum(gather_list([judge.take_unparsed()], acc))} if judge else {}
         if not samples:  # every sampled group was dropped: nothing to learn from
             loop.end_step(it, {"dropped_groups": dropped, **judged})
             continue
-        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped, **judged}
+        metrics = {**rollout_metrics(samples, p), "dropped_groups": dropped, **judged, **tool_metrics(samples)}
         if steps:
             metrics |= step_metrics([s["steps"] for s in samples], step_metric)
         group_ids = torch.arange(len(samples), device=device) // p.samples_per_prompt
+        # advantages are placed over whole responses; the loss then counts the policy's own tokens only
         full_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples],
                                tokenizer.pad_token_id).response_mask.float().to(device)
+        model_mask = pair_batch([[]] * len(samples), [s["response_ids"] for s in samples], tokenizer.pad_token_id,
+                                [s["loss_mask"] for s in samples]).response_mask.float()
 
         # 3. advantages, on the whole batch
         with torch.no_grad():
@@ -347,7 +378,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         local = shard(samples, acc)
         loop.saw([s["row"][ROW_ID] for s in local[::p.samples_per_prompt]])
         batch = pair_batch([s["prompt_ids"] for s in local], [s["response_ids"] for s in local],
-                           tokenizer.pad_token_id).to(device)
+                           tokenizer.pad_token_id, [s["loss_mask"] for s in local]).to(device)
         mask = batch.response_mask.float()
         advantages = local_rows(acc, advantages, mask)
         response_loss_mask = loss_mask(local, mask, p.mask_truncated)
@@ -394,9 +425,13 @@ def run(ctx: StageContext) -> dict[str, float]:
                                     [(policy, loss_fn, weigh)])
         if engine_logp is not None:  # how far the engine that sampled is from the trainer (π_old)
             metrics |= global_means(acc, logprob_gap(seen_old if old_logp is None else old_logp, engine_logp, mask))
-        metrics["response_length"] = full_mask.sum(1).mean().item()
+        metrics["response_length"] = model_mask.sum(1).mean().item()  # the policy's tokens (no tool text)
         loop.end_step(it, metrics)
 
-    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
+    final = {**evaluate(ctx, policy.model, tokenizer, tools, p.eval_without_tools),
+             "truncated_prompts": truncated_prompts}
     save_model(ctx, policy.model, tokenizer)
+    if toolbox and toolbox.failed:
+        print(f"[{ctx.label}] {toolbox.failures} of {toolbox.calls} tool calls failed; first: {toolbox.failed[0]}",
+              flush=True)
     return {**final, **as_initial(initial)}

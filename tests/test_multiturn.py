@@ -1,0 +1,228 @@
+"""Multi-turn rollouts that call tools (stages/multiturn.py) and the grpo stage with tools: the loss counts exactly
+the policy's tokens, tools that fail are contained, budgets and turns hold, and rollouts repeat with a seed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from pydantic import ValidationError
+
+from stages.context import StageContext
+from stages.data import write_jsonl
+from stages.kinds import get_kind
+from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.multiturn import multi_turn_sample
+from stages.runs import grpo
+from stages.spec import DataInput
+from stages.text import Generation
+from stages.tools import ToolBox
+from tests.conftest import Tracker
+
+ROW = {"prompt": "capital of zorblax", "answer": "quenta"}
+CALL = "<think> need capital </think> <search> capital of zorblax </search> never seen"  # cut after </search>
+ANSWER = "<answer> quenta </answer>"
+WORDS = [CALL, ANSWER, "<information> </information> quenta is the capital error: timed out failed word"]
+
+
+def lookup(query: str, answer: str, **_: Any) -> str:
+    """A toy tool: knows the row's answer."""
+    return f"{answer} is the capital"
+
+
+def answered(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    return [float(f"<answer> {a} </answer>" in c) for c, a in zip(completions, answer)]
+
+
+def answer_rate(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+    return {"answer_rate": sum(answered(completions, [r["answer"] for r in rows])) / len(rows)}
+
+
+class ScriptedEngine:
+    """A rollout engine writing `script[k]` (then EOS) after a prompt row holding k tool answers: an oracle of what
+    the policy wrote."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[str]):
+        self.script = script
+
+    def generate(self, model, tokenizer, prompt_ids, max_new_tokens, temperature, logprobs=False, what=""):
+        closing = tokenizer.convert_tokens_to_ids("</information>")
+        turns = [min(row.count(closing), len(self.script) - 1) for row in prompt_ids]
+        return [Generation((tokenizer(self.script[k], add_special_tokens=False)["input_ids"]
+                            + [tokenizer.eos_token_id])[:max_new_tokens]) for k in turns]
+
+    def describe(self) -> dict[str, str]:
+        return {"engine": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer([ROW["prompt"], *WORDS])
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def scripted(tokenizer, toolbox: ToolBox, script: list[str], max_turns: int = 2, max_new_tokens: int = 40, n=1):
+    return multi_turn_sample(None, tokenizer, [ROW["prompt"]] * n, [ROW] * n, toolbox, max_turns, max_new_tokens,
+                             engine=ScriptedEngine(script))
+
+
+def test_the_mask_is_zero_on_exactly_the_appended_tool_tokens(tokenizer):
+    queries = []
+
+    def tool(query: str, **columns: Any) -> str:
+        queries.append((query, columns))
+        return lookup(query, **columns)
+
+    out = scripted(tokenizer, ToolBox({"search": tool}), [CALL, ANSWER])
+    r = out.rollouts[0]
+    model_call = ids(tokenizer, CALL)[:-2]  # up to and including </search>
+    tool_text = ids(tokenizer, "<information> quenta is the capital </information>")
+    answer = ids(tokenizer, ANSWER) + [tokenizer.eos_token_id]
+    assert r.response_ids == model_call + tool_text + answer
+    assert r.loss_mask == [1] * len(model_call) + [0] * len(tool_text) + [1] * len(answer)
+    assert queries == [("capital of zorblax", ROW)]
+    assert (r.tool_calls, r.invalid_calls, r.failed_calls, r.turns) == (1, 0, 0, 2)
+    assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
+                               "quenta is the capital </information> <answer> quenta </answer>"]
+
+
+def test_invalid_calls_are_counted_and_run_no_tool(tokenizer):
+    box = ToolBox({"search": lookup})
+    closed_only = scripted(tokenizer, box, ["capital </search>", ANSWER]).rollouts[0]
+    empty = scripted(tokenizer, box, ["<search> </search>", ANSWER]).rollouts[0]
+    unclosed = scripted(tokenizer, box, ["<search> capital of"]).rollouts[0]
+    assert box.calls == 0
+    for r in (closed_only, empty):  # an error answers the model (mask 0) and it goes on
+        assert (r.tool_calls, r.invalid_calls, r.turns) == (0, 1, 2)
+        assert 0 in r.loss_mask and r.response_ids[-1] == tokenizer.eos_token_id
+    assert (unclosed.tool_calls, unclosed.invalid_calls, unclosed.turns) == (0, 1, 1)
+    assert set(unclosed.loss_mask) == {1}
+
+
+def test_max_turns_and_the_budget_hold(tokenizer):
+    out = scripted(tokenizer, ToolBox({"search": lookup}), [CALL], max_turns=2, max_new_tokens=60)
+    r = out.rollouts[0]
+    assert (r.tool_calls, r.turns) == (2, 3)  # the third segment's call is not run: it writes on to EOS
+    assert r.response_ids[-3:] == ids(tokenizer, "never seen") + [tokenizer.eos_token_id]
+    for budget in (3, 9, 12, 18):
+        r = scripted(tokenizer, ToolBox({"search": lookup}), [CALL, ANSWER], max_new_tokens=budget).rollouts[0]
+        assert len(r.response_ids) == budget and len(r.loss_mask) == budget
+        assert r.loss_mask == ([1] * 9 + [0] * 6 + [1] * 4)[:budget]
+
+
+def raises(query: str, **_: Any) -> str:
+    raise RuntimeError("index corrupt")
+
+
+def hangs(query: str, **_: Any) -> str:
+    time.sleep(30)
+    return "late"
+
+
+def floods(query: str, **_: Any) -> str:
+    return "word " * 200_000  # 1 MB
+
+
+@pytest.mark.parametrize("tool,failed", [(raises, 1), (hangs, 1), (floods, 0)])
+def test_a_failing_tool_is_contained(tokenizer, tool, failed):
+    box = ToolBox({"search": tool}, timeout_s=0.2, max_chars=400)
+    start = time.monotonic()
+    r = scripted(tokenizer, box, [CALL, ANSWER], max_new_tokens=200).rollouts[0]
+    assert time.monotonic() - start < 5
+    assert (r.tool_calls, r.failed_calls, box.failures, r.turns) == (1, failed, failed, 2)
+    tool_tokens = len(r.loss_mask) - sum(r.loss_mask)
+    assert 2 <= tool_tokens <= 2 + 400 // 5  # <information> … </information>, the text cut to 400 characters
+    assert r.response_ids[-4:] == ids(tokenizer, ANSWER) + [tokenizer.eos_token_id]  # the rollout went on
+
+
+def test_multi_turn_rollouts_repeat_with_a_seed(tokenizer):
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tokenizer), 16, 1, 2, 128, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                             tokenizer.eos_token_id)
+
+    def roll(seed: int):
+        torch.manual_seed(seed)
+        out = multi_turn_sample(model, tokenizer, [ROW["prompt"]] * 32, [ROW] * 32, ToolBox({"search": lookup}),
+                                2, 24)
+        return [(r.response_ids, r.loss_mask) for r in out.rollouts], sum(r.tool_calls for r in out.rollouts)
+
+    first, calls = roll(1)
+    assert calls > 0  # the random policy does close calls, so the rollouts were multi-turn
+    assert roll(1) == (first, calls)
+    assert roll(2)[0] != first
+
+
+def run_grpo(root: Path, tokenizer, engine, **params) -> Tracker:
+    torch.manual_seed(0)
+    model = build_tiny_llama(len(tokenizer), 16, 1, 2, 128, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                             tokenizer.eos_token_id)
+    save(model, tokenizer, root / "policy")
+    write_jsonl([ROW] * 4, root / "prompts.jsonl")
+    inputs = {"policy": DataInput(path=str(root / "policy")), "prompts": DataInput(path=str(root / "prompts.jsonl")),
+              "eval": DataInput(path=str(root / "prompts.jsonl"))}
+    kind = get_kind("grpo")
+    tracker = Tracker()
+    ctx = StageContext("test", "grpo", 0, kind.params(**params), inputs, {"model": root / "model"}, root, None,
+                       Accelerator(cpu=True), tracker)
+    ctx.opened["engine"] = engine
+    try:
+        tracker.final = kind.load_run()(ctx)
+    finally:
+        ctx.close()
+    return tracker
+
+
+def test_grpo_with_tools_trains_only_the_policys_tokens_and_logs_tool_use(tokenizer, tmp_path, monkeypatch):
+    masks = []  # every mask the policy loss and the KL term are aggregated over
+
+    def recording(fn, position):
+        def wrapped(*args, **kwargs):
+            masks.append(args[position].clone())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(grpo, "ppo_policy_loss", recording(grpo.ppo_policy_loss, 3))
+    monkeypatch.setattr(grpo, "aggregate_loss", recording(grpo.aggregate_loss, 1))
+    tracker = run_grpo(tmp_path, tokenizer, ScriptedEngine([CALL, ANSWER]), rewards={f"{__name__}:answered": 1.0},
+                       tools={"search": f"{__name__}:lookup"}, iterations=2, prompts_per_step=2, samples_per_prompt=2,
+                       minibatch_size=2, max_new_tokens=20, kl_coef=0.1, evaluator=f"{__name__}:answer_rate",
+                       eval_max_new_tokens=20, eval_without_tools=True)
+    expected = [1] * 9 + [0] * 6 + [1] * 4  # every sample: the call, the tool's answer, the policy's answer
+    assert len(masks) == 8  # 2 iterations × 2 minibatches × (policy loss, KL)
+    for mask in masks:
+        assert mask.tolist() == [expected] * 2
+    logged = tracker.logged[-1]
+    assert {k: logged[k] for k in ("tool_calls_per_sample", "tool_call_rate", "invalid_tool_calls", "tool_failures",
+                                   "turns_per_sample", "response_length", "reward")} == {
+        "tool_calls_per_sample": 1.0, "tool_call_rate": 1.0, "invalid_tool_calls": 0.0, "tool_failures": 0.0,
+        "turns_per_sample": 2.0, "response_length": 13.0, "reward": 1.0}
+    # held out: with the tool the answer is found; sampled without it the script never answers
+    assert tracker.final["answer_rate"] == 1.0 and tracker.final["notool_answer_rate"] == 0.0
+    assert tracker.final["tool_calls_per_sample"] == 1.0 and tracker.final["initial_answer_rate"] == 1.0
+
+
+def test_tool_params_are_checked_at_declaration():
+    params = get_kind("grpo").params
+    params(tools={"search": f"{__name__}:lookup"})
+    with pytest.raises(ValidationError, match="not in tools"):
+        params(tools={"search": f"{__name__}:lookup"}, tool_params={"calc": {}})
+    with pytest.raises(ValidationError, match="no parameter"):
+        params(tools={"search": f"{__name__}:lookup"}, tool_params={"search": {"top_k": 3}})
+    with pytest.raises(ValidationError, match="cannot import"):
+        params(tools={"search": "no_such_module:tool"})
+    with pytest.raises(ValidationError, match="tis_cap"):
+        params(tools={"search": f"{__name__}:lookup"}, rollout={"tis_cap": 2.0})
+    with pytest.raises(ValidationError, match="needs tools"):
+        params(eval_without_tools=True)
