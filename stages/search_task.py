@@ -11,7 +11,7 @@ solved question is a Search-R1 trajectory, every tag its own whitespace-separate
 word-level); the `<information>` block is what the environment appended after the call:
 
     <think> i need the capital of zorblax </think> <search> capital of zorblax </search>
-    <information> zorblax is a country . its capital is quenta . its river is mirel . </information>
+    <information> zorblax is a country . its capital is quenta . its river is mirel . … </information>
     <answer> quenta </answer>
 
 Rewards read untrusted text with linear scans only (one regex without nested quantifiers, no eval).
@@ -101,12 +101,21 @@ def questions(entity: Entity) -> list[dict[str, str]]:
     return [question(entity, attribute) for attribute in entity.facts]
 
 
-def trace(entity: Entity, attribute: str) -> str:
-    """The solved question as a Search-R1 trajectory; its `<information>` block holds the gold passage (what the
-    environment appends after a search that finds it)."""
+def trace(entity: Entity, attribute: str, others: list[Entity] = ()) -> str:
+    """The solved question as a Search-R1 trajectory; its `<information>` block is what the environment appends
+    after a search that ranks the gold passage first: that passage, then those of `others` (the search tool shows
+    its top-k)."""
     query = f"{attribute} of {entity.name}"
+    found = " ".join(passage(e) for e in [entity, *others])
     return (f"<think> i need the {query} </think> <search> {query} </search> "
-            f"<information> {passage(entity)} </information> <answer> {entity.facts[attribute]} </answer>")
+            f"<information> {found} </information> <answer> {entity.facts[attribute]} </answer>")
+
+
+def distractors(rng: random.Random, world: list[Entity], entity: Entity, attribute: str, n: int) -> list[Entity]:
+    """`n` other countries that state `attribute` (what BM25 ranks after the gold passage: they share the query's
+    attribute word), drawn at random; fewer if the world has fewer."""
+    candidates = [e for e in world if e is not entity and attribute in e.facts]
+    return rng.sample(candidates, min(n, len(candidates)))
 
 
 # --- rewards and the evaluator ----------------------------------------------------------------------------------

@@ -136,6 +136,9 @@ def test_synthetic_search_writes_every_output_and_keeps_eval_facts_out_of_pretra
     assert len({(r["entity"], r["attribute"]) for r in rows["eval"]}) == 20  # distinct held-out questions
     assert task.exact_match_reward([r["response"] for r in rows["sft"]], [r["answer"] for r in rows["sft"]]) == \
         [1.0] * 15
+    for row in rows["sft"]:  # the gold passage first, then two others, as the search tool's top 3
+        information = row["response"].split("<information> ")[1].split(" </information>")[0]
+        assert information.startswith(corpus[row["prompt"].split()[-2]]) and information.count(" is a country .") == 3
     vocabulary = {w for r in rows["vocab"] for w in r["text"].split()}
     assert {w for r in rows["eval"] + rows["sft"] for w in f"{r['prompt']} {r.get('response', '')}".split()} \
         <= vocabulary

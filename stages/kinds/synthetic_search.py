@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 
+from pydantic import PositiveInt
+
 from stages import search_task as task
 from stages.context import StageContext
 from stages.data import write_jsonl
@@ -30,6 +32,7 @@ class Params(StageParams):
     rl_prompts: int = 1000  # questions about RL countries (drawn with replacement from their facts)
     eval_prompts: int = 100  # held-out questions about eval countries (distinct facts)
     cold_start_traces: int = 300  # solved questions about known countries, calling the search tool
+    trace_passages: PositiveInt = 3  # passages in a trace's information block: the gold one, then others (search's top_k)
     pretrain_documents: int = 4000  # known countries' passages and solved questions (plus a line per country and value)
 
 
@@ -61,7 +64,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     rl_facts, known_facts = [q for e in rl for q in task.questions(e)], [q for e in known for q in task.questions(e)]
 
     def solved(row: dict) -> dict:
-        return {"prompt": row["prompt"], "response": task.trace(by_name[row["entity"]], row["attribute"]),
+        entity = by_name[row["entity"]]
+        others = task.distractors(rng, known, entity, row["attribute"], p.trace_passages - 1)
+        return {"prompt": row["prompt"], "response": task.trace(entity, row["attribute"], others),
                 "answer": row["answer"]}
 
     corpus = [{"id": f"p{i}", "text": task.passage(e)} for i, e in enumerate(world)]
