@@ -49,16 +49,25 @@ class ToolResult:
     ok: bool  # False: the tool raised, ran out of time or returned no text (the text says which)
 
 
+def _call_bound(fn: ToolFn, params: dict[str, Any], shadowed: frozenset[str], query: str, /, **columns: Any) -> str:
+    """`fn(query, **columns, **params)` less the columns in `shadowed`: a bound param wins over a row's column of its
+    name (a dataset's `index` column must not redirect a search), and a column named like a positional parameter
+    (`query`) is left out."""
+    return fn(query, **{k: v for k, v in columns.items() if k not in shadowed}, **params)
+
+
 def build_tool(name: str, **params: Any) -> ToolFn:
     """The tool `name` (a built-in of `TOOLS` or an import path) with its keyword-only `params` bound. Raises
     ValueError naming an unknown tool or parameter."""
     fn = TOOLS.load(name)
-    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    signature = inspect.signature(fn).parameters.values()
+    allowed = [p.name for p in signature if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"tool {name!r} has no parameter(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed) or 'none'}")
-    return functools.partial(fn, **params) if params else fn
+    positional = frozenset(p.name for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return functools.partial(_call_bound, fn, params, positional | set(params))
 
 
 @dataclass

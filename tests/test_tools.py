@@ -163,6 +163,7 @@ def test_the_index_is_deterministic_and_its_search_tool_runs_in_a_toolbox(index_
     assert (index_dir / "passages.jsonl").read_text().splitlines()[0] == '{"id": "fact0", "text": "%s"}' % FACTS[0]
     assert files == sorted(p.name for p in (tmp_path / "index").iterdir())
     assert all((index_dir / f).read_bytes() == (tmp_path / "index" / f).read_bytes() for f in files)
-    box = ToolBox({"search": build_tool("search", index=str(tmp_path / "index"))}, max_chars=2000)
-    result = box.call("search", "who is the mayor of orith", {"answer": "dela fenwick"})
-    assert result.ok and result.text.startswith(FACTS[4])
+    box = ToolBox({"search": build_tool("search", index=str(tmp_path / "index"), top_k=1)}, max_chars=2000)
+    row = {"answer": "dela fenwick", "index": "elsewhere", "top_k": 5, "query": "deepest lake"}  # a row's columns
+    result = box.call("search", "who is the mayor of orith", row)  # neither redirect the search nor break the call
+    assert result.ok and result.text == FACTS[4]
