@@ -1,6 +1,7 @@
 """Build a BM25 index of a corpus (bm25s: BM25 as sparse matrices): the retriever of the built-in `search` tool
-(Search-R1, Jin et al. 2025, searches a corpus the same way with its BM25 baseline). The index is a directory that
-DVC tracks like any output; a tool names it: `tools: {search: {tool: search, params: {index: <this output>}}}`.
+(Search-R1, Jin et al. 2025, retrieves with E5 by default and offers BM25 as its sparse retriever). The index is a
+directory that DVC tracks like any output; a grpo stage takes it as its `index` input, which is bound to the tools
+that take an `index` (the search tool).
 
 Declared here (what pipelines.yaml may set); how it works: stages/runs/bm25_index.py and stages/retrieval.py.
 """
