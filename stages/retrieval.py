@@ -12,10 +12,10 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bm25s
-import numpy as np
+if TYPE_CHECKING:
+    import bm25s
 
 PASSAGES = "passages.jsonl"  # the passages of an index directory, one {id, text} per line
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # a token: a run of word characters
@@ -26,6 +26,8 @@ NO_MATCH = "no passage matches the query"  # … and a query none of whose words
 
 def tokenize(texts: list[str], return_ids: bool) -> Any:
     """bm25s's tokens of `texts` (ids and vocabulary when `return_ids`, else lists of words)."""
+    import bm25s  # here, not at the top: checking a pipeline that names the search tool need not load it
+
     return bm25s.tokenize(texts, token_pattern=TOKEN_PATTERN, stopwords=STOPWORDS, return_ids=return_ids,
                           show_progress=False)
 
@@ -36,6 +38,8 @@ def build_index(passages: list[str], out_dir: Path, k1: float = 1.5, b: float = 
     length normalisation, `method`: bm25s's BM25 variant) into `out_dir`. Returns its size: passages, vocabulary."""
     if not passages:
         raise ValueError("no passages to index")
+    import bm25s
+
     ids = list(range(len(passages))) if ids is None else ids
     model = bm25s.BM25(k1=k1, b=b, method=method)
     tokens = tokenize(passages, return_ids=True)
@@ -59,6 +63,8 @@ class Index:
         words = tokenize([query], return_ids=False)[0]
         if not words:
             return None
+        import numpy as np
+
         scores = self.model.get_scores(words)
         best = np.argsort(-scores, kind="stable")[:k]
         return [self.passages[i] for i in best if scores[i] > 0]
@@ -66,6 +72,8 @@ class Index:
 
 @functools.lru_cache(maxsize=8)
 def _load(directory: str, stamp: int) -> Index:
+    import bm25s
+
     model = bm25s.BM25.load(directory, show_progress=False)
     with open(Path(directory) / PASSAGES, encoding="utf-8") as f:
         passages = [" ".join(json.loads(line)["text"].split()) for line in f]
