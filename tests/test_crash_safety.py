@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from stages.checkpoint import CHECKPOINTS, complete_checkpoints
 from stages.loop import FAULT_ENV
 from tests.conftest import make_project, warm_stage_processes, write_instruct_data
+from tests.test_multiturn import tool_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -39,18 +40,24 @@ GRPO = {"kind": "grpo", "inputs": {"policy": "sft.model", "prompts": "datasets.p
         "params": {"iterations": 4, "checkpoint_every": 2, "prompts_per_step": 4, "samples_per_prompt": 4,
                    "minibatch_size": 8, "max_new_tokens": 6, "lr": 0.01, "rewards": {"overlong": 1.0},
                    "reward_params": {"overlong": {"max_length": 5, "buffer": 3}}, "dynamic_sampling": True}}
-KINDS = {"sft": SFT, "ppo": PPO, "grpo": GRPO}
-TOTAL_STEPS = {"sft": 8, "ppo": 4, "grpo": 4}  # sft: 32 training rows / 8 per batch × 2 epochs
+# multi-turn: a tiny policy over the tags calls a toy tool by chance (tests/test_multiturn.py)
+GRPO_TOOLS = {"kind": "grpo", "inputs": {"policy": "datasets.tool_policy", "prompts": "datasets.prompts"},
+              "params": {**GRPO["params"], "max_new_tokens": 16, "tools": {"search": "tests.test_multiturn:recall"},
+                         "reward_params": {"overlong": {"max_length": 12, "buffer": 6}}, "dynamic_sampling": False}}
+KINDS = {"sft": SFT, "ppo": PPO, "grpo": GRPO, "grpotools": GRPO_TOOLS}
+TOTAL_STEPS = {"sft": 8, "ppo": 4, "grpo": 4, "grpotools": 4}  # sft: 32 training rows / 8 per batch × 2 epochs
 FSDP = "infra/accelerate/fsdp_cpu_2proc.yaml"  # two CPU processes, parameters and optimiser state sharded
 # (stage copy, the uninterrupted stage it copies, fault point, step of the checkpoint the rerun resumes from)
 KILLS = [("ppo_before_first_checkpoint", "ppo", "step:1", 0), ("ppo_between_checkpoints", "ppo", "step:3", 2),
          ("ppo_while_saving", "ppo", "saving:2", 0), ("ppo_before_publishing", "ppo", "publish:0", 2),
          ("grpo_between_checkpoints", "grpo", "step:3", 2), ("sft_between_checkpoints", "sft", "step:5", 4),
+         ("grpotools_between_checkpoints", "grpotools", "step:3", 2),
          ("sft_fsdp_between_checkpoints", "sft_fsdp", "step:5", 4)]
 STAGES = [{"name": "sft", **SFT},
           {"name": "reward_model", "kind": "reward_model", "params": {"epochs": 1, "batch_size": 8},
            "inputs": {"comparisons": "datasets.comparisons", "demos": "datasets.demos"}},
-          {"name": "ppo", **PPO}, {"name": "grpo", **GRPO}, {"name": "sft_fsdp", **SFT, "accelerate_config": FSDP},
+          {"name": "ppo", **PPO}, {"name": "grpo", **GRPO}, {"name": "grpotools", **GRPO_TOOLS},
+          {"name": "sft_fsdp", **SFT, "accelerate_config": FSDP},
           *({"name": name, **KINDS[baseline.split("_")[0]]} for name, baseline, _, _ in KILLS
             if not baseline.endswith("fsdp")),
           {"name": "sft_fsdp_between_checkpoints", **SFT, "accelerate_config": FSDP},
@@ -73,12 +80,14 @@ def warm() -> Iterator[None]:
 def project(tmp_path_factory, tiny_model_dir: Path, warm: None) -> Path:
     root = tmp_path_factory.mktemp("crash")
     datasets = write_instruct_data(root)
+    tool_policy(root / "tool_policy")
+    datasets["tool_policy"] = {"path": "tool_policy"}
     make_project(root)
     config = {"pipelines": {"crash": {"defaults": {"seed": 0, "model": str(tiny_model_dir)}, "datasets": datasets,
                                       "stages": STAGES}}}
     (root / "pipelines.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     subprocess.run([sys.executable, "-m", "flows.cli", "sync"], cwd=root, env=env(root), check=True, timeout=120)
-    for stage in ("sft", "reward_model", "ppo", "grpo", "sft_fsdp"):
+    for stage in ("sft", "reward_model", "ppo", "grpo", "grpotools", "sft_fsdp"):
         run(root, stage)
     return root
 
@@ -110,6 +119,13 @@ def stage_runs(root: Path, stage: str) -> list:
     experiment = client.get_experiment_by_name("rl4llm")
     return client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'",
                               order_by=["attributes.start_time ASC"])
+
+
+def test_the_multi_turn_stage_calls_its_tool(project: Path):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = stage_runs(project, "grpotools")[0].info.run_id
+    calls = [m.value for m in client.get_metric_history(run_id, "tool_calls_per_sample")]
+    assert len(calls) == 4 and sum(calls) > 0, calls
 
 
 @pytest.mark.parametrize("stage, baseline, fault, resumes_from", KILLS, ids=[k[0] for k in KILLS])

@@ -34,6 +34,19 @@ def lookup(query: str, answer: str, **_: Any) -> str:
     return f"{answer} is the capital"
 
 
+def recall(query: str, **_: Any) -> str:
+    """A toy tool that ignores the row (tests/test_crash_safety.py's multi-turn stage)."""
+    return "quenta is the capital"
+
+
+def tool_policy(out: Path) -> None:
+    """A tiny random policy over the tags and a few words: it closes tool calls by chance."""
+    tokenizer = build_word_tokenizer([ROW["prompt"], *WORDS])
+    torch.manual_seed(0)
+    save(build_tiny_llama(len(tokenizer), 16, 1, 2, 128, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                          tokenizer.eos_token_id), tokenizer, out)
+
+
 def answered(completions: list[str], answer: list[str], **_: Any) -> list[float]:
     return [float(f"<answer> {a} </answer>" in c) for c, a in zip(completions, answer)]
 
