@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
+from stages.kinds.grpo import build_toolbox
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.multiturn import multi_turn_sample
 from stages.runs import grpo
@@ -29,9 +30,9 @@ ANSWER = "<answer> quenta </answer>"
 WORDS = [CALL, ANSWER, "<information> </information> quenta is the capital error: timed out failed word"]
 
 
-def lookup(query: str, answer: str, **_: Any) -> str:
+def lookup(query: str, **columns: Any) -> str:
     """A toy tool: knows the row's answer."""
-    return f"{answer} is the capital"
+    return f"{columns['answer']} is the capital"
 
 
 def recall(query: str, **_: Any) -> str:
@@ -239,3 +240,18 @@ def test_tool_params_are_checked_at_declaration():
         params(tools={"search": f"{__name__}:lookup"}, rollout={"tis_cap": 2.0})
     with pytest.raises(ValidationError, match="needs tools"):
         params(eval_without_tools=True)
+
+
+def indexed(query: str, *, index: str, top_k: int = 1, **_: Any) -> str:
+    return f"{query} in {index} top {top_k}"
+
+
+def test_the_index_input_is_bound_to_the_tools_taking_one():
+    p = get_kind("grpo").params(tools={"search": f"{__name__}:indexed", "look": f"{__name__}:lookup"},
+                                tool_params={"search": {"top_k": 2}})
+    box = build_toolbox(p, "artifacts/index")
+    assert box.call("search", "zorblax", ROW).text == "zorblax in artifacts/index top 2"
+    assert box.call("look", "zorblax", ROW).text == "quenta is the capital"
+    with pytest.raises(ValueError, match="give the stage an `index` input"):
+        build_toolbox(p, None)
+    get_kind("grpo").params(tools={"search": "search"}, tool_params={"search": {"top_k": 2}})  # the built-in

@@ -141,7 +141,12 @@ def bound_params(name: str, params: dict[str, Any], index: str | None) -> dict[s
     fn = TOOLS.load(name)
     takes_index = any(p.name == INDEX_PARAM and p.kind is p.KEYWORD_ONLY
                       for p in inspect.signature(fn).parameters.values())
-    return {**params, INDEX_PARAM: index} if takes_index and index is not None else params
+    if not takes_index:
+        return params
+    if index is None:
+        raise ValueError(f"tool '{name}' searches an index: give the stage an `index` input (a bm25_index stage's "
+                         "output)")
+    return {**params, INDEX_PARAM: index}
 
 
 def build_toolbox(p: Params, index: str | None) -> ToolBox:

@@ -319,6 +319,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = acc.device
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
     check_reward_inputs(ctx)
+    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None) if p.tools else None
+    tools = ToolUse(toolbox, p.max_turns) if toolbox else None
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)
     context = context_length(policy_model)
@@ -334,8 +336,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     judge = judge_reward(ctx)
     reward_fns = build_rewards(p, scorer, judge)
     steps, step_metric = step_source(ctx, tokenizer)
-    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None) if p.tools else None
-    tools = ToolUse(toolbox, p.max_turns) if toolbox else None
     total_steps = rl_optimiser_steps(ctx, p.prompts_per_step // acc.num_processes * p.samples_per_prompt,
                                      p.minibatch_size, p.ppo_epochs, p.iterations)
     policy = prepare_optimization(ctx, policy_model, p.lr, total_steps)
