@@ -4,7 +4,9 @@ the RL stage of DeepSeek-R1-Zero and DeepSeek-R1 (DeepSeek-AI 2025), readable to
 Each iteration:
   1. roll out: G samples for each of a batch of prompts from π_old. DAPO dynamic sampling drops the groups whose
      rewards are all equal (they carry no gradient) and samples again until the batch is full, at most
-     `max_sampling_rounds` rounds;
+     `max_sampling_rounds` rounds. With `tools`, each sample is a multi-turn rollout (stages/multiturn.py): the
+     policy's tool calls are answered in `<information>` text it did not write, which the loss, the KL term, the
+     entropy and the response length leave out (Search-R1's retrieved-token masking);
   2. score: rewards chosen by name with weights — rule rewards (accuracy, format, language consistency, overlong),
      a trained reward model and/or an LLM judge (stages/judge.py) — optionally routed by a dataset column (R1's
      secondary round: reasoning rows get the rules, general rows the reward model); with process supervision, each
