@@ -25,10 +25,11 @@ from pathlib import Path
 from flows.compare import mean_sd
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1", "verifiers")
+PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1", "verifiers", "search-r1")
 METRICS = ("gold_score,kl,ptx_lm_loss,eval_accuracy,accuracy,format_rate,language_consistency,initial_accuracy,"
            "initial_format_rate,initial_language_consistency,mean_response_length,correct_rate,step_positive_rate,"
-           "eval_auc,eval_step_accuracy,eval_step_auc,eval_first_error_f1")
+           "eval_auc,eval_step_accuracy,eval_step_auc,eval_first_error_f1,search_rate,mean_searches,"
+           "tool_calls_per_sample,notool_accuracy,initial_search_rate,initial_notool_accuracy")
 SCORERS = ("pass1", "majority", "orm", "prm_min", "prm_prod", "prm_last", "oracle")  # best_of_n's selection methods
 CURVE_METRICS = ",".join(f"{scorer}_n{2 ** k}" for scorer in SCORERS for k in range(11))
 CURVE_POINT = re.compile(r"^(.+)_n(\d+)$")

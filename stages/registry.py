@@ -105,7 +105,7 @@ EVALUATORS = Registry("evaluator", {
 })
 # a reward that verifies answers -> the evaluator judging with the same verifier: a stage whose rewards include one
 # is evaluated by it unless its `evaluator` says otherwise
-VERIFIER_EVALUATORS = {"reasoning_gym": "reasoning_gym", "math_verify": "math_verify"}
+VERIFIER_EVALUATORS = {"reasoning_gym": "reasoning_gym", "math_verify": "math_verify", "exact_match": "search"}
 # rewards scoring an answer's correctness: an RL stage logs the first of these it uses as its `accuracy`
 VERIFIER_REWARDS = ("accuracy", *VERIFIER_EVALUATORS)
 # (prompt, K responses) -> ranks, 0 = best (equal ranks are ties): scripted stand-ins for human rankers

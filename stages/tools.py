@@ -51,8 +51,8 @@ class ToolResult:
 
 def _call_bound(fn: ToolFn, params: dict[str, Any], shadowed: frozenset[str], query: str, /, **columns: Any) -> str:
     """`fn(query, **columns, **params)` less the columns in `shadowed`: a bound param wins over a row's column of its
-    name (a dataset's `index` column must not redirect a search), and a column named like a positional parameter
-    (`query`) is left out."""
+    name (a dataset's `index` column must not redirect a search), and a column named like the query parameter is left
+    out."""
     return fn(query, **{k: v for k, v in columns.items() if k not in shadowed}, **params)
 
 
@@ -66,8 +66,8 @@ def build_tool(name: str, **params: Any) -> ToolFn:
     if unknown:
         raise ValueError(f"tool {name!r} has no parameter(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed) or 'none'}")
-    positional = frozenset(p.name for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    return functools.partial(_call_bound, fn, params, positional | set(params))
+    query = next((p.name for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return functools.partial(_call_bound, fn, params, frozenset({query, *params} - {None}))
 
 
 @dataclass

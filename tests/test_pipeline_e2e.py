@@ -218,6 +218,20 @@ def test_verifiers_pipeline_labels_trains_reranks_and_supervises_grpo_with_the_p
     assert run("compare", "tiny-verifiers") and (tmp_path / "compare.png").stat().st_size > 0
 
 
+def test_search_r1_pipeline_indexes_the_corpus_and_trains_with_the_search_tool(tmp_path, monkeypatch, prefect_server):
+    """Search-R1 end to end at test size: the synthetic world and its corpus, the BM25 index, a cold start on traces
+    that search, GRPO whose rollouts call the search tool, evaluated with the tool and without it."""
+    make_project(tmp_path, REPO / "tests" / "pipelines" / "tiny_search_r1.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run("run", "tiny-search-r1") == \
+        "tiny-search-r1: ran data, index, pretrain, cold_start_sft, grpo; up to date: none"
+    final = json.loads((tmp_path / "artifacts/tiny-search-r1/grpo/metrics.json").read_text())
+    for prefix in ("", "initial_", "notool_", "initial_notool_"):
+        assert {f"{prefix}accuracy", f"{prefix}search_rate"} <= set(final)
+    assert final["notool_search_rate"] == 0 and {"tool_calls_per_sample", "turns_per_sample"} <= set(final)
+
+
 def test_versions_are_listed_and_a_restored_version_makes_downstream_stale(in_workspace):
     listing = run("versions", "tiny", "reward_model")
     newest, first = [line.split()[1] if line.startswith("*") else line.split()[0]

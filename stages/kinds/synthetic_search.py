@@ -21,6 +21,7 @@ from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import Input, StageParams
 from stages.reasoning_task import chat_document
+from stages.retrieval import NO_MATCH, NO_QUERY
 
 
 class Params(StageParams):
@@ -82,7 +83,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     eval_rows = rng.sample(eval_facts, p.eval_prompts)
     sft = [solved(rng.choice(known_facts)) for _ in range(p.cold_start_traces)]
     example = solved(task.questions(world[0])[0])  # the question and trace layout's words
-    vocab = [{"text": r["text"]} for r in corpus] + [{"text": f"{example['prompt']} {example['response']}"}]
+    vocab = [{"text": r["text"]} for r in corpus] + [{"text": f"{example['prompt']} {example['response']}"},
+                                                     {"text": f"{NO_QUERY} {NO_MATCH}"}]  # the search tool's notices
 
     write_jsonl(corpus, ctx.outputs["corpus"])
     write_jsonl(pretrain, ctx.outputs["pretrain"])

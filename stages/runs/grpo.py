@@ -45,6 +45,7 @@ from stages.models import last_token_scores, load_policy, load_scalar_head_model
 from stages.multiturn import MultiTurnSamples, ToolUse, multi_turn_sample
 from stages.process_rewards import StepSource, prm_steps, rule_steps, step_metrics
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
+from stages.retrieval import load_index
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
@@ -322,6 +323,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
     check_reward_inputs(ctx)
     toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None) if p.tools else None
+    if toolbox and ctx.has("index"):  # loaded now, not inside the first call's timer (a large index takes seconds)
+        load_index(ctx.path("index"))
     tools = ToolUse(toolbox, p.max_turns) if toolbox else None
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)
