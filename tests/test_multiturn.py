@@ -3,6 +3,7 @@ the policy's tokens, tools that fail are contained, budgets and turns hold, and 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,12 @@ from pydantic import ValidationError
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
-from stages.kinds.grpo import build_toolbox
 from stages.models import build_tiny_llama, build_word_tokenizer, save
 from stages.multiturn import multi_turn_sample
 from stages.runs import grpo
 from stages.spec import DataInput
 from stages.text import Generation
+from stages.tool_params import build_toolbox
 from stages.tools import ToolBox
 from tests.conftest import Tracker
 
@@ -255,3 +256,27 @@ def test_the_index_input_is_bound_to_the_tools_taking_one():
     with pytest.raises(ValueError, match="give the stage an `index` input"):
         build_toolbox(p, None)
     get_kind("grpo").params(tools={"search": "search"}, tool_params={"search": {"top_k": 2}})  # the built-in
+
+
+def test_rejection_sampling_with_tools_keeps_whole_trajectories_the_verifier_accepts(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    save(build_tiny_llama(len(tokenizer), 16, 1, 2, 128, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                          tokenizer.eos_token_id), tokenizer, tmp_path / "policy")
+    write_jsonl([ROW], tmp_path / "prompts.jsonl")
+    kind = get_kind("rejection_sampling")
+    params = kind.params(tools={"search": f"{__name__}:lookup"}, samples_per_prompt=2, max_new_tokens=20,
+                         filters=["correct"], verifier=f"{__name__}:answered")
+    inputs = {"policy": DataInput(path=str(tmp_path / "policy")),
+              "prompts": DataInput(path=str(tmp_path / "prompts.jsonl"))}
+    ctx = StageContext("test", "rejection_sampling", 0, params, inputs, {"sft": tmp_path / "sft.jsonl"}, tmp_path,
+                       None, Accelerator(cpu=True), Tracker())
+    ctx.opened["engine"] = ScriptedEngine([CALL, ANSWER])
+    try:
+        metrics = kind.load_run()(ctx)
+    finally:
+        ctx.close()
+    kept = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    # the call, the environment's answer and the policy's answer: one trajectory, as SFT data
+    assert kept == [{"prompt": ROW["prompt"], "response": "<think> need capital </think> <search> capital of "
+                     "zorblax </search> <information> quenta is the capital </information> <answer> quenta </answer>"}]
+    assert metrics["acceptance_rate"] == 1.0 and metrics["tool_calls_per_sample"] == 1.0

@@ -6,27 +6,24 @@ Declared here (what pipelines.yaml may set); how it works: stages/runs/grpo.py.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import PositiveInt, field_validator, model_validator
 
 from stages.judge import JUDGE_REWARD, JudgeParams
 from stages.kinds import Input
 from stages.params import LoraTrainingParams, LossAggMode, OutcomeEstimator, PolicyEvalParams
-from stages.registry import STEP_REWARDS, TOOLS, VERIFIER_EVALUATORS
+from stages.registry import STEP_REWARDS, VERIFIER_EVALUATORS
 from stages.rewards import RewardConfigError, build_reward, reward_fn
-from stages.tools import ToolBox, ToolFn, build_tool
+from stages.tool_params import INDEX_INPUT, ToolSettings
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 PRM_STEP_REWARD = "prm"  # the step reward scored by the `prm` input (a trained process reward model)
-INDEX_PARAM = "index"  # a tool's keyword-only parameter bound to the `index` input's path
-INDEX_PLACEHOLDER = "<index>"  # what `index` is bound to when tools are checked at declaration
 RESERVED_REWARDS = {MODEL_REWARD: "scored by the `reward` input",
                     JUDGE_REWARD: "asked of the `judge` input or judge.url"}  # rewards scored by a model
 
 
-class Params(LoraTrainingParams, PolicyEvalParams):
+class Params(LoraTrainingParams, PolicyEvalParams, ToolSettings):
     iterations: int = 20  # rollout + update rounds
     checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
     log_every: PositiveInt = 1  # iterations between the training-curve points sent to MLflow
@@ -55,11 +52,6 @@ class Params(LoraTrainingParams, PolicyEvalParams):
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and sample more
     max_sampling_rounds: int = 3  # sampling rounds per step with dynamic sampling
     mask_truncated: bool = False  # DAPO overlong filtering: no loss on samples cut at max_new_tokens
-    tools: dict[str, str] = {}  # multi-turn rollouts: tag -> tool name or import path, e.g. {search: search}
-    tool_params: dict[str, dict[str, Any]] = {}  # tag -> the tool's keyword params, e.g. search: {top_k: 3}
-    max_turns: PositiveInt = 2  # tool calls a sample may make; after the last it writes on to EOS or the budget
-    tool_timeout_s: float = Field(5.0, gt=0)  # a tool call still running after this answers an error
-    tool_max_chars: PositiveInt = 400  # a tool's text is cut to this many characters
     eval_without_tools: bool = False  # with tools: also evaluate sampling without them (metrics prefixed notool_)
 
     @field_validator("rewards")
@@ -111,12 +103,7 @@ class Params(LoraTrainingParams, PolicyEvalParams):
         return self
 
     @model_validator(mode="after")
-    def known_tools(self) -> "Params":
-        for tag, params in self.tool_params.items():
-            if tag not in self.tools:
-                raise ValueError(f"tool_params for '{tag}', which is not in tools {sorted(self.tools)}")
-        for tag, name in self.tools.items():
-            build_tool(name, **bound_params(name, self.tool_params.get(tag, {}), INDEX_PLACEHOLDER))
+    def tools_settings(self) -> "Params":
         if self.tools and self.rollout.tis_cap is not None:
             raise ValueError("rollout.tis_cap with tools: multi-turn rollouts carry no engine log-probs")
         if self.eval_without_tools and not self.tools:
@@ -136,26 +123,6 @@ class Params(LoraTrainingParams, PolicyEvalParams):
         return self.loss_agg_mode or default
 
 
-def bound_params(name: str, params: dict[str, Any], index: str | None) -> dict[str, Any]:
-    """The tool's `params`, with `index` (the `index` input's path) added when its signature takes an `index`."""
-    fn = TOOLS.load(name)
-    takes_index = any(p.name == INDEX_PARAM and p.kind is p.KEYWORD_ONLY
-                      for p in inspect.signature(fn).parameters.values())
-    if not takes_index:
-        return params
-    if index is None:
-        raise ValueError(f"tool '{name}' searches an index: give the stage an `index` input (a bm25_index stage's "
-                         "output)")
-    return {**params, INDEX_PARAM: index}
-
-
-def build_toolbox(p: Params, index: str | None) -> ToolBox:
-    """The stage's tools by tag, each with its `tool_params` and the `index` input's path bound where it takes one."""
-    tools: dict[str, ToolFn] = {tag: build_tool(name, **bound_params(name, p.tool_params.get(tag, {}), index))
-                                for tag, name in p.tools.items()}
-    return ToolBox(tools, p.tool_timeout_s, p.tool_max_chars)
-
-
 INPUTS = {
     "policy": Input("initial policy, also the frozen KL reference (with LoRA: the policy with adapters off)",
                     model=True),
@@ -166,8 +133,7 @@ INPUTS = {
     "judge": Input("causal LM asked the `judge` reward's question (greedy); or judge.url", required=False,
                    model=True),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
-    "index": Input("a bm25_index stage's index, bound to the tools taking an `index` (the search tool)",
-                   required=False),
+    "index": INDEX_INPUT,
 }
 OUTPUTS = {"model": "model"}
 # `rl4llm compare` shows these

@@ -11,11 +11,12 @@ from pydantic import field_validator
 
 from stages.kinds import Input
 from stages.params import ModelParams, RolloutSettings
+from stages.tool_params import INDEX_INPUT, ToolSettings
 from stages.verifier_params import VerifierSettings
 
 FilterName = Literal["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # see stages/runs/
 
-class Params(ModelParams, RolloutSettings, VerifierSettings):
+class Params(ModelParams, RolloutSettings, VerifierSettings, ToolSettings):
     prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
     samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt
@@ -46,6 +47,7 @@ INPUTS = {
                      columns=("prompt",)),
     "general": Input("general (non-reasoning) demonstrations merged into the output", required=False,
                      columns=("prompt", "response")),
+    "index": INDEX_INPUT,
 }
 OUTPUTS = {"sft": "sft.jsonl"}
 KEY_METRICS = ("acceptance_rate", "kept")  # `rl4llm compare` shows these

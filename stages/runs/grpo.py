@@ -39,7 +39,7 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, global_means, local_rows, seed_sampling,
                                 shard)
 from stages.judge import JUDGE_REWARD, Ask, JudgeReward, served_judge
-from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params, build_toolbox
+from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
 from stages.multiturn import MultiTurnSamples, ToolUse, multi_turn_sample
@@ -51,6 +51,7 @@ from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, logprob_rows, pair_batch, response_logprobs, response_logprobs_and_entropy,
                          sample)
+from stages.tool_params import build_toolbox
 from stages.tools import ToolBox
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)

@@ -6,7 +6,9 @@ filter — a correct final answer (by the `verifier` reward: scored at least `mi
 <answer>…</answer>` template, a chain of thought in the prompt's language, no repetition loops, no duplicates — and
 write `{prompt, response}` rows, optionally merged with general (non-reasoning) demonstrations.
 The rows keep the prompt without the demonstrations, so the SFT stage teaches the model to answer that way unshown.
-R1 uses it twice: for readable cold-start data, and for the SFT round after reasoning RL.
+R1 uses it twice: for readable cold-start data, and for the SFT round after reasoning RL. With `tools`, each sample
+is a multi-turn trajectory (stages/multiturn.py: tool calls answered in `<information>` blocks), judged and kept
+whole: rejection-sampled tool-use traces for a cold start.
 
 Params, inputs and outputs: stages/kinds/rejection_sampling.py.
 """
@@ -16,15 +18,19 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from stages.chat import prompt_key, with_demonstrations
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stages.chat import Prompt, prompt_key, with_demonstrations
 from stages.context import StageContext
 from stages.data import write_jsonl
-from stages.distributed import gather_list, shard, write_trace
+from stages.distributed import gather_list, global_means, shard, write_trace
 from stages.kinds.rejection_sampling import Params
 from stages.models import sampling_policy
+from stages.multiturn import multi_turn_sample
 from stages.rewards import build_reward, format_reward, language_consistency_reward, repetition_ratio
 from stages.rollout import stage_engine
 from stages.text import check_prompts_fit, context_length, sample
+from stages.tool_params import build_toolbox
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
 Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]
@@ -78,6 +84,20 @@ def accept(completions: list[str], columns: dict[str, list[Any]], p: Params) -> 
     return keep, rates
 
 
+def sample_completions(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       prompts: list[Prompt], rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, float]]:
+    """This rank's completions of `prompts`, and its tool counts: single-turn, or with `tools` multi-turn (each
+    completion the whole trajectory, tool text included, as the filters and the verifier judge it)."""
+    p: Params = ctx.params
+    if not p.tools:
+        return sample(model, tokenizer, prompts, p.max_new_tokens, p.temperature,
+                      max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx)).completions, {}
+    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None)
+    turns = multi_turn_sample(model, tokenizer, prompts, rows, toolbox, p.max_turns, p.max_new_tokens,
+                              p.temperature, stage_engine(ctx), p.max_prompt_length)
+    return turns.completions, turns.counts()
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     p: Params = ctx.params
     acc = ctx.accelerator
@@ -94,9 +114,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     repeated = [row for row in shard(rows, acc) for _ in range(p.samples_per_prompt)]
     shown = [with_demonstrations(row["prompt"], p.demonstrations) if p.demonstrations else row["prompt"]
              for row in repeated]
-    completions = gather_list(sample(model, tokenizer, shown, p.max_new_tokens,
-                                     p.temperature, max_prompt_length=p.max_prompt_length,
-                                     engine=stage_engine(ctx)).completions, acc)
+    completions, tool_counts = sample_completions(ctx, model, tokenizer, shown, repeated)
+    completions = gather_list(completions, acc)
     repeated = [row for row in rows for _ in range(p.samples_per_prompt)]
     columns = {key: [row.get(key) for row in repeated] for key in rows[0]}
     keep, rates = accept(completions, columns, p)
@@ -112,4 +131,4 @@ def run(ctx: StageContext) -> dict[str, float]:
         write_jsonl(sft + general, ctx.outputs["sft"])
     n_prompts = len({prompt_key(row["prompt"]) for row in rows})
     return {"acceptance_rate": sum(keep) / len(keep), "prompts_without_sample": n_prompts - len(kept),
-            "kept": len(sft), "general": len(general), **rates}
+            "kept": len(sft), "general": len(general), **rates, **global_means(acc, tool_counts)}
