@@ -180,14 +180,16 @@ def test_routed_reward_scatters_in_order() -> None:
 
 
 def test_build_reward() -> None:
-    assert set(REWARDS) == {"accuracy", "format", "language_consistency", "overlong", "reasoning_gym", "math_verify"}
+    assert set(REWARDS) == {"accuracy", "format", "language_consistency", "overlong", "reasoning_gym", "math_verify",
+                            "exact_match", "tool_format"}
     assert build_reward("format") is format_reward
     overlong = build_reward("overlong", max_length=10, buffer=4)
     assert overlong(["x"], completion_length=[8]) == [-0.5]
     with pytest.raises(KeyError) as err:
         build_reward("acuracy")
-    assert str(err.value) == ("unknown reward 'acuracy'; allowed: accuracy, format, language_consistency, "
-                              "math_verify, overlong, reasoning_gym, or an import path `module:function` of your own")
+    assert str(err.value) == ("unknown reward 'acuracy'; allowed: accuracy, exact_match, format, language_consistency, "
+                              "math_verify, overlong, reasoning_gym, tool_format, or an import path `module:function` "
+                              "of your own")
     with pytest.raises(ValueError, match="acuracy"):
         build_reward("acuracy")
     with pytest.raises(RewardConfigError, match="max_len.*allowed: max_length, buffer, penalty"):
