@@ -16,8 +16,6 @@ import functools
 import inspect
 import json
 import re
-import signal
-import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from typing import Any, Literal
 
 from stages.chat import prompt_text
 from stages.registry import REWARDS
+from stages.timer import OutOfTime, within
 
 RewardFn = Callable[..., list[float]]
 Scorer = Callable[[list[Any], list[str]], list[float]]  # (prompts: text or chat, completions) -> scores
@@ -193,35 +192,12 @@ def answer_of(completion: str, reference: Any, mode: str) -> str | None:
     return _final_line(completion)
 
 
-class _OutOfTime(BaseException):
-    """Raised by the verification timer; a BaseException so that a library's `except Exception` cannot swallow it."""
-
-
-def _expire(signum: int, frame: Any) -> None:
-    raise _OutOfTime
-
-
-def _timed(fn: Callable[[], float], seconds: float) -> float:
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-
 def time_bounded(fn: Callable[[], float], seconds: float | None = None) -> float:
-    """`fn()`, or 0.0 when it runs past `seconds` (default VERIFY_SECONDS; a one-shot SIGALRM timer; every exit path stops it and puts the
-    previous handler back). Signals reach the main thread only: elsewhere `fn` runs without a timer, bounded by the
-    length caps on what the verifiers see."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-    previous = signal.signal(signal.SIGALRM, _expire)
+    """`fn()`, or 0.0 when it runs past `seconds` (default VERIFY_SECONDS; `stages.timer.within`)."""
     try:
-        return _timed(fn, VERIFY_SECONDS if seconds is None else seconds)
-    except _OutOfTime:  # wherever the one tick landed, up to the timer being stopped
+        return within(fn, VERIFY_SECONDS if seconds is None else seconds)
+    except OutOfTime:
         return 0.0
-    finally:
-        signal.signal(signal.SIGALRM, previous)
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,36 +11,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-import signal
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from stages.registry import TOOLS
+from stages.timer import OutOfTime, within
 
 ToolFn = Callable[..., str]  # (query, **columns) -> text shown to the model
-
-
-class ToolTimeout(BaseException):
-    """Raised by the call timer; a BaseException so that a tool's `except Exception` cannot swallow it."""
-
-
-def _expire(signum: int, frame: Any) -> None:
-    raise ToolTimeout
-
-
-def _timed_call(fn: Callable[[], Any], seconds: float) -> Any:
-    """`fn()` under a one-shot SIGALRM timer of `seconds` (main thread only; elsewhere untimed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-    previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
@@ -79,21 +57,20 @@ class ToolBox:
     max_chars: int = 2000  # a tool's text is cut to this many characters
     calls: int = 0
     failures: int = 0
-    failed: list[str] = field(default_factory=list)  # the first few failures, for the stage's log
+    first_failure: str | None = None  # what the first failed call answered, for the stage's log
 
     def call(self, tag: str, query: str, columns: dict[str, Any]) -> ToolResult:
         """Run the tool of `tag` on `query` with the sample's row `columns`; never raises."""
         self.calls += 1
         try:
-            text = _timed_call(lambda: self.tools[tag](query, **columns), self.timeout_s)
+            text = within(lambda: self.tools[tag](query, **columns), self.timeout_s)
             if not isinstance(text, str):
                 raise TypeError(f"returned {type(text).__name__}, not text")
             return ToolResult(text[:self.max_chars], True)
-        except ToolTimeout:
+        except OutOfTime:
             message = f"error: {tag} timed out after {self.timeout_s:g} s"
         except Exception as e:  # a tool's bug is the model's bad luck, not the stage's end
             message = f"error: {tag} failed: {type(e).__name__}: {e}"[:self.max_chars]
         self.failures += 1
-        if len(self.failed) < 5:
-            self.failed.append(message)
+        self.first_failure = self.first_failure or message
         return ToolResult(message, False)

@@ -41,7 +41,7 @@ def test_a_raising_tool_answers_an_error_and_is_counted():
     box = ToolBox({"t": raising})
     result = box.call("t", "q", {})
     assert not result.ok and "RuntimeError" in result.text and "boom on q" in result.text
-    assert (box.calls, box.failures, len(box.failed)) == (1, 1, 1)
+    assert (box.calls, box.failures, box.first_failure) == (1, 1, result.text)
     assert box.call("t", "q", {}).text == result.text and box.failures == 2
 
 

@@ -437,7 +437,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     final = {**evaluate(ctx, policy.model, tokenizer, tools, p.eval_without_tools),
              "truncated_prompts": truncated_prompts}
     save_model(ctx, policy.model, tokenizer)
-    if toolbox and toolbox.failed:
-        print(f"[{ctx.label}] {toolbox.failures} of {toolbox.calls} tool calls failed; first: {toolbox.failed[0]}",
+    if toolbox and toolbox.first_failure:
+        print(f"[{ctx.label}] {toolbox.failures} of {toolbox.calls} tool calls failed; first: {toolbox.first_failure}",
               flush=True)
     return {**final, **as_initial(initial)}
