@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import stages
-from stages import BOOKKEEPING
+from stages import BOOKKEEPING, python_ast
 from stages.kinds import get_kind, kind_module
 from stages.registry import REGISTRIES
 from stages.spec import ResolvedStage
@@ -66,7 +66,7 @@ def import_closure(modules: list[str], root: Path) -> set[Path]:
 def _imports(file: Path, _mtime_ns: int) -> list[tuple[int, str | None, list[str]]]:
     """The imports anywhere in a file but `if TYPE_CHECKING:` blocks: (level, module, names imported from it)."""
     found: list[tuple[int, str | None, list[str]]] = []
-    tree = ast.parse(file.read_text())
+    tree = python_ast.parse(file.read_text())
     for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
         block.body = []  # imports for type annotations only: not code the module runs
     for node in ast.walk(tree):

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Callable, Iterable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from stages import python_ast
 from stages.registry import is_import_path, load_object
 
 
@@ -54,7 +55,7 @@ def declared_comments(cls: type) -> dict[str, str]:
     lines = source.splitlines(keepends=True)
     comments = {token.start[0]: token.string.lstrip("#").strip()
                 for token in tokenize.generate_tokens(iter(lines).__next__) if token.type == tokenize.COMMENT}
-    body = ast.parse(source).body[0].body
+    body = python_ast.parse(source).body[0].body
     return {node.target.id: comments[node.end_lineno] for node in body
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments}
 
