@@ -32,8 +32,7 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         return EVALUATORS.load(evaluator)(repeated, completions)
     turns = multi_turn_sample(model, tokenizer, prompts, repeated, tools.toolbox, tools.max_turns, max_new_tokens,
                               temperature, engine, what="evaluating")
-    counts = {k: v for k, v in turns.counts().items() if k != "model_tokens"}
-    return {**EVALUATORS.load(evaluator)(repeated, turns.completions), **counts}
+    return {**EVALUATORS.load(evaluator)(repeated, turns.completions), **turns.counts()}
 
 
 @torch.no_grad()

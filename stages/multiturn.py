@@ -41,10 +41,6 @@ class Rollout:
     turns: int = 0  # segments the policy wrote
     done: bool = False
 
-    @property
-    def model_tokens(self) -> int:
-        return sum(self.loss_mask)
-
 
 @dataclass
 class MultiTurnSamples:
@@ -52,15 +48,13 @@ class MultiTurnSamples:
     completions: list[str]  # each full response decoded (the tool's text included), as the rewards see it
 
     def counts(self) -> dict[str, float]:
-        """Means per sample: tool calls, turns, invalid and failed calls; the share of samples calling a tool; the
-        policy's own tokens (the response length a loss counts)."""
+        """Means per sample: tool calls, turns, invalid and failed calls; the share of samples calling a tool."""
         n = max(len(self.rollouts), 1)
         return {"tool_calls_per_sample": sum(r.tool_calls for r in self.rollouts) / n,
                 "tool_call_rate": sum(r.tool_calls > 0 for r in self.rollouts) / n,
                 "invalid_tool_calls": sum(r.invalid_calls for r in self.rollouts) / n,
                 "tool_failures": sum(r.failed_calls for r in self.rollouts) / n,
-                "turns_per_sample": sum(r.turns for r in self.rollouts) / n,
-                "model_tokens": sum(r.model_tokens for r in self.rollouts) / n}
+                "turns_per_sample": sum(r.turns for r in self.rollouts) / n}
 
 
 def first_call_end(tokenizer: PreTrainedTokenizerBase, segment: list[int], tags: list[str]) -> tuple[int, str] | None:

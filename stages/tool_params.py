@@ -1,4 +1,4 @@
-"""Params of the kinds whose rollouts call tools (grpo, rejection_sampling): the tools by tag, their options, the
+"""Params of the kinds whose rollouts call tools (grpo, ppo, rejection_sampling): the tools by tag, their options, the
 calls a sample may make and the bounds of each call; and the toolbox a stage builds from them (stages/tools.py).
 Apart from stages/params.py so that only these kinds' code depends on the tools."""
 
@@ -9,8 +9,11 @@ from typing import Any
 
 from pydantic import Field, PositiveInt, model_validator
 
-from stages.kinds import Input, StageParams
+from stages.kinds import Input
+from stages.params import RolloutSettings
+from stages.multiturn import ToolUse
 from stages.registry import TOOLS
+from stages.retrieval import load_index
 from stages.tools import ToolBox, ToolFn, build_tool
 
 INDEX_PARAM = "index"  # a tool's keyword-only parameter bound to the `index` input's path
@@ -19,7 +22,7 @@ INDEX_INPUT = Input("a bm25_index stage's index, bound to the tools taking an `i
                     required=False)
 
 
-class ToolSettings(StageParams):
+class ToolSettings(RolloutSettings):
     """Kinds whose rollouts may call tools (multi-turn, stages/multiturn.py)."""
 
     tools: dict[str, str] = {}  # multi-turn rollouts: tag -> tool name or import path, e.g. {search: search}
@@ -35,6 +38,20 @@ class ToolSettings(StageParams):
                 raise ValueError(f"tool_params for '{tag}', which is not in tools {sorted(self.tools)}")
         for tag, name in self.tools.items():
             build_tool(name, **bound_params(name, self.tool_params.get(tag, {}), INDEX_PLACEHOLDER))
+        if self.tools and self.rollout.tis_cap is not None:
+            raise ValueError("rollout.tis_cap with tools: multi-turn rollouts carry no engine log-probs")
+        return self
+
+
+class PolicyToolSettings(ToolSettings):
+    """RL kinds whose rollouts may call tools, and whose held-out evaluation samples with them."""
+
+    eval_without_tools: bool = False  # with tools: also evaluate sampling without them (metrics prefixed notool_)
+
+    @model_validator(mode="after")
+    def compared_without_tools(self) -> "PolicyToolSettings":
+        if self.eval_without_tools and not self.tools:
+            raise ValueError("eval_without_tools needs tools")
         return self
 
 
@@ -56,3 +73,13 @@ def build_toolbox(p: ToolSettings, index: str | None) -> ToolBox:
     tools: dict[str, ToolFn] = {tag: build_tool(name, **bound_params(name, p.tool_params.get(tag, {}), index))
                                 for tag, name in p.tools.items()}
     return ToolBox(tools, p.tool_timeout_s, p.tool_max_chars)
+
+
+def stage_tools(p: ToolSettings, index: str | None) -> ToolUse | None:
+    """How the stage's rollouts use tools (`build_toolbox`, at most `max_turns` calls each); None without tools. The
+    `index` is loaded now, not inside the first call's time bound (a large index takes seconds)."""
+    if not p.tools:
+        return None
+    if index is not None:
+        load_index(index)
+    return ToolUse(build_toolbox(p, index), p.max_turns)

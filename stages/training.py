@@ -228,7 +228,15 @@ def kl_to_reference(acc: Accelerator, policy: torch.nn.Module, reference: torch.
     """Monte-Carlo KL(π‖π_ref) per response: mean over samples of Σ_t (log π − log π_ref) (k1, unbiased), scored
     in micro-batches of `micro_batch_size` rows; `reference` None: the policy with its LoRA adapters off."""
     samples = sample(policy, tokenizer, prompts, max_new_tokens, engine=engine)
-    batch = samples.batch.to(next(policy.parameters()).device)
+    return kl_of_samples(acc, policy, reference, samples.batch, micro_batch_size)
+
+
+@torch.no_grad()
+def kl_of_samples(acc: Accelerator, policy: torch.nn.Module, reference: torch.nn.Module | None, batch: PairBatch,
+                  micro_batch_size: int) -> float:
+    """Σ_t (log π − log π_ref) over each sample's response mask (k1), averaged over the samples of `batch` (drawn
+    from π); `reference` None: the policy with its LoRA adapters off."""
+    batch = batch.to(next(policy.parameters()).device)
     diff = batched(lambda part: response_logprobs(policy, part)
                    - reference_logprobs(acc, policy, reference, part), batch, micro_batch_size)
     return masked_sum(diff, batch.response_mask, dim=1).mean().item()

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.kinds import get_kind
-from stages.models import build_tiny_llama, build_word_tokenizer, save
+from stages.models import build_tiny_llama, build_word_tokenizer, load_scalar_head_model, save
 from stages.multiturn import multi_turn_sample
-from stages.runs import grpo
+from stages.runs import grpo, ppo
 from stages.spec import DataInput
 from stages.text import Generation
 from stages.tool_params import build_toolbox
@@ -179,7 +179,9 @@ def test_multi_turn_rollouts_repeat_with_a_seed(tokenizer):
     assert roll(2)[0] != first
 
 
-def run_grpo(root: Path, tokenizer, engine, **params) -> Tracker:
+def run_rl(kind_name: str, root: Path, tokenizer, engine, extra_inputs: dict[str, str] | None = None,
+           **params) -> Tracker:
+    """A grpo or ppo stage (ppo's reward model: the policy with a scalar head) on ROW, sampled by `engine`."""
     torch.manual_seed(0)
     model = build_tiny_llama(len(tokenizer), 16, 1, 2, 128, tokenizer.pad_token_id, tokenizer.bos_token_id,
                              tokenizer.eos_token_id)
@@ -187,9 +189,13 @@ def run_grpo(root: Path, tokenizer, engine, **params) -> Tracker:
     write_jsonl([ROW] * 4, root / "prompts.jsonl")
     inputs = {"policy": DataInput(path=str(root / "policy")), "prompts": DataInput(path=str(root / "prompts.jsonl")),
               "eval": DataInput(path=str(root / "prompts.jsonl"))}
-    kind = get_kind("grpo")
+    if kind_name == "ppo":
+        save(load_scalar_head_model(str(root / "policy"), tokenizer.pad_token_id), tokenizer, root / "reward")
+        inputs["reward"] = DataInput(path=str(root / "reward"))
+    inputs |= {name: DataInput(path=path) for name, path in (extra_inputs or {}).items()}
+    kind = get_kind(kind_name)
     tracker = Tracker()
-    ctx = StageContext("test", "grpo", 0, kind.params(**params), inputs, {"model": root / "model"}, root, None,
+    ctx = StageContext("test", kind_name, 0, kind.params(**params), inputs, {"model": root / "model"}, root, None,
                        Accelerator(cpu=True), tracker)
     ctx.opened["engine"] = engine
     try:
@@ -199,33 +205,56 @@ def run_grpo(root: Path, tokenizer, engine, **params) -> Tracker:
     return tracker
 
 
+def recording(masks: list[torch.Tensor], fn, position: int):
+    """`fn`, recording the mask it is given as argument `position`."""
+    def wrapped(*args, **kwargs):
+        masks.append(args[position].clone())
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+POLICY_MASK = [1] * 9 + [0] * 6 + [1] * 4  # the scripted sample: the call, the tool's answer, the policy's answer
+TOOL_COUNTS = {"tool_calls_per_sample": 1.0, "tool_call_rate": 1.0, "invalid_tool_calls": 0.0, "tool_failures": 0.0,
+               "turns_per_sample": 2.0, "response_length": 13.0}
+
+
 def test_grpo_with_tools_trains_only_the_policys_tokens_and_logs_tool_use(tokenizer, tmp_path, monkeypatch):
     masks = []  # every mask the policy loss and the KL term are aggregated over
-
-    def recording(fn, position):
-        def wrapped(*args, **kwargs):
-            masks.append(args[position].clone())
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(grpo, "ppo_policy_loss", recording(grpo.ppo_policy_loss, 3))
-    monkeypatch.setattr(grpo, "aggregate_loss", recording(grpo.aggregate_loss, 1))
-    tracker = run_grpo(tmp_path, tokenizer, ScriptedEngine([CALL, ANSWER]), rewards={f"{__name__}:answered": 1.0},
-                       tools={"search": f"{__name__}:lookup"}, iterations=2, prompts_per_step=2, samples_per_prompt=2,
-                       minibatch_size=2, max_new_tokens=20, kl_coef=0.1, evaluator=f"{__name__}:answer_rate",
-                       eval_max_new_tokens=20, eval_without_tools=True)
-    expected = [1] * 9 + [0] * 6 + [1] * 4  # every sample: the call, the tool's answer, the policy's answer
+    monkeypatch.setattr(grpo, "ppo_policy_loss", recording(masks, grpo.ppo_policy_loss, 3))
+    monkeypatch.setattr(grpo, "aggregate_loss", recording(masks, grpo.aggregate_loss, 1))
+    tracker = run_rl("grpo", tmp_path, tokenizer, ScriptedEngine([CALL, ANSWER]),
+                     rewards={f"{__name__}:answered": 1.0}, tools={"search": f"{__name__}:lookup"}, iterations=2,
+                     prompts_per_step=2, samples_per_prompt=2, minibatch_size=2, max_new_tokens=20, kl_coef=0.1,
+                     evaluator=f"{__name__}:answer_rate", eval_max_new_tokens=20, eval_without_tools=True)
     assert len(masks) == 8  # 2 iterations × 2 minibatches × (policy loss, KL)
     for mask in masks:
-        assert mask.tolist() == [expected] * 2
+        assert mask.tolist() == [POLICY_MASK] * 2
     logged = tracker.logged[-1]
-    assert {k: logged[k] for k in ("tool_calls_per_sample", "tool_call_rate", "invalid_tool_calls", "tool_failures",
-                                   "turns_per_sample", "response_length", "reward")} == {
-        "tool_calls_per_sample": 1.0, "tool_call_rate": 1.0, "invalid_tool_calls": 0.0, "tool_failures": 0.0,
-        "turns_per_sample": 2.0, "response_length": 13.0, "reward": 1.0}
+    assert {k: logged[k] for k in [*TOOL_COUNTS, "reward"]} == {**TOOL_COUNTS, "reward": 1.0}
     # held out: with the tool the answer is found; sampled without it the script never answers
     assert tracker.final["answer_rate"] == 1.0 and tracker.final["notool_answer_rate"] == 0.0
     assert tracker.final["tool_calls_per_sample"] == 1.0 and tracker.final["initial_answer_rate"] == 1.0
+
+
+def test_ppo_with_tools_masks_the_tools_text_from_every_loss_and_from_gae(tokenizer, tmp_path, monkeypatch):
+    masks = {"policy": [], "value": [], "kl": [], "gae": []}
+    monkeypatch.setattr(ppo, "ppo_policy_loss", recording(masks["policy"], ppo.ppo_policy_loss, 3))
+    monkeypatch.setattr(ppo, "clipped_value_loss", recording(masks["value"], ppo.clipped_value_loss, 3))
+    monkeypatch.setattr(ppo, "masked_sum", recording(masks["kl"], ppo.masked_sum, 1))
+    monkeypatch.setitem(ppo.ADVANTAGE_ESTIMATORS, "gae", recording(masks["gae"], ppo.ADVANTAGE_ESTIMATORS["gae"], 1))
+    tracker = run_rl("ppo", tmp_path, tokenizer, ScriptedEngine([CALL, ANSWER]), tools={"search": f"{__name__}:lookup"},
+                     iterations=2, rollout_prompts=2, samples_per_prompt=2, minibatch_size=2, ppo_epochs=1,
+                     max_new_tokens=20, evaluator=f"{__name__}:answer_rate", eval_max_new_tokens=20,
+                     eval_without_tools=True)
+    assert [len(masks[k]) for k in masks] == [4, 4, 2, 2]  # 2 iterations × 2 minibatches; the logged KL; GAE
+    for mask in [m for ms in masks.values() for m in ms]:
+        assert mask.tolist() == [POLICY_MASK] * len(mask)
+    logged = tracker.logged[-1]
+    assert {k: logged[k] for k in TOOL_COUNTS} == TOOL_COUNTS
+    assert tracker.final["answer_rate"] == 1.0 and tracker.final["notool_answer_rate"] == 0.0
+    with pytest.raises(ValueError, match="not with tools"):
+        run_rl("ppo", tmp_path / "prm", tokenizer, ScriptedEngine([CALL, ANSWER]), {"prm": str(tmp_path / "reward")},
+               tools={"search": f"{__name__}:lookup"})
 
 
 def test_tool_params_are_checked_at_declaration():

@@ -15,7 +15,7 @@ from stages.kinds import Input
 from stages.params import LoraTrainingParams, LossAggMode, OutcomeEstimator, PolicyEvalParams
 from stages.registry import STEP_REWARDS, VERIFIER_EVALUATORS
 from stages.rewards import RewardConfigError, build_reward, reward_fn
-from stages.tool_params import INDEX_INPUT, ToolSettings
+from stages.tool_params import INDEX_INPUT, PolicyToolSettings
 
 MODEL_REWARD = "reward_model"  # the reward scored by the `reward` input
 PRM_STEP_REWARD = "prm"  # the step reward scored by the `prm` input (a trained process reward model)
@@ -23,7 +23,7 @@ RESERVED_REWARDS = {MODEL_REWARD: "scored by the `reward` input",
                     JUDGE_REWARD: "asked of the `judge` input or judge.url"}  # rewards scored by a model
 
 
-class Params(LoraTrainingParams, PolicyEvalParams, ToolSettings):
+class Params(LoraTrainingParams, PolicyEvalParams, PolicyToolSettings):
     iterations: int = 20  # rollout + update rounds
     checkpoint_every: PositiveInt = 10  # iterations between resumable checkpoints
     log_every: PositiveInt = 1  # iterations between the training-curve points sent to MLflow
@@ -52,7 +52,6 @@ class Params(LoraTrainingParams, PolicyEvalParams, ToolSettings):
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and sample more
     max_sampling_rounds: int = 3  # sampling rounds per step with dynamic sampling
     mask_truncated: bool = False  # DAPO overlong filtering: no loss on samples cut at max_new_tokens
-    eval_without_tools: bool = False  # with tools: also evaluate sampling without them (metrics prefixed notool_)
 
     @field_validator("rewards")
     @classmethod
@@ -100,14 +99,6 @@ class Params(LoraTrainingParams, PolicyEvalParams, ToolSettings):
         unrouted = set(self.rewards) - {n for names in self.routes.values() for n in names}
         if self.routes and unrouted:
             raise ValueError(f"rewards {sorted(unrouted)} are in no route")
-        return self
-
-    @model_validator(mode="after")
-    def tools_settings(self) -> "Params":
-        if self.tools and self.rollout.tis_cap is not None:
-            raise ValueError("rollout.tis_cap with tools: multi-turn rollouts carry no engine log-probs")
-        if self.eval_without_tools and not self.tools:
-            raise ValueError("eval_without_tools needs tools")
         return self
 
     @model_validator(mode="after")

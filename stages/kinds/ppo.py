@@ -1,5 +1,5 @@
 """PPO-ptx (InstructGPT §3.5, eq. 2), optionally with a trained PRM's step rewards (Math-Shepherd §4, step-by-step
-PPO).
+PPO) or with rollouts that call tools (Search-R1's PPO: the tools' text is masked from every loss).
 
 Declared here (what pipelines.yaml may set); how it works: stages/runs/ppo.py.
 """
@@ -12,9 +12,10 @@ from pydantic import PositiveInt
 
 from stages.kinds import Input
 from stages.params import AdvantageEstimator, LoraTrainingParams, PolicyEvalParams
+from stages.tool_params import INDEX_INPUT, PolicyToolSettings
 
 
-class Params(LoraTrainingParams, PolicyEvalParams):
+class Params(LoraTrainingParams, PolicyEvalParams, PolicyToolSettings):
     iterations: int = 30  # rollout + update rounds
     rollout_prompts: int = 64  # prompts per rollout, global across processes
     samples_per_prompt: int = 1  # responses per prompt (> 1 for the group-based estimators)
@@ -55,6 +56,7 @@ INPUTS = {
     "lm_eval": Input("held-out pretraining text: final `ptx_lm_loss` (the alignment tax)", required=False,
                      columns=("text",)),
     "eval": Input("held-out prompts for the evaluator", required=False, columns=("prompt",)),
+    "index": INDEX_INPUT,
 }
 OUTPUTS = {"model": "model"}
 KEY_METRICS = ("gold_score", "accuracy", "kl", "reward", "ptx_lm_loss")  # `rl4llm compare` shows these

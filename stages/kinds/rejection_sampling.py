@@ -10,13 +10,13 @@ from typing import Literal
 from pydantic import field_validator
 
 from stages.kinds import Input
-from stages.params import ModelParams, RolloutSettings
+from stages.params import ModelParams
 from stages.tool_params import INDEX_INPUT, ToolSettings
 from stages.verifier_params import VerifierSettings
 
 FilterName = Literal["correct", "formatted", "language_consistent", "not_repetitive", "dedup"]  # see stages/runs/
 
-class Params(ModelParams, RolloutSettings, VerifierSettings, ToolSettings):
+class Params(ModelParams, VerifierSettings, ToolSettings):
     prompts: int | None = None  # how many prompts to sample for (None: all; global: each process samples its share)
     samples_per_prompt: int = 4  # N samples per prompt
     max_per_prompt: int = 1  # accepted samples kept per prompt

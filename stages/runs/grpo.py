@@ -42,16 +42,15 @@ from stages.judge import JUDGE_REWARD, Ask, JudgeReward, served_judge
 from stages.kinds.grpo import MODEL_REWARD, PRM_STEP_REWARD, Params
 from stages.loop import TrainingLoop, at_step, check_finite
 from stages.models import last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias
-from stages.multiturn import MultiTurnSamples, ToolUse, multi_turn_sample
+from stages.multiturn import MultiTurnSamples, multi_turn_sample
 from stages.process_rewards import StepSource, prm_steps, rule_steps, step_metrics
 from stages.registry import STEP_REWARDS, VERIFIER_REWARDS
-from stages.retrieval import load_index
 from stages.rewards import RewardError, RewardFn, Scorer, build_reward, reward_model_reward, routed_reward
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts, encode_prompt,
                          encode_response, logprob_rows, pair_batch, response_logprobs, response_logprobs_and_entropy,
                          sample)
-from stages.tool_params import build_toolbox
+from stages.tool_params import stage_tools
 from stages.tools import ToolBox
 from stages.training import (as_initial, check_evaluation_fits, disable_dropout, evaluate, prepare_optimization,
                              reference_logprobs, rl_optimiser_steps, save_model, update_on_buffer)
@@ -280,8 +279,7 @@ def tool_metrics(samples: list[dict[str, Any]]) -> dict[str, float]:
     rollouts = [s["tools"] for s in samples if s["tools"] is not None]
     if not rollouts:
         return {}
-    counts = MultiTurnSamples(rollouts, []).counts()
-    return {k: v for k, v in counts.items() if k != "model_tokens"}
+    return MultiTurnSamples(rollouts, []).counts()
 
 
 def check_reward_inputs(ctx: StageContext) -> None:
@@ -323,10 +321,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = acc.device
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
     check_reward_inputs(ctx)
-    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None) if p.tools else None
-    if toolbox and ctx.has("index"):  # loaded now, not inside the first call's timer (a large index takes seconds)
-        load_index(ctx.path("index"))
-    tools = ToolUse(toolbox, p.max_turns) if toolbox else None
+    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    toolbox = tools.toolbox if tools else None
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)
     context = context_length(policy_model)

@@ -1,7 +1,9 @@
 """PPO-ptx (InstructGPT §3.5, eq. 2), readable top to bottom.
 
 Each iteration:
-  1. roll out: sample responses to a batch of prompts from the policy;
+  1. roll out: sample responses to a batch of prompts from the policy (with `tools`, multi-turn: each call answered
+     in text the policy did not write, which every loss, the KL term and the value loss leave out, and over which
+     GAE carries the next policy token's value: Search-R1's retrieved-token masking);
   2. score: normalized RM score on the last token, minus β·KL(π‖π_ref) per token (k1/k2/k3); with a `prm` input,
      plus prm_coef × the PRM's P(correct so far) of each step on the step's last token (Math-Shepherd §4,
      step-by-step PPO), so that GAE credits steps;
@@ -16,8 +18,11 @@ Params, inputs and outputs: stages/kinds/ppo.py.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages.algorithms import (ADVANTAGE_ESTIMATORS, adaptive_kl_coef, clipped_value_loss, explained_variance,
                                kl_penalty, masked_mean, masked_sum, masked_whiten, outcome_token_rewards,
@@ -26,17 +31,45 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, gather_rows, global_means, local_rows,
                                 seed_sampling, shard)
 from stages.kinds.ppo import Params
+from stages.multiturn import ToolUse, multi_turn_sample
 from stages.loop import TrainingLoop, check_finite
 from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
                            token_values)
 from stages.process_rewards import prm_step_rewards, step_metrics, step_token_rewards
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
-from stages.text import (PairBatch, batched, check_prompts_fit, context_length, count_long_prompts, response_logprobs,
-                         response_logprobs_and_entropy, sample, text_lm_loss)
+from stages.text import (PairBatch, RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts,
+                         pair_batch, response_logprobs, response_logprobs_and_entropy, sample, text_lm_loss)
+from stages.tool_params import stage_tools
 from stages.training import (adapters_disabled, as_initial, check_evaluation_fits, disable_dropout, evaluate,
-                             kl_to_reference, prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
+                             kl_of_samples, prepare_optimization, reference_logprobs, rl_optimiser_steps, save_model,
                              update_on_buffer)
 from stages.verifiers import load_verifier
+
+
+@dataclass
+class RolloutBatch:
+    batch: PairBatch  # prompt + response rows; response_mask: 1 on the tokens the policy wrote
+    responses: list[list[int]]  # each response's tokens (with tools, the tools' text too)
+    engine_logprobs: torch.Tensor | None  # [B, R] the engine's log-probs, if the rollout settings want them
+    tool_counts: dict[str, float]  # means per sample of the tool calls, turns, …; empty without tools
+
+
+def roll_out(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], p: Params,
+             temperature: float, engine: RolloutEngine | None, tools: ToolUse | None) -> RolloutBatch:
+    """One response per row (repeat rows for several): single-turn, or with `tools` multi-turn, each call answered
+    by the tool given the row's columns."""
+    prompts = [row["prompt"] for row in rows]
+    if tools is None:
+        samples = sample(model, tokenizer, prompts, p.max_new_tokens, temperature,
+                         max_prompt_length=p.max_prompt_length, engine=engine, logprobs=wants_logprobs(p.rollout))
+        responses = [ids[:n] for ids, n in zip(samples.batch.response_ids.tolist(), samples.lengths)]
+        return RolloutBatch(samples.batch, responses, samples.engine_logprobs, {})
+    turns = multi_turn_sample(model, tokenizer, prompts, rows, tools.toolbox, tools.max_turns, p.max_new_tokens,
+                              temperature, engine, p.max_prompt_length)
+    rollouts = turns.rollouts
+    batch = pair_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], tokenizer.pad_token_id,
+                       [r.loss_mask for r in rollouts])
+    return RolloutBatch(batch, [r.response_ids for r in rollouts], None, turns.counts())
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -47,7 +80,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)
     context = context_length(policy_model)
-    prompts = [r["prompt"] for r in ctx.rows("prompts")]
+    prompt_rows = ctx.rows("prompts")
+    prompts = [r["prompt"] for r in prompt_rows]
+    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    if tools and ctx.has("prm"):
+        raise ValueError(f"{ctx.stage}: the `prm` input scores steps of single-turn responses: not with tools")
     # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now
     check_prompts_fit(ctx, tokenizer, context, "prompts", "max_new_tokens", cut=True,
                       prompts=dict(enumerate(prompts)))
@@ -82,7 +119,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     trained = [policy.model, value.model] if use_values else [policy.model]
     seed_sampling(ctx.seed, acc)
-    initial = evaluate(ctx, policy.model, tokenizer)
+    initial = evaluate(ctx, policy.model, tokenizer, tools, p.eval_without_tools)
 
     truncated_prompts = count_long_prompts(tokenizer, prompts, p.max_prompt_length)
     ptx_texts = [r["text"] for r in ctx.rows("ptx")] if ctx.has("ptx") and p.ptx_coef > 0 else []
@@ -107,18 +144,16 @@ def run(ctx: StageContext) -> dict[str, float]:
         # 1. roll out: the global batch of prompts is drawn identically on every rank; each samples its share
         batch_ids = shard(rng.sample(range(len(prompts)), min(p.rollout_prompts, len(prompts))), acc)
         loop.saw(batch_ids)
-        repeated = [prompts[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
+        repeated = [prompt_rows[i] for i in batch_ids for _ in range(p.samples_per_prompt)]
         with full_parameters(acc, policy.model) as model:
-            rollout = sample(model, tokenizer, repeated, p.max_new_tokens, p.temperature,
-                             max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx),
-                             logprobs=wants_logprobs(p.rollout))
+            rollout = roll_out(model, tokenizer, repeated, p, p.temperature, stage_engine(ctx), tools)
         batch = rollout.batch.to(device)
-        mask = batch.response_mask.float()
+        mask = batch.response_mask.float()  # the policy's tokens: every loss, the KL and the length count these
         # the engine's log-probs of the sampled tokens (another engine than the trainer: vLLM), if asked for
         engine_logp = None if rollout.engine_logprobs is None else rollout.engine_logprobs.to(device)  # [B, R]
         # the PRM's score of each step, at the policy token that ends it
-        steps = None if prm is None else prm_step_rewards(
-            prm, tokenizer, repeated, [ids[:n] for ids, n in zip(rollout.batch.response_ids.tolist(), rollout.lengths)])
+        steps = None if prm is None else prm_step_rewards(prm, tokenizer, [r["prompt"] for r in repeated],
+                                                          rollout.responses)
 
         # 2. score in eval mode, in micro-batches: r_t = −β·KL_t, plus the RM score on the last response token
         rows = p.micro_batch_size
@@ -185,7 +220,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
         mean_kl = masked_sum(kl_penalty(old_logp, ref_logp, "k1"), mask, dim=1).mean().item()
         metrics = {**global_means(acc, {"reward": scores.mean().item(), "kl": mean_kl,
-                                        "response_length": mask.sum(1).mean().item()}), **update_stats}
+                                        "response_length": mask.sum(1).mean().item(), **rollout.tool_counts}),
+                   **update_stats}
         if engine_logp is not None:  # how far the engine that sampled is from the trainer (π_old)
             metrics |= global_means(acc, logprob_gap(old_logp, engine_logp, mask))
         if steps is not None:
@@ -198,16 +234,15 @@ def run(ctx: StageContext) -> dict[str, float]:
                                        acc.num_processes)
         loop.end_step(it, {**metrics, "kl_coef": kl_coef}, {**state, "kl_coef": kl_coef})
 
-    final = {**evaluate(ctx, policy.model, tokenizer), "truncated_prompts": truncated_prompts}
+    final = {**evaluate(ctx, policy.model, tokenizer, tools, p.eval_without_tools),
+             "truncated_prompts": truncated_prompts}
     with full_parameters(acc, policy.model) as model:  # every rank evaluates; the main process's are logged
-        if ctx.has("eval"):
-            eval_prompts = [r["prompt"] for r in ctx.rows("eval")]
-            final["kl"] = kl_to_reference(acc, model, reference, tokenizer, eval_prompts, p.max_new_tokens,
-                                          p.micro_batch_size, stage_engine(ctx))
-            eval_samples = sample(model, tokenizer, eval_prompts, p.max_new_tokens,
-                                  engine=stage_engine(ctx)).batch.to(device)
+        if ctx.has("eval"):  # KL(π‖π_ref) per response (k1, over the policy's tokens) and RM score, at T = 1
+            eval_batch = roll_out(model, tokenizer, ctx.rows("eval"), p, 1.0, stage_engine(ctx), tools).batch
+            final["kl"] = kl_of_samples(acc, model, reference, eval_batch, p.micro_batch_size)
             with torch.no_grad():
-                final["reward"] = batched(reward_scores, eval_samples, p.micro_batch_size, "rewards").mean().item()
+                final["reward"] = batched(reward_scores, eval_batch.to(device), p.micro_batch_size,
+                                          "rewards").mean().item()
     if ctx.has("lm_eval"):
         final["ptx_lm_loss"], initial["ptx_lm_loss"] = final.pop("lm_eval_loss"), initial.pop("lm_eval_loss")
     save_model(ctx, policy.model, tokenizer)

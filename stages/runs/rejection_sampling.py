@@ -30,7 +30,7 @@ from stages.multiturn import multi_turn_sample
 from stages.rewards import build_reward, format_reward, language_consistency_reward, repetition_ratio
 from stages.rollout import stage_engine
 from stages.text import check_prompts_fit, context_length, sample
-from stages.tool_params import build_toolbox
+from stages.tool_params import stage_tools
 
 # filter(completions, columns, params) -> keep?  (columns: the prompt rows' columns, aligned with completions)
 Filter = Callable[[list[str], dict[str, list[Any]], "Params"], list[bool]]
@@ -89,11 +89,11 @@ def sample_completions(ctx: StageContext, model: PreTrainedModel, tokenizer: Pre
     """This rank's completions of `prompts`, and its tool counts: single-turn, or with `tools` multi-turn (each
     completion the whole trajectory, tool text included, as the filters and the verifier judge it)."""
     p: Params = ctx.params
-    if not p.tools:
+    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    if tools is None:
         return sample(model, tokenizer, prompts, p.max_new_tokens, p.temperature,
                       max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx)).completions, {}
-    toolbox = build_toolbox(p, ctx.path("index") if ctx.has("index") else None)
-    turns = multi_turn_sample(model, tokenizer, prompts, rows, toolbox, p.max_turns, p.max_new_tokens,
+    turns = multi_turn_sample(model, tokenizer, prompts, rows, tools.toolbox, tools.max_turns, p.max_new_tokens,
                               p.temperature, stage_engine(ctx), p.max_prompt_length)
     return turns.completions, turns.counts()
 
