@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import Field, PositiveInt, model_validator
 
 from stages.kinds import Input
-from stages.params import RolloutSettings
 from stages.multiturn import ToolUse
+from stages.params import RolloutSettings
 from stages.registry import TOOLS
 from stages.retrieval import load_index
 from stages.tools import ToolBox, ToolFn, build_tool

@@ -31,10 +31,10 @@ from stages.context import StageContext
 from stages.distributed import (check_divisible, full_parameters, gather_list, gather_rows, global_means, local_rows,
                                 seed_sampling, shard)
 from stages.kinds.ppo import Params
-from stages.multiturn import ToolUse, multi_turn_sample
 from stages.loop import TrainingLoop, check_finite
 from stages.models import (last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, reward_bias,
                            token_values)
+from stages.multiturn import ToolUse, multi_turn_sample
 from stages.process_rewards import prm_step_rewards, step_metrics, step_token_rewards
 from stages.rollout import logprob_gap, stage_engine, wants_logprobs
 from stages.text import (PairBatch, RolloutEngine, batched, check_prompts_fit, context_length, count_long_prompts,
