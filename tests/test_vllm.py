@@ -23,10 +23,13 @@ import yaml
 from stages import instruct_task, reasoning_task, vllm_engine
 from stages.data import write_jsonl
 from stages.models import load_policy, load_tokenizer
+from stages.multiturn import Rollout, multi_turn_sample
 from stages.params import RolloutParams
 from stages.spec import DataInput
 from stages.text import response_logprobs, sample
+from stages.tools import ToolBox
 from stages.vllm_engine import VLLMEngine, VLLMServer, vllm_python
+from tests import test_multiturn as multiturn_test
 from tests.conftest import REPO, make_project, session_processes
 from tests.test_grpo import run_grpo
 from tests.test_r1_kinds import tiny_model
@@ -252,3 +255,26 @@ def test_grpo_with_vllm_learns_as_with_hf(reasoning_inputs, tmp_path):
     gains = {engine: sum(r[-3:]) / 3 - sum(r[:3]) / 3 for engine, r in rewards.items()}
     assert min(gains.values()) > 0.1, rewards
     assert abs(gains["hf"] - gains["vllm"]) < 0.15, rewards
+
+
+def test_multi_turn_rollouts_call_tools_through_vllm_and_repeat_with_a_seed(tmp_path):
+    policy = tiny_model([multiturn_test.ROW["prompt"], *multiturn_test.WORDS], tmp_path / "policy", hidden=64)
+    model, tokenizer = load_policy(str(policy)), load_tokenizer(str(policy))
+    toolbox = ToolBox({"search": multiturn_test.lookup})
+    answer = tokenizer(" <information> quenta is the capital </information> ", add_special_tokens=False)["input_ids"]
+    engine = new_engine(tmp_path)
+    try:
+        def roll(seed: int) -> list[Rollout]:
+            torch.manual_seed(seed)
+            return multi_turn_sample(model, tokenizer, [multiturn_test.ROW["prompt"]] * 32, [multiturn_test.ROW] * 32,
+                                     toolbox, 2, 24, engine=engine).rollouts
+
+        first = roll(0)
+        assert roll(0) == first and roll(1) != first
+        called = [r for r in first if r.tool_calls and not r.invalid_calls]
+        assert called  # the random policy closes calls by chance: the rollouts went multi-turn through vLLM
+        for r in called:  # the tokens the policy did not write are the tool's answers (the last one maybe cut)
+            appended = [t for t, written in zip(r.response_ids, r.loss_mask) if not written]
+            assert appended and appended == (answer * r.tool_calls)[:len(appended)]
+    finally:
+        engine.close()
