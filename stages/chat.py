@@ -57,3 +57,9 @@ def as_ranked(row: dict[str, Any]) -> Ranked:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     return prompt, [completion_text(chosen), completion_text(rejected)], [0, 1]
+
+
+def held_out_prompts(rows: list[dict[str, Any]], eval_fraction: float) -> set[str]:
+    """The keys of the first `eval_fraction` of the distinct prompts (a prompt listed twice is one prompt)."""
+    keys = list(dict.fromkeys(prompt_key(row["prompt"]) for row in rows))
+    return set(keys[:int(len(keys) * eval_fraction)])

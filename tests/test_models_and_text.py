@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages import instruct_task
+from stages.chat import held_out_prompts, prompt_key
 from stages.models import REWARD_BIAS_KEY, last_token_scores, load_policy, load_scalar_head_model, load_tokenizer, \
     reward_bias
 from stages.text import encode_prompt, encode_response, pair_batch, response_logprobs, sample
@@ -67,3 +68,11 @@ def test_gold_score(response, expected):
 
 def test_scripted_labeler_ranks_by_gold_with_ties():
     assert instruct_task.rank_by_gold("name two colors", ["red blue", "red", "red cat", "blue pink"]) == [0, 1, 1, 0]
+
+
+def test_held_out_prompts_are_the_first_share_of_the_distinct_prompts_messages_included():
+    chat = [{"role": "user", "content": "c"}]
+    rows = [{"prompt": p} for p in ["a", "a", "b", chat, "d", list(chat), "e"]]  # 5 distinct prompts
+    assert held_out_prompts(rows, 0.4) == {"a", "b"}
+    assert held_out_prompts(rows, 0.6) == {"a", "b", prompt_key(chat)}
+    assert held_out_prompts(rows, 0.0) == set()

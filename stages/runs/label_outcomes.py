@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from stages.chat import prompt_key
+from stages.chat import held_out_prompts, prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, shard, write_trace
@@ -38,12 +38,6 @@ def labelled_rows(rows: list[dict[str, Any]], completions: list[str], p: Params)
     return [{"prompt": row["prompt"], "completion": completion, "label": score >= p.min_score,
              **{key: value for key, value in row.items() if key not in OWN_COLUMNS}}
             for row, completion, score in zip(repeated, completions, scores, strict=True)]
-
-
-def held_out_prompts(rows: list[dict[str, Any]], eval_fraction: float) -> set[str]:
-    """The keys of the first `eval_fraction` of the distinct prompts (a prompt listed twice is one prompt)."""
-    keys = list(dict.fromkeys(prompt_key(row["prompt"]) for row in rows))
-    return set(keys[:int(len(keys) * eval_fraction)])
 
 
 def prompt_outcomes(labelled: list[dict[str, Any]], samples_per_prompt: int) -> dict[str, float]:

@@ -33,7 +33,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stages import data
-from stages.chat import Prompt, prompt_key
+from stages.chat import Prompt, held_out_prompts, prompt_key
 from stages.context import StageContext
 from stages.data import write_jsonl
 from stages.distributed import gather_list, shard, write_trace
@@ -41,7 +41,6 @@ from stages.kinds.label_steps import Params
 from stages.models import load_policy, load_tokenizer, sampling_policy
 from stages.rewards import RewardFn, build_reward
 from stages.rollout import stage_engine
-from stages.runs.label_outcomes import held_out_prompts
 from stages.steps import math_shepherd_labels, split_steps, step_token_ends
 from stages.text import RolloutEngine, Samples, context_length, encode_prompt, sample, sample_ids
 
