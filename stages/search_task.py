@@ -4,15 +4,18 @@ corpus, so the answer must be retrieved with the `search` tool.
 The world is generated per seed (invented names, so no model can have memorised it): countries with a few
 attributes each, every country's facts written as one corpus passage,
 
-    zorblax is a country . its capital is quenta . its river is mirel .
+    zo bla ki is a country . the capital of zo bla ki is quenta . the river of zo bla ki is mirel .
 
-and questions about one attribute of one country ("what is the capital of zorblax ?") with one-word answers. A
-solved question is a Search-R1 trajectory, every tag its own whitespace-separated word (the embedded tokenizer is
-word-level); the `<information>` block is what the environment appended after the call:
+and questions about one attribute of one country ("what is the capital of zo bla ki ?") with one-word answers. A
+country's name is two or three syllables written as words: the embedded tokenizer is word-level, so a name is a
+sequence of common tokens, and a model that learned to copy a name from the question into its query copies names
+it has never seen (a name that were one token of its own would be a word seen once). A solved question is a
+Search-R1 trajectory, every tag its own whitespace-separated word; the `<information>` block is what the environment
+appended after the call, and the answer is read out of it in a last thought:
 
-    <think> i need the capital of zorblax </think> <search> capital of zorblax </search>
-    <information> zorblax is a country . its capital is quenta . its river is mirel . … </information>
-    <answer> quenta </answer>
+    <think> i need the capital of zo bla ki </think> <search> capital of zo bla ki </search>
+    <information> zo bla ki is a country . the capital of zo bla ki is quenta . … </information>
+    <think> the capital of zo bla ki is quenta </think> <answer> quenta </answer>
 
 Rewards read untrusted text with linear scans only (one regex without nested quantifiers, no eval).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import random
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,21 +50,28 @@ class Entity:
     facts: dict[str, str]  # attribute -> value, in the order the passage states them
 
 
+SYLLABLES = tuple(onset + vowel for onset in ONSETS for vowel in VOWELS if onset + vowel not in TEMPLATE_WORDS)
+
+
 def invented_word(rng: random.Random) -> str:
-    """A pronounceable made-up word of two or three syllables ("zorblax", "quenta")."""
-    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
-    return "".join(syllables) + rng.choice(CODAS)
+    """A pronounceable made-up word of two or three syllables and a coda ("zorblax", "quenta")."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + rng.choice(CODAS)
 
 
-def invented_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
-    """`n` distinct invented words, none in `taken` nor a template word (`taken` is updated)."""
-    words = []
-    while len(words) < n:
-        word = invented_word(rng)
-        if word not in taken and word not in TEMPLATE_WORDS:
-            taken.add(word)
-            words.append(word)
-    return words
+def invented_name(rng: random.Random) -> str:
+    """A made-up name of two or three syllables, each a word ("zo bla ki")."""
+    return " ".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def invented(rng: random.Random, n: int, taken: set[str], make: Callable[[random.Random], str]) -> list[str]:
+    """`n` distinct strings from `make`, none in `taken` nor a template word (`taken` is updated)."""
+    made: list[str] = []
+    while len(made) < n:
+        text = make(rng)
+        if text not in taken and text not in TEMPLATE_WORDS:
+            taken.add(text)
+            made.append(text)
+    return made
 
 
 def make_world(rng: random.Random, entities: int, attributes: int, values: int) -> list[Entity]:
@@ -69,14 +80,16 @@ def make_world(rng: random.Random, entities: int, attributes: int, values: int) 
     if not 1 <= attributes <= len(ATTRIBUTES):
         raise ValueError(f"attributes must be in 1..{len(ATTRIBUTES)}, got {attributes}")
     taken: set[str] = set()
-    names = invented_words(rng, entities, taken)
-    pools = {attribute: invented_words(rng, values, taken) for attribute in ATTRIBUTES}
+    names = invented(rng, entities, taken, invented_name)
+    pools = {attribute: invented(rng, values, taken, invented_word) for attribute in ATTRIBUTES}
     return [Entity(name, {a: rng.choice(pools[a]) for a in rng.sample(ATTRIBUTES, attributes)}) for name in names]
 
 
 def passage(entity: Entity) -> str:
-    """The corpus passage stating every fact of `entity`."""
-    return " ".join([f"{entity.name} is a country ."] + [f"its {a} is {v} ." for a, v in entity.facts.items()])
+    """The corpus passage stating every fact of `entity`, each sentence naming the country (as encyclopedia text
+    does: the sentence that answers a question repeats its words)."""
+    return " ".join([f"{entity.name} is a country ."] +
+                    [f"the {a} of {entity.name} is {v} ." for a, v in entity.facts.items()])
 
 
 def existence(entity: Entity) -> str:
@@ -107,8 +120,9 @@ def trace(entity: Entity, attribute: str, others: list[Entity] = ()) -> str:
     its top-k)."""
     query = f"{attribute} of {entity.name}"
     found = " ".join(passage(e) for e in [entity, *others])
-    return (f"<think> i need the {query} </think> <search> {query} </search> "
-            f"<information> {found} </information> <answer> {entity.facts[attribute]} </answer>")
+    answer = entity.facts[attribute]
+    return (f"<think> i need the {query} </think> <search> {query} </search> <information> {found} </information> "
+            f"<think> the {query} is {answer} </think> <answer> {answer} </answer>")
 
 
 def distractors(rng: random.Random, world: list[Entity], entity: Entity, attribute: str, n: int) -> list[Entity]:

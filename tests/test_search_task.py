@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -34,11 +35,12 @@ def test_every_answer_is_stated_by_exactly_its_country_passage():
     countries = world(3)
     passages = [task.passage(e) for e in countries]
     assert len({e.name for e in countries}) == len(countries)
+    assert all(2 <= len(e.name.split()) <= 3 and set(e.name.split()) <= set(task.SYLLABLES) for e in countries)
     for entity in countries:
         assert len(entity.facts) == 3
         for row in task.questions(entity):
             fact = f"{row['entity']} is a country . "
-            holders = [p for p in passages if p.startswith(fact) and f" its {row['attribute']} is {row['answer']} ."
+            holders = [p for p in passages if p.startswith(fact) and f" the {row['attribute']} of {row['entity']} is {row['answer']} ."
                        in p]
             assert holders == [task.passage(entity)]
             assert task.exact_match_reward([task.trace(entity, row["attribute"])], [row["answer"]]) == [1.0]
@@ -105,6 +107,11 @@ SMALL = dict(entities=60, attributes=3, values=8, known_entities=20, eval_entiti
              eval_prompts=20, cold_start_traces=15, pretrain_documents=100)
 
 
+def asked(prompt: str) -> str:
+    """The country a question asks about ("what is the capital of zo bla ki ?" -> "zo bla ki")."""
+    return prompt.split(" of ", 1)[1].removesuffix(" ?")
+
+
 def outputs(tmp_path, seed_dir: str = "a") -> tuple[dict[str, float], dict[str, list[dict]]]:
     out = tmp_path / seed_dir
     metrics, _ = run_kind("synthetic_search", out, {}, **SMALL)
@@ -120,25 +127,24 @@ def test_synthetic_search_writes_every_output_and_keeps_eval_facts_out_of_pretra
     for name, expected in columns.items():
         assert rows[name] and expected <= set(rows[name][0]), name
     assert (len(rows["corpus"]), len(rows["prompts"]), len(rows["eval"]), len(rows["sft"])) == (60, 50, 20, 15)
-    stated = {(w[i + 1], w[i + 3]) for r in rows["corpus"] for w in [r["text"].split()] for i, x in enumerate(w)
-              if x == "its"}  # (attribute, value) pairs of the corpus
+    stated = {pair for r in rows["corpus"] for pair in re.findall(r"the (\w+) of [\w ]+? is (\w+) \.", r["text"])}
     assert metrics["pretrain_documents"] == len(rows["pretrain"]) == 60 + len(stated) + 100
     assert {r["answer"] for r in rows["eval"]} <= {w for r in rows["pretrain"] for w in r["text"].split()}
     pretrain = " \n ".join(r["text"] for r in rows["pretrain"])
-    corpus = {r["text"].split()[0]: r["text"] for r in rows["corpus"]}
+    corpus = {r["text"].split(" is a country .")[0]: r["text"] for r in rows["corpus"]}
     for row in rows["eval"] + rows["prompts"]:  # RL and eval facts: in the corpus only
-        fact = f"its {row['attribute']} is {row['answer']} ."
+        fact = f"the {row['attribute']} of {row['entity']} is {row['answer']} ."
         assert fact in corpus[row["entity"]]
-        assert f"{row['entity']} is a country . its" not in pretrain and row["entity"] + " </search>" not in pretrain
+        assert f" of {row['entity']} is " not in pretrain and f" of {row['entity']} </search>" not in pretrain
     eval_entities = {r["entity"] for r in rows["eval"]}
     assert not eval_entities & {r["entity"] for r in rows["prompts"]}
-    assert not eval_entities & {r["prompt"].split()[-2] for r in rows["sft"]}
+    assert not eval_entities & {asked(r["prompt"]) for r in rows["sft"]}
     assert len({(r["entity"], r["attribute"]) for r in rows["eval"]}) == 20  # distinct held-out questions
     assert task.exact_match_reward([r["response"] for r in rows["sft"]], [r["answer"] for r in rows["sft"]]) == \
         [1.0] * 15
     for row in rows["sft"]:  # the gold passage first, then two others, as the search tool's top 3
         information = row["response"].split("<information> ")[1].split(" </information>")[0]
-        assert information.startswith(corpus[row["prompt"].split()[-2]]) and information.count(" is a country .") == 3
+        assert information.startswith(corpus[asked(row["prompt"])]) and information.count(" is a country .") == 3
     vocabulary = {w for r in rows["vocab"] for w in r["text"].split()}
     assert {w for r in rows["eval"] + rows["sft"] for w in f"{r['prompt']} {r.get('response', '')}".split()} \
         <= vocabulary

@@ -2,12 +2,13 @@
 facts are corpus passages (what `bm25_index` indexes), questions whose answers are only in the corpus, cold-start
 traces that call the search tool, and a pretraining corpus that teaches the format without the questions' facts.
 
-Countries are split three ways: "known" ones (their passages and solved questions are pretraining text, their
-questions the cold-start traces), RL ones (asked in `prompts`) and held-out ones (asked in `eval`). The facts of RL
-and held-out countries are in the corpus alone; pretraining only names them ("zorblax is a country .") and each value
-("quenta is a capital .") apart, so without a search the model can only guess among the `values` of the attribute
-asked. A real pipeline replaces this stage
-with datasets (e.g. NQ/HotpotQA questions and a Wikipedia corpus).
+Countries are split three ways: "known" ones (asked in the solved traces of pretraining and the cold start; their
+facts appear only inside those traces' `<information>` blocks, each country in a few traces, so a trace is solved by
+copying from the retrieved passage, not from memory), RL ones (asked in `prompts`) and held-out ones (asked in
+`eval`). The facts of RL and held-out countries are in the corpus alone; pretraining only names them ("zorblax is a
+country .") and each value ("quenta is a capital .") apart, so without a search the model can only guess among the
+`values` of the attribute asked. A real pipeline replaces this stage with datasets (e.g. NQ/HotpotQA questions and a
+Wikipedia corpus).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ from stages.retrieval import NO_MATCH, NO_QUERY
 
 
 class Params(StageParams):
-    entities: int = 300  # invented countries in the world (one corpus passage each)
+    entities: int = 3200  # invented countries in the world (one corpus passage each)
     attributes: int = 3  # facts per country (of capital, founder, river, animal, mountain, language)
     values: int = 20  # invented values per attribute, shared by countries (a blind guess is right 1/values)
-    known_entities: int = 100  # countries whose facts are pretraining text and cold-start traces
+    known_entities: int = 3000  # countries asked in solved traces (many, so that copying beats memorising)
     eval_entities: int = 50  # countries asked only in eval (the rest are asked in RL prompts)
     rl_prompts: int = 1000  # questions about RL countries (drawn with replacement from their facts)
     eval_prompts: int = 100  # held-out questions about eval countries (distinct facts)
     cold_start_traces: int = 300  # solved questions about known countries, calling the search tool
     trace_passages: PositiveInt = 3  # passages in a trace's information block: the gold one, then others (search's top_k)
-    pretrain_documents: int = 4000  # known countries' passages and solved questions (plus a line per country and value)
+    pretrain_documents: int = 4000  # solved questions about known countries (plus a line per country and value)
 
 
 INPUTS: dict[str, Input] = {}
@@ -73,11 +74,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     corpus = [{"id": f"p{i}", "text": task.passage(e)} for i, e in enumerate(world)]
     pretrain = [{"text": task.existence(e)} for e in world] + [{"text": t} for t in task.value_sentences(world)]
     for _ in range(p.pretrain_documents):
-        if rng.random() < 0.5:
-            pretrain.append({"text": task.passage(rng.choice(known))})
-        else:
-            row = solved(rng.choice(known_facts))
-            pretrain.append({"text": chat_document(row["prompt"], row["response"])})
+        row = solved(rng.choice(known_facts))
+        pretrain.append({"text": chat_document(row["prompt"], row["response"])})
     rng.shuffle(pretrain)
     prompts = [rng.choice(rl_facts) for _ in range(p.rl_prompts)]
     eval_rows = rng.sample(eval_facts, p.eval_prompts)
