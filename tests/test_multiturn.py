@@ -24,6 +24,7 @@ from stages.text import Generation
 from stages.tool_params import build_toolbox
 from stages.tools import ToolBox
 from tests.conftest import Tracker
+from tests.real_layout import build_tokenizer
 
 ROW = {"prompt": "capital of zorblax", "answer": "quenta"}
 CALL = "<think> need capital </think> <search> capital of zorblax </search> never seen"  # cut after </search>
@@ -67,8 +68,7 @@ class ScriptedEngine:
         self.script = script
 
     def generate(self, model, tokenizer, prompt_ids, max_new_tokens, temperature, logprobs=False, what=""):
-        closing = tokenizer.convert_tokens_to_ids("</information>")
-        turns = [min(row.count(closing), len(self.script) - 1) for row in prompt_ids]
+        turns = [min(tokenizer.decode(row).count("</information>"), len(self.script) - 1) for row in prompt_ids]
         return [Generation((tokenizer(self.script[k], add_special_tokens=False)["input_ids"]
                             + [tokenizer.eos_token_id])[:max_new_tokens]) for k in turns]
 
@@ -111,6 +111,21 @@ def test_the_mask_is_zero_on_exactly_the_appended_tool_tokens(tokenizer):
     assert (r.tool_calls, r.invalid_calls, r.failed_calls, r.turns) == (1, 0, 0, 2)
     assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
                                "quenta is the capital </information> <answer> quenta </answer>"]
+
+
+def test_a_call_whose_closing_tag_spans_several_subword_tokens_is_cut_after_its_last_one():
+    bpe = build_tokenizer([ROW["prompt"], CALL, ANSWER, *WORDS] * 10, vocab_size=300)
+    assert len(bpe.tokenize("</search>")) > 1 and len(bpe.tokenize(" </information>")) > 1
+    out = multi_turn_sample(None, bpe, [ROW["prompt"]], [ROW], ToolBox({"search": lookup}), 2, 80,
+                            engine=ScriptedEngine([CALL, ANSWER]))
+    r = out.rollouts[0]
+    assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
+                               "quenta is the capital </information> <answer> quenta </answer>"]
+    appended = [t for t, written in zip(r.response_ids, r.loss_mask) if not written]
+    assert bpe.decode(appended) == " <information> quenta is the capital </information> "
+    call = r.loss_mask.index(0)  # the policy's call, then the tool's text, then the policy's answer
+    assert r.loss_mask == [1] * call + [0] * len(appended) + [1] * (len(r.loss_mask) - call - len(appended))
+    assert (r.tool_calls, r.invalid_calls, r.turns) == (1, 0, 2)
 
 
 def test_invalid_calls_are_counted_and_run_no_tool(tokenizer):
