@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field, PositiveInt, model_validator
 
+from stages.context import StageContext
 from stages.kinds import Input
 from stages.multiturn import ToolUse
 from stages.params import RolloutSettings
@@ -75,11 +76,13 @@ def build_toolbox(p: ToolSettings, index: str | None) -> ToolBox:
     return ToolBox(tools, p.tool_timeout_s, p.tool_max_chars)
 
 
-def stage_tools(p: ToolSettings, index: str | None) -> ToolUse | None:
-    """How the stage's rollouts use tools (`build_toolbox`, at most `max_turns` calls each); None without tools. The
-    `index` is loaded now, not inside the first call's time bound (a large index takes seconds)."""
+def stage_tools(ctx: StageContext) -> ToolUse | None:
+    """How the stage's rollouts use tools (`build_toolbox` with its `index` input, at most `max_turns` calls each);
+    None without tools. The index is loaded now, not inside the first call's time bound (a large one takes seconds)."""
+    p: ToolSettings = ctx.params
     if not p.tools:
         return None
+    index = ctx.path("index") if ctx.has("index") else None
     if index is not None:
         load_index(index)
     return ToolUse(build_toolbox(p, index), p.max_turns)

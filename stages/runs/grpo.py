@@ -321,7 +321,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = acc.device
     check_divisible("prompts_per_step", p.prompts_per_step, acc)
     check_reward_inputs(ctx)
-    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    tools = stage_tools(ctx)
     toolbox = tools.toolbox if tools else None
     tokenizer = load_tokenizer(ctx.path("policy"))
     policy_model = load_policy(ctx.path("policy"), p)

@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     context = context_length(policy_model)
     prompt_rows = ctx.rows("prompts")
     prompts = [r["prompt"] for r in prompt_rows]
-    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    tools = stage_tools(ctx)
     if tools and ctx.has("prm"):
         raise ValueError(f"{ctx.stage}: the `prm` input scores steps of single-turn responses: not with tools")
     # a prompt that leaves no room for the tokens sampled after it in the model's context is refused now

@@ -89,7 +89,7 @@ def sample_completions(ctx: StageContext, model: PreTrainedModel, tokenizer: Pre
     """This rank's completions of `prompts`, and its tool counts: single-turn, or with `tools` multi-turn (each
     completion the whole trajectory, tool text included, as the filters and the verifier judge it)."""
     p: Params = ctx.params
-    tools = stage_tools(p, ctx.path("index") if ctx.has("index") else None)
+    tools = stage_tools(ctx)
     if tools is None:
         return sample(model, tokenizer, prompts, p.max_new_tokens, p.temperature,
                       max_prompt_length=p.max_prompt_length, engine=stage_engine(ctx)).completions, {}
