@@ -2,7 +2,7 @@
 
     python benchmarks/seeds.py [--seeds 0,1,2] [--pipelines instructgpt,...] [--dir DIR]
 
-Copies pipelines.yaml and infra/ into DIR (default: a fresh temporary directory), runs
+Copies pipelines.yaml and infra/ into DIR (and links models/) (default: a fresh temporary directory), runs
 `rl4llm run <pipeline> --seeds <seeds>` there for each pipeline (stages already done for a seed are skipped, so an
 interrupted benchmark resumes with the same --dir), then prints each pipeline's key metrics per seed with their
 mean ± sd as markdown, and the wall time of each pipeline run. A pipeline with `best_of_n` stages also gets their
@@ -25,7 +25,8 @@ from pathlib import Path
 from flows.compare import mean_sd
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1", "verifiers", "search-r1")
+PIPELINES = ("instructgpt", "instructgpt-dpo", "deepseek-r1-zero", "deepseek-r1", "verifiers", "search-r1",
+             "smollm2-search-r1")
 METRICS = ("gold_score,kl,ptx_lm_loss,eval_accuracy,accuracy,format_rate,language_consistency,initial_accuracy,"
            "initial_format_rate,initial_language_consistency,mean_response_length,correct_rate,step_positive_rate,"
            "eval_auc,eval_step_accuracy,eval_step_auc,eval_first_error_f1,search_rate,mean_searches,"
@@ -64,6 +65,8 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "pipelines.yaml", root)
         shutil.copytree(REPO / "infra", root / "infra", dirs_exist_ok=True)
+        if not (root / "models").exists():  # the real model's GGUF link (`make model`), for the smollm2-* pipelines
+            (root / "models").symlink_to(REPO / "models")
         cli = [sys.executable, "-m", "flows.cli"]
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         for pipeline in args.pipelines.split(","):

