@@ -113,19 +113,26 @@ def test_the_mask_is_zero_on_exactly_the_appended_tool_tokens(tokenizer):
                                "quenta is the capital </information> <answer> quenta </answer>"]
 
 
-def test_a_call_whose_closing_tag_spans_several_subword_tokens_is_cut_after_its_last_one():
-    bpe = build_tokenizer([ROW["prompt"], CALL, ANSWER, *WORDS] * 10, vocab_size=300)
-    assert len(bpe.tokenize("</search>")) > 1 and len(bpe.tokenize(" </information>")) > 1
-    out = multi_turn_sample(None, bpe, [ROW["prompt"]], [ROW], ToolBox({"search": lookup}), 2, 80,
+def assert_one_call_cut_and_masked(tokenizer) -> None:
+    """A scripted call then answer, in `tokenizer`'s tokens: the call is cut right after `</search>` (however many
+    tokens it spans), the completion text is exact, and the mask is 0 on exactly the tool's text."""
+    out = multi_turn_sample(None, tokenizer, [ROW["prompt"]], [ROW], ToolBox({"search": lookup}), 2, 80,
                             engine=ScriptedEngine([CALL, ANSWER]))
     r = out.rollouts[0]
     assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
                                "quenta is the capital </information> <answer> quenta </answer>"]
     appended = [t for t, written in zip(r.response_ids, r.loss_mask) if not written]
-    assert bpe.decode(appended) == " <information> quenta is the capital </information> "
+    assert tokenizer.decode(appended) == " <information> quenta is the capital </information> "
     call = r.loss_mask.index(0)  # the policy's call, then the tool's text, then the policy's answer
+    assert tokenizer.decode(r.response_ids[:call]).endswith("</search>")
     assert r.loss_mask == [1] * call + [0] * len(appended) + [1] * (len(r.loss_mask) - call - len(appended))
     assert (r.tool_calls, r.invalid_calls, r.turns) == (1, 0, 2)
+
+
+def test_a_call_whose_closing_tag_spans_several_subword_tokens_is_cut_after_its_last_one():
+    bpe = build_tokenizer([ROW["prompt"], CALL, ANSWER, *WORDS] * 10, vocab_size=300)
+    assert len(bpe.tokenize("</search>")) > 1 and len(bpe.tokenize(" </information>")) > 1
+    assert_one_call_cut_and_masked(bpe)
 
 
 def test_invalid_calls_are_counted_and_run_no_tool(tokenizer):

@@ -16,10 +16,8 @@ import yaml
 
 from flows import cli
 from stages.models import load_policy, load_tokenizer
-from stages.multiturn import multi_turn_sample
-from stages.tools import ToolBox
 from tests.conftest import REPO, make_project
-from tests.test_multiturn import ANSWER, CALL, ROW, ScriptedEngine, lookup
+from tests.test_multiturn import assert_one_call_cut_and_masked
 
 pytestmark = pytest.mark.e2e
 
@@ -106,14 +104,4 @@ def test_grpo_saves_lora_adapters_on_the_cold_start_model(project: Path, ran: st
 def test_a_tool_call_is_cut_and_masked_in_smollm2s_tokens(project: Path, ran: str):
     tokenizer = load_tokenizer(str(project / "artifacts" / "smollm2-r1" / "import" / "model"))
     assert len(tokenizer.tokenize(" </search>")) > 1  # the closing tag is several of its tokens
-    out = multi_turn_sample(None, tokenizer, [ROW["prompt"]], [ROW], ToolBox({"search": lookup}), 2, 80,
-                            engine=ScriptedEngine([CALL, ANSWER]))
-    rollout = out.rollouts[0]
-    assert out.completions == ["<think> need capital </think> <search> capital of zorblax </search> <information> "
-                               "quenta is the capital </information> <answer> quenta </answer>"]
-    appended = [t for t, written in zip(rollout.response_ids, rollout.loss_mask) if not written]
-    assert tokenizer.decode(appended) == " <information> quenta is the capital </information> "
-    call = rollout.loss_mask.index(0)  # the policy's call, the tool's text, then the policy's answer and EOS
-    assert rollout.loss_mask == [1] * call + [0] * len(appended) + [1] * (len(rollout.loss_mask) - call - len(appended))
-    assert tokenizer.decode(rollout.response_ids[:call]).endswith("</search>")
-    assert (rollout.tool_calls, rollout.invalid_calls, rollout.turns) == (1, 0, 2)
+    assert_one_call_cut_and_masked(tokenizer)
