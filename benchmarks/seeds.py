@@ -65,8 +65,10 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "pipelines.yaml", root)
         shutil.copytree(REPO / "infra", root / "infra", dirs_exist_ok=True)
-        if not (root / "models").exists():  # the real model's GGUF link (`make model`), for the smollm2-* pipelines
-            (root / "models").symlink_to(REPO / "models")
+        (root / "models").mkdir(exist_ok=True)  # the real model's GGUF file (`make model`), for smollm2-* pipelines
+        for model in (REPO / "models").glob("*.gguf"):
+            if not (root / "models" / model.name).exists():
+                (root / "models" / model.name).symlink_to(model.resolve())
         cli = [sys.executable, "-m", "flows.cli"]
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         for pipeline in args.pipelines.split(","):
