@@ -2,11 +2,11 @@
 
     python benchmarks/seeds.py [--seeds 0,1,2] [--pipelines instructgpt,...] [--dir DIR]
 
-Copies pipelines.yaml and infra/ into DIR (and links models/) (default: a fresh temporary directory), runs
-`rl4llm run <pipeline> --seeds <seeds>` there for each pipeline (stages already done for a seed are skipped, so an
-interrupted benchmark resumes with the same --dir), then prints each pipeline's key metrics per seed with their
-mean ± sd as markdown, and the wall time of each pipeline run. A pipeline with `best_of_n` stages also gets their
-accuracy-vs-N table: a row per selection method, a column per N, mean ± sd over the seeds.
+Copies pipelines.yaml and infra/ into DIR (default: a fresh temporary directory), links `make model`'s GGUF file
+into DIR/models/, runs `rl4llm run <pipeline> --seeds <seeds>` there for each pipeline (stages already done for a
+seed are skipped, so an interrupted benchmark resumes with the same --dir), then prints each pipeline's key metrics
+per seed with their mean ± sd as markdown, and the wall time of each pipeline run. A pipeline with `best_of_n`
+stages also gets their accuracy-vs-N table: a row per selection method, a column per N, mean ± sd over the seeds.
 """
 
 from __future__ import annotations

@@ -52,8 +52,11 @@ def _request_stop(signum: int, _frame: Any) -> None:
     _stop_signal = signum
     if not _deferred:
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
-    os.write(2, f"{signal.Signals(signum).name} received: stopping at the end of this step, after its checkpoint "
-                "if the stage keeps them (SIGKILL stops at once)\n".encode())  # a step can take minutes
+    try:  # a step can take minutes: say so now
+        os.write(2, f"{signal.Signals(signum).name} received: stopping at the end of this step, after its "
+                    "checkpoint if the stage keeps them (SIGKILL stops at once)\n".encode())
+    except OSError:  # stderr is a pipe whose reader died (the run was killed): the stop must still happen cleanly
+        pass
 
 
 def install_stop_handlers() -> None:

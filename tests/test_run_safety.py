@@ -96,7 +96,6 @@ def test_stage_processes_share_the_cores_and_the_thread_count_can_be_set(monkeyp
     assert torch_threads(2) == 5
 
 
-
 def test_a_stop_deferred_to_the_step_boundary_says_so_once(capfd, monkeypatch):
     from stages import processes
 
@@ -108,6 +107,7 @@ def test_a_stop_deferred_to_the_step_boundary_says_so_once(capfd, monkeypatch):
                                       "the stage keeps them (SIGKILL stops at once)\n")
     processes._request_stop(signal.SIGINT, None)  # a second signal changes nothing and says nothing
     assert processes.stop_signal() == signal.SIGTERM and capfd.readouterr().err == ""
+
 
 def alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if process_alive(pid)}
